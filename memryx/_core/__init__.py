@@ -1,0 +1,1 @@
+"""The asyncio core: channels, model lanes, the engine, and the thread bridge."""

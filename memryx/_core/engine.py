@@ -1,0 +1,597 @@
+"""The core: one coroutine pipeline per model, over bounded channels.
+
+::
+
+    feeders (one per input stream)  ─┐
+    requests (run / send / arun)    ─┼─► [lane input channel] ─► dispatcher ─► device.send
+                                     │                               │ tag
+                                     │                               ▼
+                                     │                    [pending channel] (frames in flight)
+                                     │                               │
+    sinks (output callback, receive ◄┴────────── collector ◄── device.receive
+    channel, a request's results)
+
+Every frame travels with a *tag* naming who gets its outputs (a sink and a
+key: a stream index or a position in a batch). One dispatcher per model moves
+frames to the device and their tags to the pending channel in the same order,
+and the device is FIFO per model, so the collector pairs each output with its
+tag; a stream's order is kept because each stream submits in order. The lane's
+input channel is served first come, first served, which interleaves many
+ready streams round-robin.
+
+All of this runs on one event loop: the app's own (async use) or a runner
+thread's (sync use). Blocking work (sync callbacks, onnxruntime pre/post
+models) goes to worker threads through :mod:`.runner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Sequence,
+)
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from numpy.typing import NDArray
+
+from .._exceptions import ClosedError, NotConnectedError, UsageError
+from .callbacks import CallbackKind, check_signature, classify, frames_from
+from .channel import ReceiveEnd, SendEnd, open_channel
+from .processing import PortSpec, Processor, as_array_list, conform
+from .runner import new_limiter, run_sync
+from .tasks import TaskSet
+
+if TYPE_CHECKING:
+    from ..device.base import Device
+    from ..dfp import Dfp, ModelInfo
+
+__all__ = ["BatchSink", "ChannelSink", "Engine", "Lane", "Sink"]
+
+log = logging.getLogger("memryx.core")
+Array = NDArray[Any]
+Frame = list[Array]
+
+#: Frames a lane's input channel holds before submitters wait.
+LANE_INPUT_DEPTH = 2
+
+
+class Sink(Protocol):
+    """Where a frame's outputs go."""
+
+    async def deliver(self, key: int, outputs: Frame) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+Tag = tuple[Sink | None, int]
+
+
+class BatchSink:
+    """Collects the outputs of one request (``run`` / ``arun``) by position."""
+
+    def __init__(self, n: int) -> None:
+        self.results: list[Frame | None] = [None] * n
+        self.remaining = n
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        if n == 0:
+            self.done.set()
+
+    async def deliver(self, key: int, outputs: Frame) -> None:
+        if self.cancelled:
+            return
+        self.results[key] = outputs
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.done.set()
+
+    async def wait(self) -> list[Frame]:
+        await self.done.wait()
+        if self.error is not None and self.remaining:
+            raise self.error
+        return [r for r in self.results if r is not None]
+
+
+class ChannelSink:
+    """Outputs of ``SyncAccl.send`` frames, waiting for ``receive``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.send_end: SendEnd[Frame]
+        self.receive_end: ReceiveEnd[Frame]
+        self.send_end, self.receive_end = open_channel(capacity)
+        self.error: BaseException | None = None
+
+    async def deliver(self, key: int, outputs: Frame) -> None:
+        await self.send_end.send(outputs)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.send_end.close()
+
+    def close(self) -> None:
+        self.send_end.close()
+        self.receive_end.close()
+
+    async def receive(self) -> Frame:
+        try:
+            return await self.receive_end.receive()
+        except anyio.EndOfStream:
+            raise (self.error or ClosedError("the accelerator is closed")) from None
+
+
+class StreamSink:
+    """Outputs of one ``astream``: in order, at most ``window`` in flight.
+
+    Frames of one sink go through one lane in order, so their outputs arrive in
+    order too; the window bounds how many can be waiting, so ``deliver`` never
+    blocks the lane's collector (a slow consumer holds back only its producer).
+    """
+
+    def __init__(self, window: int) -> None:
+        self.slots = anyio.Semaphore(window)
+        # window outputs plus the producer's end-of-input marker
+        self.send_end: SendEnd[Frame | BaseException | None]
+        self.receive_end: ReceiveEnd[Frame | BaseException | None]
+        self.send_end, self.receive_end = open_channel(window + 1)
+        self.error: BaseException | None = None
+
+    async def deliver(self, key: int, outputs: Frame) -> None:
+        self.send_end.send_nowait(outputs)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.send_end.close()
+
+    def close(self) -> None:
+        self.send_end.close()
+        self.receive_end.close()
+
+
+@dataclass
+class StreamStats:
+    frames_in: int = 0
+    frames_out: int = 0
+
+
+@dataclass
+class _Output:
+    fn: Callable[..., Any]
+    kind: CallbackKind
+    with_stream_idx: bool
+
+
+@dataclass
+class Lane:
+    """The pipeline of one model."""
+
+    engine: Engine
+    model: ModelInfo
+    capacity: int
+    specs: tuple[PortSpec, ...] = ()
+    pre: Processor | None = None
+    post: Processor | None = None
+    output: _Output | None = None
+    output_set: anyio.Event = field(default_factory=anyio.Event)
+    input_connected: bool = False
+    sealed: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+    feeders: list[Any] = field(default_factory=list)
+    streams: dict[int, StreamStats] = field(default_factory=dict)
+    frames_in: int = 0
+    frames_out: int = 0
+
+    def __post_init__(self) -> None:
+        self.idx = self.model.index
+        self.specs = tuple(PortSpec(self.idx, p.port, p.layer, p.shape, p.dtype)
+                           for p in self.model.inputs)
+        self.in_send: SendEnd[tuple[Tag, Frame]]
+        self.in_send, self._in_recv = open_channel(LANE_INPUT_DEPTH)
+        self._pending_send: SendEnd[Tag]
+        self._pending_recv: ReceiveEnd[Tag]
+        self._pending_send, self._pending_recv = open_channel(self.capacity)
+        self.sinks: set[Sink] = set()
+
+    # -- frames in --------------------------------------------------------------------
+    @property
+    def n_outputs(self) -> int | None:
+        if self.post is None:
+            return len(self.model.outputs)
+        return self.post.n_outputs
+
+    def user_specs(self) -> tuple[PortSpec, ...] | None:
+        """What user frames are checked against (None: a Python pre-processor decides)."""
+        if self.pre is None:
+            return self.specs
+        return self.pre.input_specs
+
+    def check(self, data: Any) -> None:
+        """Validate one user frame without copying it (for whole batches up front)."""
+        specs = self.user_specs()
+        if specs is not None:
+            conform(data, specs, copy=False)
+
+    def prepare(self, data: Any) -> Frame:
+        """A user frame -> device-ready private arrays (pre-processing, checks, copies)."""
+        if self.pre is None:
+            return conform(data, self.specs)
+        specs = self.pre.input_specs
+        if specs is not None:
+            arrays = conform(data, specs, copy=False)
+        else:
+            arrays = as_array_list(data, len(self.specs), self.idx, "frame") \
+                if not hasattr(data, "shape") else [data]
+        return conform(self.pre(arrays), self.specs, "pre-processing output")
+
+    async def aprepare(self, data: Any) -> Frame:
+        if self.pre is not None and self.pre.blocking:
+            return await run_sync(self.prepare, data)
+        return self.prepare(data)
+
+    # -- frames out -------------------------------------------------------------------
+    def finish(self, outputs: Frame) -> Frame:
+        if self.post is None:
+            return outputs
+        return self.post(outputs)
+
+    async def afinish(self, outputs: Frame) -> Frame:
+        if self.post is not None and self.post.blocking:
+            return await run_sync(self.finish, outputs)
+        return self.finish(outputs)
+
+    # -- the two tasks of a lane -------------------------------------------------------
+    async def dispatch(self, device: Device) -> None:
+        async with self._pending_send:
+            async for tag, frame in self._in_recv:
+                await self._pending_send.send(tag)
+                await device.send(self.idx, frame)
+
+    async def collect(self, device: Device) -> None:
+        async for sink, key in self._pending_recv:
+            outputs = await device.receive(self.idx)
+            if sink is None:
+                await self._deliver_to_callback(key, outputs)
+            else:
+                await sink.deliver(key, await self.afinish(outputs))
+            self.frames_out += 1
+        self.done.set()
+        self.engine.notify()
+
+    async def _deliver_to_callback(self, stream: int, outputs: Frame) -> None:
+        await self.output_set.wait()
+        out = self.output
+        assert out is not None
+        stats = self.streams.setdefault(stream, StreamStats())
+        try:
+            if out.kind is CallbackKind.SYNC:
+
+                def call() -> None:
+                    results = self.finish(outputs)
+                    out.fn(*((stream, *results) if out.with_stream_idx else results))
+
+                await run_sync(call, limiter=self.engine.output_limiter)
+            else:
+                results = await self.afinish(outputs)
+                await out.fn(*((stream, *results) if out.with_stream_idx else results))
+        except Exception as exc:
+            where = f"the output callback of model {self.idx}"
+            if out.with_stream_idx:
+                where += f", stream {stream}"
+            self.engine.record(exc, where)
+            self.stop_feeding()
+        else:
+            stats.frames_out += 1
+
+    def stop_feeding(self) -> None:
+        for task in self.feeders:
+            task.cancel()
+
+    def close_channels(self) -> None:
+        for end in (self.in_send, self._in_recv, self._pending_send, self._pending_recv):
+            end.close()
+
+
+class Engine:
+    """Runs a DFP's models on a device, on the loop it is started on."""
+
+    def __init__(self, dfp: Dfp, device: Device, group_id: int = 0, *,
+                 stream_workers: int | None = None) -> None:
+        self.dfp = dfp
+        self.device = device
+        self.group_id = group_id
+        self.lanes: list[Lane] = []
+        self.errors: list[BaseException] = []
+        self.fatal: BaseException | None = None
+        self.closed = False
+        self.started_at = 0.0
+        self._changed = anyio.Event()
+        self._tasks: TaskSet | None = None
+        self._feeders: TaskSet | None = None
+        self.input_limiter = new_limiter(stream_workers or 64)
+        self.output_limiter = new_limiter(64)
+        self._processors: dict[tuple[int, str], Processor] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.device.open(self.dfp, self.group_id)
+        self._tasks = TaskSet("memryx", self._on_internal_error)
+        self._feeders = TaskSet("memryx-feed", self._on_internal_error)
+        for model in self.dfp.models:
+            lane = Lane(self, model, self.device.capacity(model.index))
+            lane.pre = self._processors.get((model.index, "pre"))
+            lane.post = self._processors.get((model.index, "post"))
+            self.lanes.append(lane)
+            self._tasks.spawn(lane.dispatch(self.device), f"dispatch-{model.index}")
+            self._tasks.spawn(lane.collect(self.device), f"collect-{model.index}")
+        self.started_at = time.monotonic()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _on_internal_error(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.debug("accelerator failed: %r", exc)
+        for lane in self.lanes:
+            lane.stop_feeding()
+            for sink in list(lane.sinks):
+                sink.fail(exc)
+        self.notify()
+
+    def record(self, exc: BaseException, where: str) -> None:
+        """Keep a user-code error for ``wait()`` to re-raise."""
+        exc.add_note(f"(raised by {where})")
+        self.errors.append(exc)
+        log.debug("error in %s: %r", where, exc)
+        self.notify()
+
+    def lane(self, model_idx: int) -> Lane:
+        self.check_open()
+        self.dfp.model(model_idx)  # raises a clear ModelIndexError
+        return self.lanes[model_idx]
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ClosedError("the accelerator is closed; create a new one")
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def aclose(self) -> None:
+        """Stop everything: no callback is called after this returns."""
+        if self.closed:
+            return
+        self.closed = True
+        dropped = sum(lane.frames_in - lane.frames_out for lane in self.lanes)
+        closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
+        for tasks in (self._feeders, self._tasks):
+            if tasks is not None:
+                await tasks.aclose()
+        for lane in self.lanes:
+            for sink in list(lane.sinks):
+                sink.fail(closed)
+            lane.close_channels()
+        await self.device.aclose()
+        if dropped:
+            log.info("closed with %d frame(s) in flight", dropped)
+        self.notify()
+
+    def set_processor(self, model_idx: int, role: str, proc: Processor) -> None:
+        """Set the pre- (``role="pre"``) or post-processing step of a model."""
+        self.check_open()
+        self.dfp.model(model_idx)
+        if self.lanes:
+            lane = self.lanes[model_idx]
+            busy = (lane.input_connected or lane.frames_in) if role == "pre" else \
+                (lane.output is not None or lane.frames_in)
+            if busy:
+                raise UsageError(
+                    f"set the {role}-processing model of model {model_idx} before connecting "
+                    f"its {'input' if role == 'pre' else 'output'} or sending frames to it")
+            setattr(lane, role, proc)
+        self._processors[(model_idx, role)] = proc
+
+    # -- callback mode --------------------------------------------------------------------
+    def connect_input(self, model_idx: int, fn: Callable[..., Any], stream_count: int | None
+                      ) -> None:
+        """Start feeding ``model_idx`` from ``fn`` (``fn(stream_idx)`` when stream_count)."""
+        lane = self.lane(model_idx)
+        if lane.input_connected:
+            raise UsageError(f"the input of model {model_idx} is already connected")
+        if lane.sinks:
+            raise UsageError(f"model {model_idx} is in use by run/send requests")
+        assert self._feeders is not None
+        lane.input_connected = True
+        lane.sealed = True
+        streams = range(stream_count) if stream_count is not None else [0]
+        for stream in streams:
+            args = (stream,) if stream_count is not None else ()
+            lane.streams[stream] = StreamStats()
+            task = self._feeders.spawn(self._feed(lane, fn, args, stream, lane.in_send.clone()),
+                                       f"feed-{model_idx}-{stream}")
+            lane.feeders.append(task)
+        lane.in_send.close()
+
+    def connect_output(self, model_idx: int, fn: Callable[..., Any], with_stream_idx: bool
+                       ) -> None:
+        lane = self.lane(model_idx)
+        if lane.output is not None:
+            raise UsageError(f"the output of model {model_idx} is already connected")
+        n = lane.n_outputs
+        check_signature(fn, None if n is None else n + with_stream_idx,
+                        f"the output callback of model {model_idx}")
+        lane.output = _Output(fn, classify(fn), with_stream_idx)
+        lane.output_set.set()
+
+    async def _feed(self, lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...],
+                    stream: int, send_end: SendEnd[tuple[Tag, Frame]]) -> None:
+        stats = lane.streams[stream]
+        frames = frames_from(fn, args, lane.prepare, limiter=self.input_limiter,
+                             prepare_blocks=lane.pre is not None and lane.pre.blocking)
+        async with send_end, aclosing(frames):
+            try:
+                async for frame in frames:
+                    await send_end.send(((None, stream), frame))
+                    stats.frames_in += 1
+                    lane.frames_in += 1
+            except Exception as exc:
+                where = f"the input callback of model {lane.idx}"
+                if args:
+                    where += f", stream {stream}"
+                self.record(exc, where)
+
+    def unconnected(self) -> list[str]:
+        missing = []
+        for lane in self.lanes:
+            if not lane.input_connected:
+                missing.append(f"model {lane.idx} input")
+            if lane.output is None:
+                missing.append(f"model {lane.idx} output")
+        return missing
+
+    async def wait_done(self) -> None:
+        """Wait until every model's streams have ended and all outputs are delivered."""
+        missing = self.unconnected()
+        if missing:
+            raise NotConnectedError(
+                f"wait() needs every model's input and output connected; not connected: "
+                f"{', '.join(missing)}"
+            )
+        while self.fatal is None and not all(lane.done.is_set() for lane in self.lanes):
+            await self._changed.wait()
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        """Re-raise the first failure, once (later ones ride along as notes)."""
+        errors = ([self.fatal] if self.fatal is not None else []) + self.errors
+        self.errors = []
+        if not errors:
+            return
+        first = errors[0]
+        for other in errors[1:]:
+            first.add_note(f"also failed: {other!r}")
+        raise first
+
+    # -- request mode ----------------------------------------------------------------------
+    def request_lane(self, model_idx: int) -> Lane:
+        lane = self.lane(model_idx)
+        if lane.sealed:
+            raise UsageError(
+                f"model {model_idx} is fed by its connected input callback; "
+                "run/send/arun cannot be used on it as well"
+            )
+        return lane
+
+    async def run(self, model_idx: int, frames: Sequence[Any]) -> list[Frame]:
+        """Run a batch of frames through ``model_idx``; outputs in input order."""
+        lane = self.request_lane(model_idx)
+        for data in frames:
+            lane.check(data)
+        sink = BatchSink(len(frames))
+        lane.sinks.add(sink)
+        try:
+            for i, data in enumerate(frames):
+                frame = await lane.aprepare(data)
+                self.check_open()
+                await lane.in_send.send(((sink, i), frame))
+                lane.frames_in += 1
+            return await sink.wait()
+        finally:
+            sink.cancelled = True
+            lane.sinks.discard(sink)
+
+    async def stream(self, model_idx: int, frames: Iterable[Any] | AsyncIterable[Any],
+                     window: int, check: Callable[[Any], None]) -> AsyncGenerator[Frame, None]:
+        """Outputs of ``frames`` in order, with at most ``window`` frames in flight."""
+        lane = self.request_lane(model_idx)
+        sink = StreamSink(window)
+        lane.sinks.add(sink)
+        submitted = 0
+
+        async def produce() -> None:
+            nonlocal submitted
+            try:
+                source: AsyncIterator[Any] = (aiter(frames) if isinstance(frames, AsyncIterable)
+                                              else _aiter_sync(frames))
+                async for data in source:
+                    check(data)
+                    await sink.slots.acquire()
+                    frame = await lane.aprepare(data)
+                    self.check_open()
+                    await lane.in_send.send(((sink, submitted), frame))
+                    lane.frames_in += 1
+                    submitted += 1
+            except Exception as exc:
+                sink.send_end.send_nowait(exc)
+            else:
+                sink.send_end.send_nowait(None)
+
+        producer = asyncio.get_running_loop().create_task(produce(), name="memryx-astream")
+        received = 0
+        producer_done = False
+        try:
+            while not producer_done or received < submitted:
+                try:
+                    item = await sink.receive_end.receive()
+                except anyio.EndOfStream:
+                    raise (sink.error or ClosedError("the accelerator is closed")) from None
+                if item is None:
+                    producer_done = True
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    received += 1
+                    sink.slots.release()
+                    yield item
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+            lane.sinks.discard(sink)
+            sink.close()
+
+    async def send(self, model_idx: int, data: Any, sink: ChannelSink) -> None:
+        lane = self.request_lane(model_idx)
+        frame = await lane.aprepare(data)
+        lane.sinks.add(sink)
+        await lane.in_send.send(((sink, 0), frame))
+        lane.frames_in += 1
+
+    # -- statistics ---------------------------------------------------------------------------
+    def statistics(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started_at, 1e-9) if self.started_at else 0.0
+        models = []
+        for lane in self.lanes:
+            models.append({
+                "model_idx": lane.idx, "name": lane.model.name,
+                "frames_in": lane.frames_in, "frames_out": lane.frames_out,
+                "in_flight": lane.frames_in - lane.frames_out,
+                "fps": lane.frames_out / elapsed if elapsed else 0.0,
+                "streams": {s: {"frames_in": st.frames_in, "frames_out": st.frames_out}
+                            for s, st in sorted(lane.streams.items())},
+            })
+        return {"elapsed_s": elapsed, "models": models, "device": self.device.statistics()}
+
+
+async def _aiter_sync(iterable: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in iterable:
+        yield item
+        await asyncio.sleep(0)

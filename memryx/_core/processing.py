@@ -1,0 +1,186 @@
+"""Host-side pre/post-processing and the checks that frames fit their ports.
+
+A processor turns a list of arrays into a list of arrays: an ONNX model run
+with onnxruntime (the ``*_pre.onnx`` / ``*_post.onnx`` the NeuralCompiler
+crops off), or a Python callable. ``conform`` checks user frames against port
+descriptions (count, type, dtype, shape) and returns private copies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .._exceptions import DtypeError, InputCountError, ShapeError
+
+__all__ = ["OnnxProcessor", "PortSpec", "Processor", "conform", "make_processor", "new_session"]
+
+Array = NDArray[Any]
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """What a port accepts, for validation messages."""
+
+    model_idx: int
+    port: int | None
+    layer: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    where: str = "input port"
+
+
+def new_session(model: bytes, threads: int = 1) -> Any:
+    """An onnxruntime CPU session for serialized ONNX ``model``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+class Processor:
+    """A host-side processing step: ``list[array] -> list[array]``."""
+
+    #: Port-like descriptions of the inputs, when known (ONNX models), for validation.
+    input_specs: tuple[PortSpec, ...] | None = None
+    n_outputs: int | None = None
+    #: True when running it may take long enough that it belongs on a worker thread.
+    blocking: bool = True
+
+    def __call__(self, arrays: list[Array]) -> list[Array]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class OnnxProcessor(Processor):
+    def __init__(self, model: bytes, model_idx: int, role: str) -> None:
+        self._session = new_session(model)
+        self._names = [i.name for i in self._session.get_inputs()]
+        self.n_outputs = len(self._session.get_outputs())
+        specs = []
+        for i, meta in enumerate(self._session.get_inputs()):
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+            elem = _ORT_TYPES.get(meta.type)
+            dtype = np.dtype(elem) if elem else np.dtype(np.float32)
+            specs.append(PortSpec(model_idx, i, meta.name, shape, dtype,
+                                  where=f"{role} model input"))
+        self.input_specs = tuple(specs)
+
+    def __call__(self, arrays: list[Array]) -> list[Array]:
+        outs = self._session.run(None, dict(zip(self._names, arrays, strict=True)))
+        return [np.asarray(o) for o in outs]
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(uint16)": "uint16",
+    "tensor(int16)": "int16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+class CallableProcessor(Processor):
+    def __init__(self, fn: Callable[..., Any], role: str) -> None:
+        self._fn = fn
+        self._role = role
+
+    def __call__(self, arrays: list[Array]) -> list[Array]:
+        result = self._fn(*arrays)
+        if isinstance(result, np.ndarray):
+            return [result]
+        if isinstance(result, (list, tuple)) and all(isinstance(r, np.ndarray) for r in result):
+            return list(result)
+        raise TypeError(
+            f"{self._role} callable {getattr(self._fn, '__qualname__', self._fn)!r} must return "
+            f"a numpy.ndarray or a sequence of them, got {type(result).__name__}"
+        )
+
+
+def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
+    """A processor from an ONNX path / ``onnx.ModelProto`` / bytes, or a Python callable."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{role} model for model {model_idx} not found: {path}")
+        if path.suffix.lower() != ".onnx":
+            raise ValueError(
+                f"{role} model {path}: only ONNX models (.onnx) are supported, got {path.suffix!r}"
+            )
+        return OnnxProcessor(path.read_bytes(), model_idx, role)
+    if isinstance(model_or_path, (bytes, bytearray)):
+        return OnnxProcessor(bytes(model_or_path), model_idx, role)
+    if type(model_or_path).__name__ == "ModelProto":
+        return OnnxProcessor(model_or_path.SerializeToString(), model_idx, role)
+    if callable(model_or_path):
+        return CallableProcessor(model_or_path, role)
+    raise TypeError(
+        f"{role} model for model {model_idx} must be an ONNX path, onnx.ModelProto, bytes or a "
+        f"callable, got {type(model_or_path).__name__}"
+    )
+
+
+def _describe(spec: PortSpec) -> str:
+    port = f" {spec.port}" if spec.port is not None else ""
+    return f"model {spec.model_idx}, {spec.where}{port} (layer {spec.layer!r})"
+
+
+def as_array_list(data: Any, n_ports: int, model_idx: int, what: str) -> list[Any]:
+    """One frame as a list with an entry per port (accepts a bare array for 1 port)."""
+    if isinstance(data, np.ndarray):
+        items: list[Any] = [data]
+    elif isinstance(data, (list, tuple)):
+        items = list(data)
+    else:
+        raise DtypeError(
+            f"model {model_idx}: {what} must be a numpy.ndarray or a sequence of them, "
+            f"got {type(data).__name__}"
+        )
+    if len(items) != n_ports:
+        raise InputCountError(
+            f"model {model_idx}: {what} has {len(items)} array(s), the model has {n_ports} "
+            f"input port(s)"
+        )
+    return items
+
+
+def conform(data: Any, specs: Sequence[PortSpec], what: str = "frame", *, copy: bool = True
+            ) -> list[Array]:
+    """Check one frame against ``specs`` and return C-contiguous private copies.
+
+    With ``copy=False`` the checked arrays come back as they are (reshaped views).
+
+    A frame matches its port's shape exactly, or leaves out a leading batch
+    dimension of 1. The dtype must match exactly: nothing is cast silently.
+    """
+    model_idx = specs[0].model_idx if specs else 0
+    items = as_array_list(data, len(specs), model_idx, what)
+    out = []
+    for arr, spec in zip(items, specs, strict=True):
+        if not isinstance(arr, np.ndarray):
+            raise DtypeError(
+                f"{_describe(spec)}: expected a numpy.ndarray of {spec.dtype}, "
+                f"got {type(arr).__name__}"
+            )
+        if arr.dtype != spec.dtype:
+            raise DtypeError(
+                f"{_describe(spec)}: expected dtype {spec.dtype}, got {arr.dtype} "
+                "(convert with .astype(); the runtime does not cast silently)"
+            )
+        if arr.shape != spec.shape:
+            if spec.shape and spec.shape[0] == 1 and arr.shape == spec.shape[1:]:
+                arr = arr.reshape(spec.shape)
+            else:
+                alt = f" or {spec.shape[1:]}" if spec.shape and spec.shape[0] == 1 else ""
+                raise ShapeError(
+                    f"{_describe(spec)}: expected shape {spec.shape}{alt}, got {arr.shape}"
+                )
+        out.append(np.array(arr, order="C", copy=True) if copy else arr)
+    return out

@@ -1,0 +1,144 @@
+"""The only module that touches threads.
+
+* :class:`Runner` owns one named thread with its own event loop (uvloop when it
+  is installed) and an anyio ``BlockingPortal``; sync facades call into the
+  core through it and block their own thread only.
+* :func:`run_sync` runs a blocking function (a user callback, an onnxruntime
+  session) on a worker thread and awaits it without blocking the loop. If the
+  awaiting task is cancelled, the worker is abandoned: the call returns at once
+  and whatever the function returns later is dropped.
+* :func:`check_not_on_loop` refuses a blocking call from a thread that runs an
+  event loop (it would deadlock or stall that loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from .._exceptions import LoopBlockingError
+
+__all__ = [
+    "HAVE_UVLOOP",
+    "Runner",
+    "await_future",
+    "call_in_loop",
+    "check_not_on_loop",
+    "new_limiter",
+    "on_loop_thread",
+    "run_sync",
+]
+
+log = logging.getLogger("memryx.runner")
+T = TypeVar("T")
+
+try:  # pragma: no cover - depends on the platform
+    import uvloop  # noqa: F401
+
+    HAVE_UVLOOP = True
+except ImportError:  # pragma: no cover
+    HAVE_UVLOOP = False
+
+_counter = itertools.count()
+
+
+def check_not_on_loop(what: str, twin: str) -> None:
+    """Raise :class:`LoopBlockingError` if the calling thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise LoopBlockingError(
+        f"{what} blocks, and was called from a thread that runs an event loop, which it "
+        f"would stall or deadlock; in async code use `{twin}` instead"
+    )
+
+
+def new_limiter(tokens: int) -> anyio.CapacityLimiter:
+    """A limit on how many worker threads one accelerator's callbacks may hold."""
+    return anyio.CapacityLimiter(max(1, tokens))
+
+
+async def run_sync(fn: Callable[..., T], *args: Any,
+                   limiter: anyio.CapacityLimiter | None = None) -> T:
+    """Run ``fn(*args)`` on a worker thread; cancelling abandons the thread."""
+    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=limiter)
+
+
+class Runner:
+    """A dedicated thread hosting an event loop, for sync programs.
+
+    ``call(fn, *args)`` runs the coroutine function ``fn`` on the loop and
+    blocks the calling thread until it returns (re-raising what it raises);
+    ``start(fn, *args)`` returns a ``concurrent.futures.Future`` at once.
+    Both refuse to run on the runner's own thread or on any thread running a
+    loop. ``close()`` stops the loop and joins the thread.
+    """
+
+    def __init__(self, name: str = "memryx-runner") -> None:
+        self.name = f"{name}-{next(_counter)}"
+        self._cm: AbstractContextManager[BlockingPortal] | None = start_blocking_portal(
+            "asyncio", {"use_uvloop": HAVE_UVLOOP}, name=self.name
+        )
+        self._portal: BlockingPortal | None = self._cm.__enter__()
+        log.debug("runner %s started (uvloop=%s)", self.name, HAVE_UVLOOP)
+
+    @property
+    def closed(self) -> bool:
+        return self._portal is None
+
+    def _portal_or_raise(self) -> BlockingPortal:
+        if self._portal is None:
+            raise RuntimeError(f"runner {self.name} is closed")
+        return self._portal
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return self.start(fn, *args).result()
+
+    def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
+        portal = self._portal_or_raise()
+        return portal.start_task_soon(fn, *args)
+
+    def close(self) -> None:
+        """Stop the loop (cancelling what still runs on it) and join the thread."""
+        cm, self._cm, self._portal = self._cm, None, None
+        if cm is None:
+            return
+        if threading.current_thread().name == self.name:  # pragma: no cover - misuse guard
+            raise RuntimeError("a runner cannot close itself from its own thread")
+        cm.__exit__(None, None, None)
+        log.debug("runner %s stopped", self.name)
+
+
+def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, Any, T]],
+                 *args: Any) -> T:
+    """Run coroutine function ``fn`` on ``loop`` (owned by another thread) and wait for it."""
+    if _running_loop() is loop:
+        raise LoopBlockingError("a blocking call cannot be made on the loop it waits for")
+    return asyncio.run_coroutine_threadsafe(fn(*args), loop).result()
+
+
+async def await_future(fut: concurrent.futures.Future[T]) -> T:
+    """Await a future completed on another thread (a runner's) from this loop."""
+    return await asyncio.wrap_future(fut)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    return _running_loop() is loop

@@ -1,0 +1,623 @@
+"""The public accelerator classes: AsyncAccl, SyncAccl and MultiStreamAsyncAccl.
+
+Each class is a thin facade over the asyncio core (:mod:`memryx._core.engine`).
+
+**Sync programs.** An accelerator created outside a running event loop starts
+a dedicated runner thread that owns an event loop (uvloop when installed); the
+methods block the calling thread only. Plain callbacks run on worker threads,
+never on the loop thread.
+
+**Async programs.** ``async with AsyncAccl(dfp) as accl:`` binds the accelerator
+to the running loop: the pipeline runs on the app's loop, ``async def``
+callbacks run on it too (so they may touch the app's loop objects), blocking
+callbacks still run on worker threads. ``await accl.arun(...)``,
+``accl.astream(...)``, ``await accl.await_done()`` and ``await accl.aclose()``
+are the async twins of ``run``, ``wait`` and ``close``. A blocking method
+called on the loop's own thread raises :class:`LoopBlockingError` naming its
+twin, instead of deadlocking.
+
+**Errors.** An exception raised by a callback ends that stream; the first one is
+re-raised, once, from ``wait()`` / ``await_done()`` (or from ``close()`` /
+``__exit__`` if nobody waited), with its traceback and a note naming the
+callback; later ones are attached as notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import warnings
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+from numpy.typing import NDArray
+
+from ._core.callbacks import check_signature
+from ._core.engine import ChannelSink, Engine, Frame
+from ._core.processing import make_processor
+from ._core.runner import (
+    Runner,
+    await_future,
+    call_in_loop,
+    check_not_on_loop,
+    on_loop_thread,
+)
+from ._exceptions import (
+    CallbackSignatureError,
+    ClosedError,
+    LoopBlockingError,
+    ModelIndexError,
+    ShapeError,
+    UsageError,
+)
+from .device.base import Device, open_device
+from .dfp import Dfp
+
+__all__ = ["AsyncAccl", "MultiStreamAsyncAccl", "SyncAccl"]
+
+log = logging.getLogger("memryx.accl")
+T = TypeVar("T")
+Array = NDArray[Any]
+#: What ``run`` / ``receive`` return for one frame: the array of a one-output
+#: model, or a list with an array per output port.
+Outputs = Array | list[Array]
+DfpLike = str | bytes | bytearray | Dfp | Any
+
+#: Outputs a ``SyncAccl`` holds per model for ``receive`` before ``send`` waits.
+RECEIVE_DEPTH = 16
+#: Frames ``astream`` keeps in flight by default.
+ASTREAM_WINDOW = 8
+
+
+class _State(enum.Enum):
+    NEW = "new"          # created inside a running loop, not bound yet
+    SYNC = "sync"        # runs on its own runner thread
+    ASYNC = "async"      # bound to an app's event loop
+    CLOSED = "closed"
+
+
+def _ms_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout must be None or a number of milliseconds >= 0, got {timeout!r}")
+    return timeout / 1000.0
+
+
+class _Accelerator:
+    """What the three classes share: lifecycle, loop binding, models, pre/post."""
+
+    def __init__(self, dfp: DfpLike, group_id: int = 0, *, device: str | Device | None = None,
+                 stream_workers: int | None = None, **device_options: Any) -> None:
+        self._dfp = Dfp(dfp)
+        if isinstance(group_id, bool) or not isinstance(group_id, int):
+            raise TypeError(f"group_id must be an int, got {type(group_id).__name__}")
+        if group_id < 0:
+            raise ModelIndexError(f"group_id must be >= 0, got {group_id}")
+        if stream_workers is not None and (
+                isinstance(stream_workers, bool) or not isinstance(stream_workers, int)
+                or stream_workers < 1):
+            raise ValueError(f"stream_workers must be a positive int or None, got "
+                             f"{stream_workers!r}")
+        self._engine_args = (group_id, device, stream_workers, device_options)
+        self._engine = self._make_engine()
+        self._state = _State.NEW
+        self._runner: Runner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._receivers: dict[int, ChannelSink] = {}
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._start_sync()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _make_engine(self) -> Engine:
+        group_id, device, stream_workers, options = self._engine_args
+        return Engine(self._dfp, open_device(device, **options), group_id,
+                      stream_workers=stream_workers)
+
+    def _start_sync(self) -> None:
+        runner = Runner()
+        try:
+            runner.call(self._engine.start)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                runner.call(self._engine.aclose)
+            runner.close()
+            self._state = _State.CLOSED
+            raise
+        self._runner = runner
+        self._state = _State.SYNC
+
+    async def _bind(self) -> None:
+        """Bind to the running loop (from NEW, or from an unused SYNC runtime)."""
+        if self._state is _State.SYNC:
+            if any(lane.input_connected or lane.output is not None or lane.frames_in
+                   for lane in self._engine.lanes):
+                raise UsageError("this accelerator already runs on its own thread (it was "
+                                 "created outside an event loop and used); create it inside "
+                                 "the loop to bind it there")
+            runner, self._runner = self._runner, None
+            assert runner is not None
+            await await_future(runner.start(self._engine.aclose))
+            await anyio.to_thread.run_sync(runner.close)
+            self._engine = self._make_engine()
+            self._state = _State.NEW
+        loop = asyncio.get_running_loop()
+        await self._engine.start()
+        self._loop = loop
+        self._state = _State.ASYNC
+
+    def _check_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise ClosedError(f"this {type(self).__name__} is closed; create a new one")
+
+    def _blocking(self, what: str, twin: str, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run core coroutine ``fn`` for a sync caller, blocking only that caller."""
+        self._check_open()
+        if self._state is _State.ASYNC:
+            assert self._loop is not None
+            if on_loop_thread(self._loop):
+                raise LoopBlockingError(
+                    f"{what} blocks, and was called on the event loop this accelerator runs "
+                    f"on; use `{twin}` instead")
+            return call_in_loop(self._loop, fn, *args)
+        check_not_on_loop(what, twin)
+        if self._state is _State.NEW:
+            self._start_sync()
+        assert self._runner is not None
+        return self._runner.call(fn, *args)
+
+    def _apply(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a quick core method on the core's loop thread."""
+        self._check_open()
+        if self._state is _State.ASYNC and self._loop is not None and on_loop_thread(self._loop):
+            return fn(*args)
+        if self._state is _State.NEW and on_loop_thread_any():
+            raise UsageError(
+                f"inside a running event loop, bind {type(self).__name__} to it first: "
+                f"`async with {type(self).__name__}(dfp) as accl:`")
+
+        async def on_loop() -> T:
+            return fn(*args)
+
+        return self._blocking("this call", "the async API", on_loop)
+
+    async def _acall(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run core coroutine ``fn`` for an async caller without blocking its loop."""
+        self._check_open()
+        if self._state is _State.NEW:
+            await self._bind()
+        if self._state is _State.ASYNC:
+            if self._loop is not asyncio.get_running_loop():
+                raise UsageError(f"this {type(self).__name__} is bound to another event loop")
+            return await fn(*args)
+        assert self._runner is not None
+        return await await_future(self._runner.start(fn, *args))
+
+    def close(self) -> None:
+        """Stop every model and release every thread; re-raise a callback error nobody saw.
+
+        Blocks until all models have stopped. A callback that is blocked inside
+        user code is abandoned (it keeps its worker thread until it returns) and
+        none is called after this returns. Idempotent.
+        """
+        if self._state is _State.CLOSED:
+            return
+        if self._state is _State.ASYNC:
+            assert self._loop is not None
+            if on_loop_thread(self._loop):
+                raise LoopBlockingError("close() blocks, and was called on the event loop "
+                                        "this accelerator runs on; use `await accl.aclose()`")
+            call_in_loop(self._loop, self._engine.aclose)
+        elif self._runner is not None:
+            check_not_on_loop("close()", "await accl.aclose()")
+            self._runner.call(self._engine.aclose)
+            self._runner.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        self._state = _State.CLOSED
+        for sink in self._receivers.values():
+            sink.close()
+        self._engine.raise_errors()
+
+    def stop(self) -> None:
+        """Stop each model and clean up; returns within about a second even while a
+        callback is blocked, and no callback is called after it returns."""
+        self.close()
+
+    async def aclose(self) -> None:
+        """The async twin of :meth:`close`."""
+        if self._state is _State.CLOSED:
+            return
+        if self._state is _State.ASYNC:
+            await self._engine.aclose()
+        elif self._runner is not None:
+            runner = self._runner
+            await await_future(runner.start(self._engine.aclose))
+            await anyio.to_thread.run_sync(runner.close)
+        self._closed()
+
+    def __enter__(self) -> Any:
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as late:
+            exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+
+    async def __aenter__(self) -> Any:
+        self._check_open()
+        if self._state is not _State.ASYNC:
+            await self._bind()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            await self.aclose()
+            return
+        try:
+            await self.aclose()
+        except Exception as late:
+            exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", _State.CLOSED)
+        if state in (_State.SYNC, _State.ASYNC):
+            warnings.warn(f"unclosed {type(self).__name__}; use `with` or call close()",
+                          ResourceWarning, stacklevel=2)
+            if state is _State.SYNC and self._runner is not None:
+                with contextlib.suppress(Exception):
+                    self._runner.call(self._engine.aclose)
+                    self._runner.close()
+
+    # -- models and ports -------------------------------------------------------------------
+    @property
+    def dfp(self) -> Dfp:
+        """The loaded DFP."""
+        return self._dfp
+
+    def inport_assignment(self, model_idx: int = 0) -> dict[int, str]:
+        """Map the input port ids of model ``model_idx`` to its input layer names."""
+        return {p.port: p.layer for p in self._dfp.model(model_idx).inputs}
+
+    def outport_assignment(self, model_idx: int = 0) -> dict[int, str]:
+        """Map the output port ids of model ``model_idx`` to its output layer names."""
+        return {p.port: p.layer for p in self._dfp.model(model_idx).outputs}
+
+    def set_preprocessing_model(self, model_or_path: Any, model_idx: int = 0) -> None:
+        """Run ``model_or_path`` on each input frame of ``model_idx`` before the device.
+
+        Takes an ONNX path, ``onnx.ModelProto`` or ONNX bytes (run with
+        onnxruntime on a worker thread; frames are then checked against its
+        inputs), or a Python callable ``fn(*arrays) -> array | sequence``. Set
+        it before connecting the model's input.
+        """
+        self._dfp.model(model_idx)
+        proc = make_processor(model_or_path, model_idx, "pre-processing")
+        self._engine.set_processor(model_idx, "pre", proc)
+
+    def set_postprocessing_model(self, model_or_path: Any, model_idx: int = 0) -> None:
+        """Run ``model_or_path`` on each output of ``model_idx``; callbacks and ``run``
+        then get its outputs. Same forms as :meth:`set_preprocessing_model`; set it
+        before connecting the model's output."""
+        self._dfp.model(model_idx)
+        proc = make_processor(model_or_path, model_idx, "post-processing")
+        self._engine.set_processor(model_idx, "post", proc)
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters per model and per stream (frames in/out, in flight, fps)."""
+        return self._engine.statistics()
+
+    # -- request API (run / arun / astream) ------------------------------------------------------
+    def _frames(self, inputs: Any, model_idx: int) -> tuple[list[Any], bool]:
+        """Split ``inputs`` into frames; True when it was a single frame."""
+        model = self._dfp.model(model_idx)
+        n_in = len(model.inputs)
+        if isinstance(inputs, np.ndarray):
+            if n_in == 1:
+                _refuse_stacked(inputs, model_idx, model.inputs[0].shape, model.inputs[0].layer)
+                return [inputs], True
+            return [inputs], True  # the port-count check names the problem
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                return [], False
+            if n_in > 1 and all(isinstance(x, np.ndarray) for x in inputs):
+                return [list(inputs)], True
+            return list(inputs), False
+        raise TypeError(f"model {model_idx}: inputs must be a numpy.ndarray, a list of frames or "
+                        f"a list of lists of arrays, got {type(inputs).__name__}")
+
+    def _shape_outputs(self, results: list[Frame], single: bool) -> Any:
+        shaped = [r[0] if len(r) == 1 else r for r in results]
+        return shaped[0] if single else shaped
+
+    async def arun(self, inputs: Any, model_idx: int = 0) -> Any:
+        """The async twin of :meth:`SyncAccl.run`: same input forms, same results.
+
+        Pipelined, never blocks the loop; many tasks may ``arun`` at once, each
+        gets exactly its own outputs. Cancelling the awaiting task drops the
+        frames it had in flight and nothing else.
+        """
+        frames, single = self._frames(inputs, model_idx)
+        results = await self._acall(self._engine.run, model_idx, frames)
+        return self._shape_outputs(results, single)
+
+    async def astream(self, frames: Iterable[Any] | AsyncIterable[Any], model_idx: int = 0, *,
+                      window: int = ASTREAM_WINDOW) -> AsyncIterator[Any]:
+        """Run ``frames`` (a sync or async iterable) and yield their outputs in order.
+
+        At most ``window`` frames are in flight: a slow consumer slows the
+        producer and memory stays flat. Leaving the loop early (``break``,
+        cancellation) stops reading ``frames`` and drops what was in flight.
+        Needs the accelerator bound to this loop (``async with``, or created
+        inside it).
+        """
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self._check_open()
+        if self._state is _State.NEW:
+            await self._bind()
+        if self._state is not _State.ASYNC or self._loop is not asyncio.get_running_loop():
+            raise UsageError("astream() needs the accelerator bound to this event loop: create "
+                             "it inside the loop or use `async with`")
+        model = self._dfp.model(model_idx)
+
+        def check(data: Any) -> None:
+            if len(model.inputs) == 1 and isinstance(data, np.ndarray):
+                port = model.inputs[0]
+                _refuse_stacked(data, model_idx, port.shape, port.layer)
+
+        outputs = self._engine.stream(model_idx, frames, window, check)
+        async with contextlib.aclosing(outputs):
+            async for frame in outputs:
+                yield self._shape_outputs([frame], True)
+
+    # -- helpers for the callback API --------------------------------------------------------------
+    def _wait(self) -> None:
+        try:
+            self._blocking("wait()", "await accl.await_done()", self._engine.wait_done)
+        except BaseException as exc:
+            if isinstance(exc, UsageError) and not isinstance(exc, ClosedError):
+                raise
+            try:
+                self.close()
+            except Exception as late:
+                if late is not exc:
+                    exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            raise
+        self.close()
+
+    async def _await_done(self) -> None:
+        self._check_open()
+        try:
+            await self._acall(self._engine.wait_done)
+        except BaseException as exc:
+            if isinstance(exc, UsageError) and not isinstance(exc, ClosedError):
+                raise
+            try:
+                await self.aclose()
+            except Exception as late:
+                if late is not exc:
+                    exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            raise
+        await self.aclose()
+
+
+def on_loop_thread_any() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: str) -> None:
+    """A stacked batch (N frames in one array) gets its own clear error."""
+    if arr.shape == shape or (shape and shape[0] == 1 and arr.shape == shape[1:]):
+        return
+    frame = shape[1:] if shape and shape[0] == 1 else shape
+    if arr.ndim == len(frame) + 1 and arr.shape[1:] == frame and arr.shape[0] > 1:
+        raise ShapeError(
+            f"model {model_idx}, input layer {layer!r}: got a stacked batch of {arr.shape[0]} "
+            f"frames {arr.shape}; stacking frames into one array is not supported, pass a "
+            f"list of frames of shape {shape} instead")
+
+
+class AsyncAccl(_Accelerator):
+    """Run models with callbacks that feed and drain the accelerator, pipelined.
+
+    Parameters:
+        dfp: path to a DFP, its bytes (``bytes`` / ``bytearray``), or a :class:`Dfp`.
+        group_id: index of the chip group to use.
+        device: ``"sim"`` (default, or ``$MEMRYX_DEVICE``) or a :class:`~memryx.device.Device`.
+        **device_options: passed to the device (e.g. ``concurrency`` for ``"sim"``).
+    """
+
+    def connect_input(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
+        """Set the callback that produces input frames for model ``model_idx``.
+
+        ``callback`` takes no arguments and returns one frame (an ndarray, or a
+        sequence of ndarrays for a multi-input model) each time the model is
+        ready for one. It may be a generator function, an ``async def``
+        function or an async generator function. Returning ``None``, raising
+        ``StopIteration`` or any exception ends this model's input stream; an
+        exception is re-raised by :meth:`wait`. If a pre-processing model is
+        set, frames go through it first. Starts feeding at once.
+
+        Raises:
+            RuntimeError (CallbackSignatureError): ``callback`` needs arguments.
+        """
+        self._dfp.model(model_idx)
+        try:
+            check_signature(callback, 0, f"the input callback of model {model_idx}")
+        except CallbackSignatureError as exc:
+            raise CallbackSignatureError(f"{exc}; input callbacks take no parameters") from None
+        self._apply(self._engine.connect_input, model_idx, callback, None)
+
+    def connect_output(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
+        """Set the callback called with each frame's outputs of model ``model_idx``.
+
+        Called as ``callback(*outputs)``, outputs in outport order (or the
+        post-processing model's outputs if one is set); the arrays are the
+        callback's to keep. May be an ``async def`` function.
+        """
+        self._dfp.model(model_idx)
+        self._apply(self._engine.connect_output, model_idx, callback, False)
+
+    def wait(self) -> None:
+        """Block until every model's input stream has ended and every output was
+        delivered, then release the accelerator.
+
+        Raises:
+            RuntimeError (NotConnectedError): a model's input or output is not connected.
+            The first exception a callback raised, once, with its traceback.
+        """
+        self._wait()
+
+    async def await_done(self) -> None:
+        """The async twin of :meth:`wait`."""
+        await self._await_done()
+
+
+class MultiStreamAsyncAccl(_Accelerator):
+    """Many input streams (cameras) on one model, each with its own stream index.
+
+    Streams are served round-robin; a stream's callbacks never run
+    concurrently with themselves; outputs keep each stream's order.
+
+    Parameters:
+        stream_workers: how many input callbacks may run at once on worker
+            threads (default: as many as there are streams, up to 64).
+        Other parameters as :class:`AsyncAccl`.
+    """
+
+    def __init__(self, dfp: DfpLike, group_id: int = 0, stream_workers: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dfp, group_id, stream_workers=stream_workers, **kwargs)
+
+    def connect_streams(self, input_callback: Callable[[int], Any],
+                        output_callback: Callable[..., Any], stream_count: int,
+                        model_idx: int = 0) -> None:
+        """Start ``stream_count`` streams on model ``model_idx``.
+
+        ``input_callback(stream_idx)`` returns the next frame of that stream
+        (``None`` ends it); ``output_callback(stream_idx, *outputs)`` gets its
+        outputs, in that stream's order.
+        """
+        self._dfp.model(model_idx)
+        if isinstance(stream_count, bool) or not isinstance(stream_count, int) or \
+                stream_count < 1:
+            raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
+        check_signature(input_callback, 1, f"the input callback of model {model_idx}")
+        self._apply(self._engine.connect_output, model_idx, output_callback, True)
+        self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
+
+    def wait(self) -> None:
+        """Block until every stream has ended and every output was delivered.
+
+        Raises like :meth:`AsyncAccl.wait`.
+        """
+        self._wait()
+
+    async def await_done(self) -> None:
+        """The async twin of :meth:`wait`."""
+        await self._await_done()
+
+
+class SyncAccl(_Accelerator):
+    """Send frames and receive outputs with blocking calls.
+
+    ``send`` and ``receive`` may run on two threads at once (the pipelined way
+    to use it); ``run`` sends a frame or a batch and waits for all outputs.
+    """
+
+    def _receiver(self, model_idx: int) -> ChannelSink:
+        sink = self._receivers.get(model_idx)
+        if sink is None:
+            sink = self._receivers[model_idx] = ChannelSink(RECEIVE_DEPTH)
+        return sink
+
+    def send(self, data: Any, model_idx: int = 0, timeout: float | None = None) -> None:
+        """Copy one frame into model ``model_idx``'s input buffer and return.
+
+        Blocks while the buffer is full: forever if ``timeout`` is None, else at
+        most ``timeout`` milliseconds, then raises ``TimeoutError``.
+        """
+        self._dfp.model(model_idx)
+        seconds = _ms_timeout(timeout)
+        self._blocking("send()", "await accl.asend(...)", self._send, data, model_idx, seconds)
+
+    def receive(self, model_idx: int = 0, timeout: float | None = None) -> Outputs:
+        """The outputs of the oldest frame sent to model ``model_idx``.
+
+        Blocks until they are ready: forever if ``timeout`` is None, else at
+        most ``timeout`` milliseconds, then raises ``TimeoutError``. Returns the
+        array for a one-output model, else a list in outport order.
+        """
+        self._dfp.model(model_idx)
+        seconds = _ms_timeout(timeout)
+        return self._blocking("receive()", "await accl.areceive(...)", self._receive,
+                              model_idx, seconds)
+
+    # ``timeout`` mirrors send()/receive() (milliseconds), hence the noqa.
+    async def asend(self, data: Any, model_idx: int = 0,
+                    timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """The async twin of :meth:`send`."""
+        self._dfp.model(model_idx)
+        await self._acall(self._send, data, model_idx, _ms_timeout(timeout))
+
+    async def areceive(self, model_idx: int = 0,
+                       timeout: float | None = None) -> Outputs:  # noqa: ASYNC109
+        """The async twin of :meth:`receive`."""
+        self._dfp.model(model_idx)
+        return await self._acall(self._receive, model_idx, _ms_timeout(timeout))
+
+    async def _send(self, data: Any, model_idx: int, seconds: float | None) -> None:
+        sink = self._receiver(model_idx)
+        with _timeout(seconds, f"send() to model {model_idx}: no space in the input buffer"):
+            await self._engine.send(model_idx, data, sink)
+
+    async def _receive(self, model_idx: int, seconds: float | None) -> Outputs:
+        sink = self._receiver(model_idx)
+        self._engine.lane(model_idx)
+        with _timeout(seconds, f"receive() from model {model_idx}: no output available"):
+            outputs = await sink.receive()
+        return self._shape_outputs([outputs], True)  # type: ignore[no-any-return]
+
+    def run(self, inputs: Any, model_idx: int = 0) -> Any:
+        """Send ``inputs`` to model ``model_idx`` and wait for all their outputs.
+
+        ``inputs``: one frame (an ndarray, or a list of ndarrays for a
+        multi-input model), or a batch: a list of frames (a list of lists for a
+        multi-input model), pipelined inside. Returns outputs of the same
+        form: for one frame, the output array (a list of arrays for a
+        multi-output model); for a batch, a list of those. Stacking frames into
+        one array is refused with a ``ShapeError``.
+        """
+        frames, single = self._frames(inputs, model_idx)
+        results = self._blocking("run()", "await accl.arun(...)", self._engine.run, model_idx,
+                                 frames)
+        return self._shape_outputs(results, single)
+
+
+@contextlib.contextmanager
+def _timeout(seconds: float | None, message: str) -> Any:
+    if seconds is None:
+        yield
+        return
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise TimeoutError(f"{message} after {seconds * 1000:g} ms") from None

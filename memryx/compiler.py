@@ -1,0 +1,391 @@
+"""NeuralCompiler: ONNX models in, a DFP out.
+
+The compiler checks that each model can run on the MX3 (static shapes but for
+the batch dimension, standard ONNX operators, no control flow, weights that fit
+the chips), crops host-side pre- and post-processing off the accelerated part
+when asked, and packs everything into a :class:`~memryx.dfp.Dfp`.
+
+Weight capacity: the MX3 datasheet gives 10.5 MB of weight memory per chip,
+i.e. 10.5 million 8-bit weight parameters (42 million on the 4-chip M.2 module);
+the compiler assumes 8-bit weights, so a DFP may carry at most
+``10.5e6 * num_chips`` parameters over all its models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ._exceptions import CompilerError
+from ._version import __version__
+from .dfp import PORT_DTYPES, Dfp, ModelInfo, PortInfo
+
+__all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
+
+log = logging.getLogger("memryx.compiler")
+
+#: 8-bit weight parameters one MX3 chip holds (MX3 datasheet: 10.5 MB weight memory).
+WEIGHTS_PER_CHIP: Final = 10_500_000
+MAX_CHIPS: Final = 16
+
+ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+CropSpec = str | Sequence[str] | None
+
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_PRE_OPS = frozenset({"Cast", "Sub", "Div", "Mul", "Add", "Transpose", "Reshape", "Squeeze",
+                      "Unsqueeze"})
+_POST_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Transpose",
+                       "Squeeze", "Unsqueeze", "ArgMax"})
+
+
+def _load(source: Any, idx: int) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            return onnx.load_model_from_string(bytes(source))
+        except Exception as exc:
+            raise CompilerError(f"model {idx}: bytes are not an ONNX model ({exc})") from exc
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise CompilerError(f"model {idx}: no ONNX file at {path}")
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:
+            raise CompilerError(f"model {idx}: cannot read ONNX model {path} ({exc})") from exc
+    raise CompilerError(
+        f"model {idx}: unsupported model type {type(source).__module__}."
+        f"{type(source).__name__}; this compiler takes ONNX (a path, bytes or onnx.ModelProto)"
+        " - export Keras/PyTorch models to ONNX first"
+    )
+
+
+def _as_names(spec: CropSpec, what: str) -> list[str] | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    else:
+        names = list(spec)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise CompilerError(f"{what}: expected tensor names, got {spec!r}")
+    return names
+
+
+def _per_model(spec: Any, count: int, what: str) -> list[list[str] | None]:
+    """Spread ``inputs=`` / ``outputs=`` over the models.
+
+    One model: a name, a comma-separated string or a list of names. Several
+    models: a list with one such entry (or None) per model.
+    """
+    if spec is None:
+        return [None] * count
+    if count == 1:
+        return [_as_names(spec, what)]
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or len(spec) != count:
+        raise CompilerError(
+            f"{what}: with {count} models give a list of {count} entries (names or None), "
+            f"got {spec!r}"
+        )
+    return [_as_names(s, f"{what}[{i}]") for i, s in enumerate(spec)]
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def _autocrop(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Find where the accelerated part begins and ends.
+
+    Leading chains of cheap element-wise / layout ops (Cast, Sub, Div,
+    Transpose, ...) on each input become pre-processing; trailing Softmax,
+    Sigmoid, Flatten, Reshape, ... on each output become post-processing.
+    """
+    consts = _constant_names(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    outputs = {o.name for o in model.graph.output}
+
+    starts = []
+    for vi in _graph_inputs(model):
+        name = vi.name
+        while True:
+            users = consumers.get(name, [])
+            if len(users) != 1 or name in outputs:
+                break
+            node = users[0]
+            dynamic = [i for i in node.input if i and i not in consts]
+            if node.op_type not in _PRE_OPS or dynamic != [name] or len(node.output) != 1:
+                break
+            name = node.output[0]
+        starts.append(name)
+
+    ends = []
+    for out in model.graph.output:
+        name = out.name
+        while name in producer:
+            node = producer[name]
+            dynamic = [i for i in node.input if i and i not in consts]
+            if node.op_type not in _POST_OPS or len(dynamic) != 1 or dynamic[0] in starts:
+                break
+            name = dynamic[0]
+        ends.append(name)
+    return list(dict.fromkeys(starts)), list(dict.fromkeys(ends))
+
+
+def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], what: str
+             ) -> onnx.ModelProto:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        sub = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+    except Exception as exc:
+        raise CompilerError(f"{what}: cannot cut the graph at inputs={inputs} "
+                            f"outputs={outputs} ({exc})") from exc
+    got = [i.name for i in _graph_inputs(sub)]
+    missing = [n for n in got if n not in inputs]
+    if missing:
+        raise CompilerError(
+            f"{what}: the part between inputs={inputs} and outputs={outputs} also needs "
+            f"tensor(s) {missing}; add them to the crop points"
+        )
+    unused = [n for n in inputs if n not in got]
+    if unused:
+        raise CompilerError(f"{what}: crop input(s) {unused} do not feed outputs={outputs}")
+    return sub
+
+
+def _fix_batch(model: onnx.ModelProto, what: str) -> None:
+    """Pin a dynamic leading batch dimension to 1; refuse any other dynamic dimension."""
+    for vi in _graph_inputs(model):
+        if not vi.type.HasField("tensor_type"):
+            raise CompilerError(f"{what}: input {vi.name!r} is not a tensor")
+        dims = vi.type.tensor_type.shape.dim
+        if not vi.type.tensor_type.HasField("shape"):
+            raise CompilerError(f"{what}: input {vi.name!r} has no static shape")
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if i == 0:
+                d.Clear()
+                d.dim_value = 1
+                continue
+            label = d.dim_param or "?"
+            raise CompilerError(
+                f"{what}: input {vi.name!r} has a dynamic dimension {label!r} at axis {i}; "
+                "only the batch dimension (axis 0) may be dynamic"
+            )
+
+
+def _check_supported(model: onnx.ModelProto, what: str) -> None:
+    for node in model.graph.node:
+        if node.op_type in _CONTROL_FLOW:
+            raise CompilerError(
+                f"{what}: operator {node.op_type} (node {node.name!r}) is control flow, "
+                "which the MX3 dataflow cannot run"
+            )
+        if node.domain not in ("", "ai.onnx"):
+            raise CompilerError(
+                f"{what}: operator {node.domain}.{node.op_type} (node {node.name!r}) is not "
+                "a standard ONNX operator"
+            )
+
+
+def count_weights(model: onnx.ModelProto) -> int:
+    """Weight parameters of a graph: elements of its initializers and Constant nodes."""
+    total = sum(int(np.prod(t.dims)) if t.dims else 1 for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    total += int(np.prod(attr.t.dims)) if attr.t.dims else 1
+    return total
+
+
+def _ports(model: onnx.ModelProto, what: str, model_idx: int, first_in: int, first_out: int
+           ) -> tuple[tuple[PortInfo, ...], tuple[PortInfo, ...]]:
+    """Port descriptions, with output shapes taken from a real run on zeros."""
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CompilerError(f"{what}: the graph is not executable ({exc})") from exc
+    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    inputs = []
+    for i, vi in enumerate(_graph_inputs(model)):
+        elem = vi.type.tensor_type.elem_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        if dtype.name not in PORT_DTYPES:
+            raise CompilerError(f"{what}: input {vi.name!r} has unsupported dtype {dtype}")
+        shape = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+        feeds[vi.name] = np.zeros(shape, dtype)
+        inputs.append(PortInfo(first_in + i, model_idx, vi.name, shape, dtype))
+    try:
+        results = sess.run(None, feeds)
+    except Exception as exc:
+        raise CompilerError(f"{what}: the graph fails on a frame of zeros ({exc})") from exc
+    outputs = []
+    for i, (meta, value) in enumerate(zip(sess.get_outputs(), results, strict=True)):
+        arr = np.asarray(value)
+        if arr.dtype.name not in PORT_DTYPES:
+            raise CompilerError(f"{what}: output {meta.name!r} has unsupported dtype {arr.dtype}")
+        if arr.ndim == 0 or 0 in arr.shape:
+            raise CompilerError(f"{what}: output {meta.name!r} has empty shape {arr.shape}")
+        outputs.append(PortInfo(first_out + i, model_idx, meta.name, tuple(arr.shape), arr.dtype))
+    return tuple(inputs), tuple(outputs)
+
+
+class NeuralCompiler:
+    """Compile ONNX models into a DFP for the MX3.
+
+    Parameters:
+        models: an ONNX model (path, bytes or ``onnx.ModelProto``) or a list of
+            them; a list makes a multi-model DFP, ``model_idx`` in list order.
+        dfp_fname: where :meth:`run` writes the DFP (and, when cropping, the
+            ``*_pre.onnx`` / ``*_post.onnx`` models beside it). None writes nothing.
+        num_chips: MX3 chips the DFP targets (1..16); bounds the weight capacity.
+        verbose: 0 quiet; 1 and up log progress at INFO on ``memryx.compiler``.
+        inputs / outputs: tensor names where the accelerated part begins / ends;
+            for several models, a list with an entry (or None) per model.
+        autocrop: crop cheap leading/trailing ops (casts, normalisation,
+            transposes / softmax, flatten, ...) to host-side models automatically.
+
+    Raises:
+        CompilerError: unreadable model, dynamic dimension other than batch,
+            control flow or non-standard operator, bad crop points, or weights
+            that do not fit ``num_chips`` chips.
+    """
+
+    def __init__(self, models: ModelSource | Sequence[ModelSource], dfp_fname: str |
+                 os.PathLike[str] | None = None, num_chips: int = 4, verbose: int = 0,
+                 inputs: Any = None, outputs: Any = None, autocrop: bool = False) -> None:
+        if isinstance(models, (list, tuple)):
+            self._sources: list[Any] = list(models)
+        else:
+            self._sources = [models]
+        if not self._sources:
+            raise CompilerError("models: expected at least one model, got an empty list")
+        if isinstance(num_chips, bool) or not isinstance(num_chips, int) or \
+                not 1 <= num_chips <= MAX_CHIPS:
+            raise CompilerError(f"num_chips must be an integer in 1..{MAX_CHIPS}, "
+                                f"got {num_chips!r}")
+        self.dfp_fname = Path(dfp_fname) if dfp_fname is not None else None
+        self.num_chips = num_chips
+        self.verbose = verbose
+        self.autocrop = autocrop
+        self._inputs = _per_model(inputs, len(self._sources), "inputs")
+        self._outputs = _per_model(outputs, len(self._sources), "outputs")
+        #: After :meth:`run`: the pre-/post-processing model of each model (or None).
+        self.pre_models: list[onnx.ModelProto | None] = []
+        self.post_models: list[onnx.ModelProto | None] = []
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.verbose:
+            log.info(msg, *args)
+
+    def run(self) -> Dfp:
+        """Compile, write ``dfp_fname`` if one was given, and return the DFP."""
+        infos: list[ModelInfo] = []
+        self.pre_models, self.post_models = [], []
+        total_weights = 0
+        first_in = first_out = 0
+        for idx, source in enumerate(self._sources):
+            model = _load(source, idx)
+            name = model.graph.name or f"model{idx}"
+            what = f"model {idx} ({name!r})"
+            try:
+                onnx.checker.check_model(model)
+            except Exception as exc:
+                raise CompilerError(f"{what}: not a valid ONNX model ({exc})") from exc
+            _check_supported(model, what)
+            _fix_batch(model, what)
+            core, pre, post = self._crop(model, idx, what)
+            weights = count_weights(core)
+            total_weights += weights
+            ins, outs = _ports(core, what, idx, first_in, first_out)
+            first_in += len(ins)
+            first_out += len(outs)
+            self._info("%s: %d inputs, %d outputs, %.2fM weights", what, len(ins), len(outs),
+                       weights / 1e6)
+            infos.append(ModelInfo(
+                index=idx, name=name, inputs=ins, outputs=outs, graph=core.SerializeToString(),
+                pre_model=pre.SerializeToString() if pre is not None else None,
+                post_model=post.SerializeToString() if post is not None else None,
+            ))
+            self.pre_models.append(pre)
+            self.post_models.append(post)
+        capacity = WEIGHTS_PER_CHIP * self.num_chips
+        if total_weights > capacity:
+            raise CompilerError(
+                f"the model(s) need {total_weights / 1e6:.2f}M weight parameters but "
+                f"{self.num_chips} MX3 chip(s) hold {capacity / 1e6:.2f}M "
+                f"({WEIGHTS_PER_CHIP / 1e6:.1f}M 8-bit weights per chip); raise num_chips"
+            )
+        dfp = Dfp.build(infos, num_chips=self.num_chips, compiler_version=__version__)
+        if self.dfp_fname is not None:
+            self._write(dfp)
+        return dfp
+
+    def _crop(self, model: onnx.ModelProto, idx: int, what: str
+              ) -> tuple[onnx.ModelProto, onnx.ModelProto | None, onnx.ModelProto | None]:
+        orig_in = [i.name for i in _graph_inputs(model)]
+        orig_out = [o.name for o in model.graph.output]
+        crop_in, crop_out = self._inputs[idx], self._outputs[idx]
+        if self.autocrop and crop_in is None and crop_out is None:
+            crop_in, crop_out = _autocrop(model)
+        crop_in = crop_in or orig_in
+        crop_out = crop_out or orig_out
+        if crop_in == orig_in and crop_out == orig_out:
+            return model, None, None
+        tensors = set(orig_in) | {o for n in model.graph.node for o in n.output}
+        for name in (*crop_in, *crop_out):
+            if name not in tensors:
+                raise CompilerError(f"{what}: crop point {name!r} is not a tensor of the model")
+        core = _extract(model, crop_in, crop_out, f"{what} accelerated part")
+        pre = None if crop_in == orig_in else _extract(model, orig_in, crop_in,
+                                                       f"{what} pre-processing")
+        post = None if crop_out == orig_out else _extract(model, crop_out, orig_out,
+                                                          f"{what} post-processing")
+        _fix_batch(core, what)
+        self._info("%s: cropped at inputs=%s outputs=%s", what, crop_in, crop_out)
+        return core, pre, post
+
+    def _write(self, dfp: Dfp) -> None:
+        assert self.dfp_fname is not None
+        dfp.write(self.dfp_fname)
+        stem = self.dfp_fname.with_suffix("")
+        many = len(self.pre_models) > 1
+        for idx, (pre, post) in enumerate(zip(self.pre_models, self.post_models, strict=True)):
+            tag = f"_model{idx}" if many else ""
+            for kind, part in (("pre", pre), ("post", post)):
+                if part is not None:
+                    path = Path(f"{stem}{tag}_{kind}.onnx")
+                    onnx.save(part, str(path))
+                    self._info("wrote %s", path)
+        self._info("wrote %s", self.dfp_fname)
