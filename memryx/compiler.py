@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ._exceptions import CompilerError
+from ._exceptions import CompilerError, DfpError
 from ._version import __version__
-from .dfp import PORT_DTYPES, Dfp, ModelInfo, PortInfo
+from .dfp import MAX_CHIPS, PORT_DTYPES, Dfp, ModelInfo, PortInfo
 
 __all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
 
@@ -33,7 +33,6 @@ log = logging.getLogger("memryx.compiler")
 
 #: 8-bit weight parameters one MX3 chip holds (MX3 datasheet: 10.5 MB weight memory).
 WEIGHTS_PER_CHIP: Final = 10_500_000
-MAX_CHIPS: Final = 16
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 CropSpec = str | Sequence[str] | None
@@ -139,6 +138,8 @@ def _autocrop(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
             dynamic = [i for i in node.input if i and i not in consts]
             if node.op_type not in _PRE_OPS or dynamic != [name] or len(node.output) != 1:
                 break
+            if node.output[0] in outputs:
+                break  # keep the last op for the accelerator: never crop the whole graph
             name = node.output[0]
         starts.append(name)
 
@@ -163,14 +164,19 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], what
     except Exception as exc:
         raise CompilerError(f"{what}: cannot cut the graph at inputs={inputs} "
                             f"outputs={outputs} ({exc})") from exc
-    got = [i.name for i in _graph_inputs(sub)]
-    missing = [n for n in got if n not in inputs]
+    # The Extractor declares every requested input whether or not the cut needs it and
+    # silently drops tensors the cut needs but was not given: check the nodes instead.
+    known = {i.name for i in sub.graph.input} | {i.name for i in sub.graph.initializer}
+    known.update(o for n in sub.graph.node for o in n.output)
+    missing = list(dict.fromkeys(i for n in sub.graph.node for i in n.input
+                                 if i and i not in known))
     if missing:
         raise CompilerError(
             f"{what}: the part between inputs={inputs} and outputs={outputs} also needs "
             f"tensor(s) {missing}; add them to the crop points"
         )
-    unused = [n for n in inputs if n not in got]
+    used = {i for n in sub.graph.node for i in n.input} | {o.name for o in sub.graph.output}
+    unused = [n for n in inputs if n not in used]
     if unused:
         raise CompilerError(f"{what}: crop input(s) {unused} do not feed outputs={outputs}")
     return sub
@@ -347,7 +353,10 @@ class NeuralCompiler:
                 f"{self.num_chips} MX3 chip(s) hold {capacity / 1e6:.2f}M "
                 f"({WEIGHTS_PER_CHIP / 1e6:.1f}M 8-bit weights per chip); raise num_chips"
             )
-        dfp = Dfp.build(infos, num_chips=self.num_chips, compiler_version=__version__)
+        try:
+            dfp = Dfp.build(infos, num_chips=self.num_chips, compiler_version=__version__)
+        except DfpError as exc:  # e.g. a rank > 8 port or a 2000-character tensor name
+            raise CompilerError(f"the model(s) do not fit the DFP format: {exc}") from exc
         if self.dfp_fname is not None:
             self._write(dfp)
         return dfp

@@ -51,6 +51,9 @@ MAX_PORTS: Final = 1024
 MAX_RANK: Final = 8
 MAX_DIM: Final = 1 << 31
 MAX_NAME: Final = 1024
+#: Chips one DFP may target (the MX3 datasheet: up to 16 chips on one board).
+MAX_CHIPS: Final = 16
+MAX_PERF_DEPTH: Final = 32
 
 #: dtypes a port may carry, by numpy name.
 PORT_DTYPES: Final = frozenset(
@@ -128,6 +131,16 @@ def _check_int(value: Any, what: str, lo: int, hi: int) -> int:
     return value
 
 
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (``1`` for a scalar)."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [c for v in level if isinstance(v, (dict, list))
+                 for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
 def _parse_port(raw: Any, model_idx: int, what: str) -> PortInfo:
     if not isinstance(raw, dict):
         raise _fail(f"{what}: expected an object, got {type(raw).__name__}")
@@ -138,7 +151,8 @@ def _parse_port(raw: Any, model_idx: int, what: str) -> PortInfo:
         raise _fail(f"{what}.shape: expected a list of at most {MAX_RANK} dimensions")
     shape = tuple(_check_int(d, f"{what}.shape", 1, MAX_DIM) for d in shape_raw)
     dtype_name = raw.get("dtype")
-    if dtype_name not in PORT_DTYPES:
+    # isinstance first: ``[] in PORT_DTYPES`` raises TypeError (unhashable), not DfpError.
+    if not isinstance(dtype_name, str) or dtype_name not in PORT_DTYPES:
         raise _fail(f"{what}.dtype: unsupported dtype {dtype_name!r:.40}")
     return PortInfo(port, model_idx, layer, shape, np.dtype(str(dtype_name)))
 
@@ -293,6 +307,8 @@ def _read_bounded(path: Path) -> bytes:
         raise FileNotFoundError(f"DFP file not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"DFP path is a directory, not a file: {path}")
+    if not path.is_file():
+        raise DfpError(f"{path} is not a regular file (a device, FIFO or socket cannot be a DFP)")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise DfpError(f"{path}: {size} bytes is larger than the {MAX_FILE_BYTES} a DFP may be")
@@ -304,6 +320,8 @@ def _read_bounded(path: Path) -> bytes:
 
 
 def _decode(data: bytes) -> Dfp:
+    if not data:
+        raise DfpError("truncated DFP: empty (0 bytes)")
     if len(data) < _FIXED:
         if data and not MAGIC.startswith(data[: len(MAGIC)]):
             raise DfpError(f"not a DFP: starts with {data[:8]!r}, expected {MAGIC!r}")
@@ -361,7 +379,7 @@ def _decode(data: bytes) -> Dfp:
     if pos != len(payload):
         raise DfpError(f"corrupted DFP: {len(payload) - pos} unexpected trailing bytes")
 
-    num_chips = _check_int(header.get("num_chips"), "num_chips", 1, 64)
+    num_chips = _check_int(header.get("num_chips"), "num_chips", 1, MAX_CHIPS)
     compiler_version = header.get("compiler_version")
     if not isinstance(compiler_version, str) or len(compiler_version) > MAX_NAME:
         raise DfpError("corrupted DFP: compiler_version is not a string")
@@ -402,6 +420,9 @@ def _decode(data: bytes) -> Dfp:
         perf = raw.get("perf")
         if perf is not None and not isinstance(perf, dict):
             raise DfpError(f"corrupted DFP: model {mi} perf is not an object")
+        # A perf nested almost to the recursion limit loads, then cannot be written back.
+        if perf is not None and _json_depth(perf) > MAX_PERF_DEPTH:
+            raise DfpError(f"corrupted DFP: model {mi} perf nests deeper than {MAX_PERF_DEPTH}")
         graph = take(raw.get("graph"), f"model {mi} graph", True)
         assert graph is not None
         models.append(ModelInfo(
