@@ -37,6 +37,9 @@ __all__ = [
     "yolov7_tiny",
     "model_bytes",
     "count_parameters",
+    "COLOR_LABELS",
+    "color_classifier",
+    "synthetic_frame",
 ]
 
 #: Default-domain opset version of every generated model.
@@ -436,3 +439,91 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
 def count_parameters(model: onnx.ModelProto) -> int:
     """Return the total number of elements over all initializers of ``model``."""
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+
+
+#: Class names of :func:`color_classifier`, by class index.
+COLOR_LABELS: tuple[str, str, str] = ("red", "green", "blue")
+
+#: Scale of the colour-evidence convolution: sets how confident the softmax is.
+_COLOR_GAIN = 8.0
+
+
+def color_classifier(input_size: int = 64) -> onnx.ModelProto:
+    """Return a tiny CNN with hand-set weights that classifies a frame's dominant colour.
+
+    Unlike the other builders the weights are not random: the model really
+    works, so examples and tests can check predictions against known labels
+    (see :func:`synthetic_frame` and :data:`COLOR_LABELS`).
+
+    Graph: input "frame", NHWC ``[1, S, S, 3]`` uint8 (a camera frame) ->
+    Cast(float) -> Div(255) -> Transpose(0, 3, 1, 2) giving the internal NCHW
+    tensor "image" -> a 1x1 Conv whose output channel ``c`` computes the
+    evidence ``8 * (x_c - mean of the other two channels)`` per pixel -> Relu ->
+    GlobalAveragePool giving "pooled" ``[1, 3, 1, 1]`` -> Flatten giving
+    "logits" ``[1, 3]`` -> Softmax giving the graph output "probs" ``[1, 3]``
+    (classes red, green, blue, as in :data:`COLOR_LABELS`).
+
+    ``NeuralCompiler(model, autocrop=True)`` crops the leading
+    Cast/Div/Transpose into a pre-processing model ("frame" -> "image") and the
+    trailing Flatten/Softmax into a post-processing model ("pooled" -> "probs");
+    the accelerated part is then "image" ``[1, 3, S, S]`` float32 -> "pooled".
+    """
+    _check_positive(input_size=input_size)
+    s = input_size
+    g = _Graph()
+    x = g.op("Cast", ["frame"], to=_FLOAT)
+    x = g.op("Div", [x, g.const("scale", np.float32(255.0))])
+    g.op("Transpose", [x], "image", perm=[0, 3, 1, 2])
+    # Output channel c: +1 for colour channel c, -1/2 for each of the other two.
+    w = np.full((3, 3, 1, 1), -0.5, dtype=np.float32)
+    for c in range(3):
+        w[c, c, 0, 0] = 1.0
+    w *= np.float32(_COLOR_GAIN)
+    evidence = g.op(
+        "Conv",
+        ["image", g.const("color_w", w), g.const("color_b", np.zeros(3, np.float32))],
+        kernel_shape=[1, 1],
+    )
+    g.op("GlobalAveragePool", [g.op("Relu", [evidence])], "pooled")
+    g.op("Flatten", ["pooled"], "logits", axis=1)
+    g.op("Softmax", ["logits"], "probs", axis=-1)
+    return g.model(
+        "color_classifier",
+        [_value_info("frame", onnx.TensorProto.UINT8, [1, s, s, 3])],
+        [_value_info("probs", _FLOAT, [1, 3])],
+        [
+            _value_info("image", _FLOAT, [1, 3, s, s]),
+            _value_info("pooled", _FLOAT, [1, 3, 1, 1]),
+            _value_info("logits", _FLOAT, [1, 3]),
+        ],
+    )
+
+
+def synthetic_frame(label: int, size: int = 64, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """Return a noisy camera-like frame, NHWC ``[size, size, 3]`` uint8 (no batch
+    dimension), whose dominant colour is ``COLOR_LABELS[label]``.
+
+    The frame has a random base colour in which channel ``label`` is clearly the
+    strongest, a random brightness gradient, a darker blob and per-pixel
+    Gaussian noise, all drawn from ``numpy.random.default_rng(seed)``.
+    """
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or \
+            not 0 <= label < len(COLOR_LABELS):
+        raise ValueError(f"label must be an int in 0..{len(COLOR_LABELS) - 1}, got {label!r}")
+    _check_positive(size=size)
+    rng = np.random.default_rng(seed)
+    dominant = rng.uniform(150.0, 230.0)
+    base = rng.uniform(10.0, dominant - 90.0, size=3)
+    base[int(label)] = dominant
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / np.float32(max(size - 1, 1))
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    ramp = np.cos(angle) * xx + np.sin(angle) * yy
+    gain = 0.8 + 0.3 * (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    cy, cx = rng.uniform(0.2, 0.8, size=2)
+    radius = rng.uniform(0.1, 0.25)
+    blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < radius**2
+    gain = np.where(blob, gain * 0.6, gain)
+    img = base[None, None, :] * gain[:, :, None]
+    img = img + rng.normal(0.0, 20.0, size=(size, size, 3))
+    frame: npt.NDArray[np.uint8] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return frame
