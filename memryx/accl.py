@@ -51,6 +51,7 @@ from ._exceptions import (
     ClosedError,
     LoopBlockingError,
     ModelIndexError,
+    NotConnectedError,
     ShapeError,
     UsageError,
 )
@@ -156,7 +157,8 @@ class _Accelerator:
         if self._state is _State.CLOSED:
             raise ClosedError(f"this {type(self).__name__} is closed; create a new one")
 
-    def _blocking(self, what: str, twin: str, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    def _blocking(self, what: str, twin: str, fn: Callable[..., Coroutine[Any, Any, T]],
+                  *args: Any) -> T:
         """Run core coroutine ``fn`` for a sync caller, blocking only that caller."""
         self._check_open()
         if self._state is _State.ASYNC:
@@ -165,12 +167,20 @@ class _Accelerator:
                 raise LoopBlockingError(
                     f"{what} blocks, and was called on the event loop this accelerator runs "
                     f"on; use `{twin}` instead")
-            return call_in_loop(self._loop, fn, *args)
+            try:
+                return call_in_loop(self._loop, fn, *args)
+            except BaseException as exc:
+                self._engine.reported(exc)
+                raise
         check_not_on_loop(what, twin)
         if self._state is _State.NEW:
             self._start_sync()
         assert self._runner is not None
-        return self._runner.call(fn, *args)
+        try:
+            return self._runner.call(fn, *args)
+        except BaseException as exc:
+            self._engine.reported(exc)
+            raise
 
     def _apply(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a quick core method on the core's loop thread."""
@@ -185,19 +195,29 @@ class _Accelerator:
         async def on_loop() -> T:
             return fn(*args)
 
-        return self._blocking("this call", "the async API", on_loop)
+        if self._state is _State.ASYNC:
+            assert self._loop is not None
+            return call_in_loop(self._loop, on_loop)
+        if self._state is _State.NEW:
+            self._start_sync()
+        assert self._runner is not None
+        return self._runner.call(on_loop)  # quick: fine even from a coroutine
 
     async def _acall(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run core coroutine ``fn`` for an async caller without blocking its loop."""
         self._check_open()
         if self._state is _State.NEW:
             await self._bind()
-        if self._state is _State.ASYNC:
-            if self._loop is not asyncio.get_running_loop():
-                raise UsageError(f"this {type(self).__name__} is bound to another event loop")
-            return await fn(*args)
-        assert self._runner is not None
-        return await await_future(self._runner.start(fn, *args))
+        try:
+            if self._state is _State.ASYNC:
+                if self._loop is not asyncio.get_running_loop():
+                    raise UsageError(f"this {type(self).__name__} is bound to another event loop")
+                return await fn(*args)
+            assert self._runner is not None
+            return await await_future(self._runner.start(fn, *args))
+        except BaseException as exc:
+            self._engine.reported(exc)
+            raise
 
     def close(self) -> None:
         """Stop every model and release every thread; re-raise a callback error nobody saw.
@@ -254,7 +274,8 @@ class _Accelerator:
         try:
             self.close()
         except Exception as late:
-            exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            if late is not exc:
+                exc.add_note(f"while stopping the accelerator, another error: {late!r}")
 
     async def __aenter__(self) -> Any:
         self._check_open()
@@ -269,7 +290,8 @@ class _Accelerator:
         try:
             await self.aclose()
         except Exception as late:
-            exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            if late is not exc:
+                exc.add_note(f"while stopping the accelerator, another error: {late!r}")
 
     def __del__(self) -> None:
         state = getattr(self, "_state", _State.CLOSED)
@@ -388,7 +410,7 @@ class _Accelerator:
         try:
             self._blocking("wait()", "await accl.await_done()", self._engine.wait_done)
         except BaseException as exc:
-            if isinstance(exc, UsageError) and not isinstance(exc, ClosedError):
+            if isinstance(exc, NotConnectedError):  # nothing ran yet: connect and wait again
                 raise
             try:
                 self.close()
@@ -403,7 +425,7 @@ class _Accelerator:
         try:
             await self._acall(self._engine.wait_done)
         except BaseException as exc:
-            if isinstance(exc, UsageError) and not isinstance(exc, ClosedError):
+            if isinstance(exc, NotConnectedError):  # nothing ran yet: connect and wait again
                 raise
             try:
                 await self.aclose()
@@ -427,7 +449,7 @@ def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: s
     if arr.shape == shape or (shape and shape[0] == 1 and arr.shape == shape[1:]):
         return
     frame = shape[1:] if shape and shape[0] == 1 else shape
-    if arr.ndim == len(frame) + 1 and arr.shape[1:] == frame and arr.shape[0] > 1:
+    if arr.ndim > 0 and arr.shape[0] > 1 and arr.shape[1:] in (shape, frame):
         raise ShapeError(
             f"model {model_idx}, input layer {layer!r}: got a stacked batch of {arr.shape[0]} "
             f"frames {arr.shape}; stacking frames into one array is not supported, pass a "
@@ -586,13 +608,13 @@ class SyncAccl(_Accelerator):
     async def _send(self, data: Any, model_idx: int, seconds: float | None) -> None:
         sink = self._receiver(model_idx)
         with _timeout(seconds, f"send() to model {model_idx}: no space in the input buffer"):
-            await self._engine.send(model_idx, data, sink)
+            await self._engine.send(model_idx, data, sink, nowait=seconds == 0)
 
     async def _receive(self, model_idx: int, seconds: float | None) -> Outputs:
         sink = self._receiver(model_idx)
-        self._engine.lane(model_idx)
+        self._engine.lane(model_idx).sinks.add(sink)
         with _timeout(seconds, f"receive() from model {model_idx}: no output available"):
-            outputs = await sink.receive()
+            outputs = await sink.receive(nowait=seconds == 0)
         return self._shape_outputs([outputs], True)  # type: ignore[no-any-return]
 
     def run(self, inputs: Any, model_idx: int = 0) -> Any:
@@ -613,10 +635,17 @@ class SyncAccl(_Accelerator):
 
 @contextlib.contextmanager
 def _timeout(seconds: float | None, message: str) -> Any:
+    """Bound a wait; a zero timeout means "only if it can be done at once"."""
     if seconds is None:
         yield
         return
     try:
+        if seconds == 0:
+            try:
+                yield
+            except anyio.WouldBlock:
+                raise TimeoutError from None
+            return
         with anyio.fail_after(seconds):
             yield
     except TimeoutError:

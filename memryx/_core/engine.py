@@ -36,6 +36,7 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Iterable,
+    Iterator,
     Sequence,
 )
 from contextlib import aclosing
@@ -119,7 +120,8 @@ class ChannelSink:
         self.error: BaseException | None = None
 
     async def deliver(self, key: int, outputs: Frame) -> None:
-        await self.send_end.send(outputs)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self.send_end.send(outputs)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -130,10 +132,13 @@ class ChannelSink:
         self.send_end.close()
         self.receive_end.close()
 
-    async def receive(self) -> Frame:
+    async def receive(self, *, nowait: bool = False) -> Frame:
+        """The next output; ``nowait`` raises ``anyio.WouldBlock`` when there is none."""
         try:
+            if nowait:
+                return self.receive_end.receive_nowait()
             return await self.receive_end.receive()
-        except anyio.EndOfStream:
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise (self.error or ClosedError("the accelerator is closed")) from None
 
 
@@ -154,7 +159,9 @@ class StreamSink:
         self.error: BaseException | None = None
 
     async def deliver(self, key: int, outputs: Frame) -> None:
-        self.send_end.send_nowait(outputs)
+        # the consumer may have left early: late outputs are dropped
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.send_end.send_nowait(outputs)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -320,6 +327,7 @@ class Engine:
         self.lanes: list[Lane] = []
         self.errors: list[BaseException] = []
         self.fatal: BaseException | None = None
+        self._reported: list[BaseException] = []
         self.closed = False
         self.started_at = 0.0
         self._changed = anyio.Event()
@@ -479,12 +487,19 @@ class Engine:
             await self._changed.wait()
         self.raise_errors()
 
+    def reported(self, exc: BaseException) -> BaseException:
+        """Note that ``exc`` reached a caller, so it is not raised again elsewhere."""
+        self._reported.append(exc)
+        return exc
+
     def raise_errors(self) -> None:
-        """Re-raise the first failure, once (later ones ride along as notes)."""
+        """Re-raise the first failure nobody has seen yet, once (later ones as notes)."""
         errors = ([self.fatal] if self.fatal is not None else []) + self.errors
+        errors = [e for e in errors if not any(e is r for r in self._reported)]
         self.errors = []
         if not errors:
             return
+        self._reported.extend(errors)
         first = errors[0]
         for other in errors[1:]:
             first.add_note(f"also failed: {other!r}")
@@ -511,7 +526,8 @@ class Engine:
             for i, data in enumerate(frames):
                 frame = await lane.aprepare(data)
                 self.check_open()
-                await lane.in_send.send(((sink, i), frame))
+                with self.closed_as_error():
+                    await lane.in_send.send(((sink, i), frame))
                 lane.frames_in += 1
             return await sink.wait()
         finally:
@@ -536,7 +552,8 @@ class Engine:
                     await sink.slots.acquire()
                     frame = await lane.aprepare(data)
                     self.check_open()
-                    await lane.in_send.send(((sink, submitted), frame))
+                    with self.closed_as_error():
+                        await lane.in_send.send(((sink, submitted), frame))
                     lane.frames_in += 1
                     submitted += 1
             except Exception as exc:
@@ -568,12 +585,26 @@ class Engine:
             lane.sinks.discard(sink)
             sink.close()
 
-    async def send(self, model_idx: int, data: Any, sink: ChannelSink) -> None:
+    async def send(self, model_idx: int, data: Any, sink: ChannelSink, *, nowait: bool = False
+                   ) -> None:
+        """Queue one frame whose outputs go to ``sink`` (``nowait``: or raise WouldBlock)."""
         lane = self.request_lane(model_idx)
         frame = await lane.aprepare(data)
         lane.sinks.add(sink)
-        await lane.in_send.send(((sink, 0), frame))
+        with self.closed_as_error():
+            if nowait:
+                lane.in_send.send_nowait(((sink, 0), frame))
+            else:
+                await lane.in_send.send(((sink, 0), frame))
         lane.frames_in += 1
+
+    @contextlib.contextmanager
+    def closed_as_error(self) -> Iterator[None]:
+        """A lane channel closed under a submitter means the accelerator was closed."""
+        try:
+            yield
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise (self.fatal or ClosedError("the accelerator was closed")) from None
 
     # -- statistics ---------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

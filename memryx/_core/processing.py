@@ -94,10 +94,11 @@ class CallableProcessor(Processor):
 
     def __call__(self, arrays: list[Array]) -> list[Array]:
         result = self._fn(*arrays)
-        if isinstance(result, np.ndarray):
-            return [result]
-        if isinstance(result, (list, tuple)) and all(isinstance(r, np.ndarray) for r in result):
-            return list(result)
+        if isinstance(result, (np.ndarray, np.generic)):
+            return [np.asarray(result)]
+        if isinstance(result, (list, tuple)) and all(
+                isinstance(r, (np.ndarray, np.generic)) for r in result):
+            return [np.asarray(r) for r in result]
         raise TypeError(
             f"{self._role} callable {getattr(self._fn, '__qualname__', self._fn)!r} must return "
             f"a numpy.ndarray or a sequence of them, got {type(result).__name__}"

@@ -111,11 +111,13 @@ class Runner:
 
     def close(self) -> None:
         """Stop the loop (cancelling what still runs on it) and join the thread."""
-        cm, self._cm, self._portal = self._cm, None, None
-        if cm is None:
+        cm, portal = self._cm, self._portal
+        self._cm = self._portal = None
+        if cm is None or portal is None:
             return
         if threading.current_thread().name == self.name:  # pragma: no cover - misuse guard
             raise RuntimeError("a runner cannot close itself from its own thread")
+        portal.call(portal.stop, True)  # cancel calls still waiting (e.g. a blocked receive)
         cm.__exit__(None, None, None)
         log.debug("runner %s stopped", self.name)
 

@@ -1,0 +1,150 @@
+"""Shared test setup.
+
+* Every async test runs twice: on the default asyncio loop and on uvloop
+  (pytest-asyncio's loop-factory hook).
+* A task error that reaches a loop's exception handler fails the test.
+* Threads and file descriptors must be back to their baseline after each test.
+* Compiled DFPs of the test models are built once per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+import memryx as mx
+from memryx import testing
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+_loop_errors: list[dict[str, Any]] = []
+
+
+def _recording(factory: Callable[[], asyncio.AbstractEventLoop]
+               ) -> Callable[[], asyncio.AbstractEventLoop]:
+    def make() -> asyncio.AbstractEventLoop:
+        loop = factory()
+        loop.set_exception_handler(lambda _loop, ctx: _loop_errors.append(ctx))
+        return loop
+
+    return make
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any
+                                  ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories = {"asyncio": _recording(asyncio.new_event_loop)}
+    if uvloop is not None:
+        factories["uvloop"] = _recording(uvloop.new_event_loop)
+    return factories
+
+
+def _fds() -> set[int]:
+    try:
+        return {int(x) for x in os.listdir("/proc/self/fd")}
+    except FileNotFoundError:  # pragma: no cover - not Linux
+        return set()
+
+
+def _settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_up() -> None:
+    """Let once-per-process resources (uvloop's global pipe, onnxruntime's
+    environment) come into being before the per-test leak checks start."""
+    dfp = mx.NeuralCompiler(models=testing.identity_model((1, 4))).run()
+    with mx.SyncAccl(dfp) as accl:
+        accl.run(np.zeros((1, 4), np.float32))
+    for factory in pytest_asyncio_loop_factories(None, None).values():
+        loop = factory()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(_warm_up: None) -> Iterator[None]:
+    """Fail a test that leaves threads, fds or loop-handler errors behind."""
+    threads_before = set(threading.enumerate())
+    fds_before = _fds()
+    _loop_errors.clear()
+    yield
+    assert not _loop_errors, f"errors reached the loop's exception handler: {_loop_errors}"
+
+    def no_new_threads() -> bool:
+        return not [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+
+    assert _settle(no_new_threads), (
+        f"threads left behind: {[t.name for t in threading.enumerate() if t not in threads_before]}"
+    )
+    assert _settle(lambda: not (_fds() - fds_before)), f"fds left open: {_fds() - fds_before}"
+
+
+# -- compiled models ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mobilenet() -> Any:
+    return testing.mobilenet_like()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_dfp(mobilenet: Any) -> mx.Dfp:
+    return mx.NeuralCompiler(models=mobilenet).run()
+
+
+@pytest.fixture(scope="session")
+def mlp_dfp() -> mx.Dfp:
+    return mx.NeuralCompiler(models=testing.mlp_model()).run()
+
+
+@pytest.fixture(scope="session")
+def add_dfp() -> mx.Dfp:
+    """A two-input model."""
+    return mx.NeuralCompiler(models=testing.add_model()).run()
+
+
+@pytest.fixture(scope="session")
+def split_dfp() -> mx.Dfp:
+    """A two-output model."""
+    return mx.NeuralCompiler(models=testing.split_model()).run()
+
+
+@pytest.fixture(scope="session")
+def three_model_dfp() -> mx.Dfp:
+    """mlp (1 in / 1 out), add (2 in), split (2 out), as models 0, 1, 2."""
+    return mx.NeuralCompiler(
+        models=[testing.mlp_model(), testing.add_model(), testing.split_model()]).run()
+
+
+@pytest.fixture(scope="session")
+def identity_dfp() -> mx.Dfp:
+    return mx.NeuralCompiler(models=testing.identity_model((1, 4))).run()
+
+
+def reference(model: Any, *arrays: np.ndarray) -> list[np.ndarray]:
+    """What onnxruntime itself computes for ``model`` on one frame."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return [np.asarray(o) for o in sess.run(None, dict(zip(names, arrays, strict=True)))]
+
+
+def frames(n: int, shape: tuple[int, ...], seed: int = 0, dtype: Any = np.float32
+           ) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(n)]
