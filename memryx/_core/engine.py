@@ -152,9 +152,9 @@ class StreamSink:
 
     def __init__(self, window: int) -> None:
         self.slots = anyio.Semaphore(window)
-        # window outputs plus the producer's end-of-input marker
-        self.send_end: SendEnd[Frame | BaseException | None]
-        self.receive_end: ReceiveEnd[Frame | BaseException | None]
+        # window outputs plus the producer's end-of-input marker (None)
+        self.send_end: SendEnd[Frame | None]
+        self.receive_end: ReceiveEnd[Frame | None]
         self.send_end, self.receive_end = open_channel(window + 1)
         self.error: BaseException | None = None
 
@@ -541,9 +541,10 @@ class Engine:
         sink = StreamSink(window)
         lane.sinks.add(sink)
         submitted = 0
+        bad_input: Exception | None = None
 
         async def produce() -> None:
-            nonlocal submitted
+            nonlocal submitted, bad_input
             try:
                 source: AsyncIterator[Any] = (aiter(frames) if isinstance(frames, AsyncIterable)
                                               else _aiter_sync(frames))
@@ -557,9 +558,8 @@ class Engine:
                     lane.frames_in += 1
                     submitted += 1
             except Exception as exc:
-                sink.send_end.send_nowait(exc)
-            else:
-                sink.send_end.send_nowait(None)
+                bad_input = exc  # raised after the outputs of the frames before it
+            sink.send_end.send_nowait(None)
 
         producer = asyncio.get_running_loop().create_task(produce(), name="memryx-astream")
         received = 0
@@ -572,12 +572,12 @@ class Engine:
                     raise (sink.error or ClosedError("the accelerator is closed")) from None
                 if item is None:
                     producer_done = True
-                elif isinstance(item, BaseException):
-                    raise item
                 else:
                     received += 1
                     sink.slots.release()
                     yield item
+            if bad_input is not None:
+                raise bad_input
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

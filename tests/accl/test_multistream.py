@@ -1,0 +1,228 @@
+"""MultiStreamAsyncAccl: many streams on one model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+import memryx as mx
+from memryx import testing
+from tests.conftest import frames, reference
+
+
+class Cameras:
+    """``count`` streams of ``n`` frames each; frame value encodes (stream, index)."""
+
+    def __init__(self, count: int, n: int) -> None:
+        self.n = n
+        self.next = [0] * count
+        self.outputs: dict[int, list[int]] = defaultdict(list)
+        self.active: dict[int, int] = defaultdict(int)
+        self.overlap = False
+        self.lock = threading.Lock()
+
+    def source(self, stream_idx: int):
+        with self.lock:
+            self.active[stream_idx] += 1
+            self.overlap |= self.active[stream_idx] > 1
+        try:
+            i = self.next[stream_idx]
+            if i == self.n:
+                return None
+            self.next[stream_idx] += 1
+            time.sleep(0.0005 * (stream_idx % 3))  # streams of different speeds
+            return np.full((1, 4), stream_idx * 100_000 + i, np.float32)
+        finally:
+            with self.lock:
+                self.active[stream_idx] -= 1
+
+    def sink(self, stream_idx: int, y: np.ndarray) -> None:
+        self.outputs[stream_idx].append(int(y[0, 0]))
+
+
+def test_each_stream_in_order_none_lost(identity_dfp):
+    cams = Cameras(8, 250)
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(cams.source, cams.sink, 8)
+    accl.wait()
+    assert sorted(cams.outputs) == list(range(8))
+    for s in range(8):
+        assert cams.outputs[s] == [s * 100_000 + i for i in range(250)]
+    assert not cams.overlap
+
+
+def test_outputs_equal_onnxruntime_per_stream(mobilenet, mobilenet_dfp):
+    data = {s: frames(6, (3, 64, 64), seed=s) for s in range(3)}
+    pos = [0, 0, 0]
+    got = defaultdict(list)
+
+    def source(s):
+        if pos[s] == 6:
+            return None
+        pos[s] += 1
+        return data[s][pos[s] - 1]
+
+    accl = mx.MultiStreamAsyncAccl(mobilenet_dfp, stream_workers=2)
+    accl.connect_streams(source, lambda s, p: got[s].append(p), 3)
+    accl.wait()
+    for s in range(3):
+        for x, y in zip(data[s], got[s], strict=True):
+            np.testing.assert_allclose(y, reference(mobilenet, x[None])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_streams_are_served_round_robin(identity_dfp):
+    order = []
+    count = [0] * 4
+
+    def source(s):
+        if count[s] == 50:
+            return None
+        count[s] += 1
+        return np.full((1, 4), s, np.float32)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, lambda s, y: order.append(s), 4)
+    accl.wait()
+    # while all four are running, no stream gets more than a few frames ahead of another
+    seen = [0] * 4
+    for s in order[: 4 * 40]:
+        seen[s] += 1
+        assert max(seen) - min(seen) <= 6
+
+
+def test_each_stream_ends_on_its_own_none(identity_dfp):
+    lengths = [0, 3, 10, 1]
+    cams = Cameras(4, 0)
+    sent = [0] * 4
+
+    def source(s):
+        if sent[s] == lengths[s]:
+            return None
+        sent[s] += 1
+        return np.full((1, 4), s, np.float32)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, cams.sink, 4)
+    accl.wait()
+    assert [len(cams.outputs[s]) for s in range(4)] == lengths
+
+
+def test_multi_output_model_streams(split_dfp):
+    got = defaultdict(list)
+    sent = [0, 0]
+
+    def source(s):
+        if sent[s] == 5:
+            return None
+        sent[s] += 1
+        return np.full((1, 8), s + 1, np.float32)
+
+    accl = mx.MultiStreamAsyncAccl(split_dfp)
+    accl.connect_streams(source, lambda s, double, neg: got[s].append((double, neg)), 2)
+    accl.wait()
+    for s in range(2):
+        assert len(got[s]) == 5
+        assert all(d[0, 0] == 2 * (s + 1) and n[0, 0] == -(s + 1) for d, n in got[s])
+
+
+def test_a_failing_stream_is_reported_and_the_others_finish(identity_dfp):
+    cams = Cameras(3, 20)
+
+    def source(s):
+        if s == 1 and cams.next[1] == 5:
+            raise ConnectionError("camera 1 lost")
+        return cams.source(s)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, cams.sink, 3)
+    with pytest.raises(ConnectionError, match="camera 1 lost") as info:
+        accl.wait()
+    assert any("stream 1" in n for n in info.value.__notes__)
+    assert len(cams.outputs[0]) == 20
+    assert len(cams.outputs[2]) == 20
+    assert len(cams.outputs[1]) == 5
+
+
+def test_bad_arguments(identity_dfp, three_model_dfp):
+    with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
+        with pytest.raises(ValueError, match="stream_count must be a positive int, got 0"):
+            accl.connect_streams(lambda s: None, lambda s, y: None, 0)
+        with pytest.raises(mx.CallbackSignatureError, match="1 positional argument"):
+            accl.connect_streams(lambda: None, lambda s, y: None, 2)
+        with pytest.raises(mx.CallbackSignatureError, match="2 positional arguments"):
+            accl.connect_streams(lambda s: None, lambda y: None, 2)
+        with pytest.raises(mx.ModelIndexError, match="model_idx 2 out of range"):
+            accl.connect_streams(lambda s: None, lambda s, y: None, 2, model_idx=2)
+    with pytest.raises(ValueError, match="stream_workers"):
+        mx.MultiStreamAsyncAccl(identity_dfp, stream_workers=0)
+    with mx.MultiStreamAsyncAccl(three_model_dfp) as accl:
+        accl.connect_streams(lambda s: None, lambda s, y: None, 2, model_idx=0)
+        with pytest.raises(mx.NotConnectedError, match="model 1 input, model 1 output"):
+            accl.wait()
+
+
+def test_several_models_each_with_streams(three_model_dfp):
+    got = defaultdict(list)
+    counts = defaultdict(int)
+    shapes = {0: [(1, 16)], 1: [(1, 8), (1, 8)], 2: [(1, 8)]}
+
+    def source_for(m):
+        def source(s):
+            if counts[m, s] == 10:
+                return None
+            counts[m, s] += 1
+            arrays = [np.full(sh, s, np.float32) for sh in shapes[m]]
+            return arrays if len(arrays) > 1 else arrays[0]
+        return source
+
+    accl = mx.MultiStreamAsyncAccl(three_model_dfp)
+    for m in range(3):
+        accl.connect_streams(source_for(m), lambda s, *o, m=m: got[m, s].append(o), 2 + m,
+                             model_idx=m)
+    accl.wait()
+    for m in range(3):
+        for s in range(2 + m):
+            assert len(got[m, s]) == 10
+
+
+def test_stop_while_streams_block(identity_dfp):
+    release = threading.Event()
+
+    def source(s):
+        if s == 0:
+            release.wait(10)
+            return None
+        return np.zeros((1, 4), np.float32)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, lambda s, y: None, 4)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    accl.stop()
+    assert time.monotonic() - t0 < 1.0
+    release.set()
+
+
+def test_color_classifier_streams_predict_the_truth():
+    nc = mx.NeuralCompiler(models=testing.color_classifier(), autocrop=True)
+    dfp = nc.run()
+    truth = {s: [(s + i) % 3 for i in range(12)] for s in range(3)}
+    pos = [0, 0, 0]
+    got = defaultdict(list)
+
+    def source(s):
+        if pos[s] == 12:
+            return None
+        pos[s] += 1
+        return testing.synthetic_frame(truth[s][pos[s] - 1], seed=pos[s])
+
+    accl = mx.MultiStreamAsyncAccl(dfp)
+    accl.set_preprocessing_model(nc.pre_models[0])
+    accl.set_postprocessing_model(nc.post_models[0])
+    accl.connect_streams(source, lambda s, probs: got[s].append(int(np.argmax(probs))), 3)
+    accl.wait()
+    assert dict(got) == truth
