@@ -26,6 +26,7 @@ from onnx import helper
 from ._exceptions import CompilerError, DfpError
 from ._version import __version__
 from .dfp import MAX_CHIPS, PORT_DTYPES, Dfp, ModelInfo, PortInfo
+from .timing import estimate, layer_costs
 
 __all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
 
@@ -267,6 +268,17 @@ def _ports(model: onnx.ModelProto, what: str, model_idx: int, first_in: int, fir
     return tuple(inputs), tuple(outputs)
 
 
+def _per_model_number(value: Any, count: int, what: str) -> list[float | None]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise CompilerError(f"{what}: expected one value per model ({count}), got {len(values)}")
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                              not v > 0 or v != v or v == float("inf")):
+            raise CompilerError(f"{what}: expected a positive finite number, got {v!r}")
+    return [float(v) if v is not None else None for v in values]
+
+
 class NeuralCompiler:
     """Compile ONNX models into a DFP for the MX3.
 
@@ -281,6 +293,12 @@ class NeuralCompiler:
             for several models, a list with an entry (or None) per model.
         autocrop: crop cheap leading/trailing ops (casts, normalisation,
             transposes / softmax, flatten, ...) to host-side models automatically.
+        fps / latency_ms: override the timing model's estimate (e.g. with figures
+            measured on a real MX3); a number for every model or a list per model.
+
+    Each model's modeled MX3 throughput and latency (:mod:`memryx.timing`) are
+    stored in the DFP (``ModelInfo.perf``); the simulated device paces outputs
+    to them in its default ``"timed"`` mode.
 
     Raises:
         CompilerError: unreadable model, dynamic dimension other than batch,
@@ -290,7 +308,9 @@ class NeuralCompiler:
 
     def __init__(self, models: ModelSource | Sequence[ModelSource], dfp_fname: str |
                  os.PathLike[str] | None = None, num_chips: int = 4, verbose: int = 0,
-                 inputs: Any = None, outputs: Any = None, autocrop: bool = False) -> None:
+                 inputs: Any = None, outputs: Any = None, autocrop: bool = False,
+                 fps: float | Sequence[float | None] | None = None,
+                 latency_ms: float | Sequence[float | None] | None = None) -> None:
         if isinstance(models, (list, tuple)):
             self._sources: list[Any] = list(models)
         else:
@@ -307,6 +327,8 @@ class NeuralCompiler:
         self.autocrop = autocrop
         self._inputs = _per_model(inputs, len(self._sources), "inputs")
         self._outputs = _per_model(outputs, len(self._sources), "outputs")
+        self._fps = _per_model_number(fps, len(self._sources), "fps")
+        self._latency = _per_model_number(latency_ms, len(self._sources), "latency_ms")
         #: After :meth:`run`: the pre-/post-processing model of each model (or None).
         self.pre_models: list[onnx.ModelProto | None] = []
         self.post_models: list[onnx.ModelProto | None] = []
@@ -317,10 +339,8 @@ class NeuralCompiler:
 
     def run(self) -> Dfp:
         """Compile, write ``dfp_fname`` if one was given, and return the DFP."""
-        infos: list[ModelInfo] = []
         self.pre_models, self.post_models = [], []
-        total_weights = 0
-        first_in = first_out = 0
+        parts = []
         for idx, source in enumerate(self._sources):
             model = _load(source, idx)
             name = model.graph.name or f"model{idx}"
@@ -332,20 +352,8 @@ class NeuralCompiler:
             _check_supported(model, what)
             _fix_batch(model, what)
             core, pre, post = self._crop(model, idx, what)
-            weights = count_weights(core)
-            total_weights += weights
-            ins, outs = _ports(core, what, idx, first_in, first_out)
-            first_in += len(ins)
-            first_out += len(outs)
-            self._info("%s: %d inputs, %d outputs, %.2fM weights", what, len(ins), len(outs),
-                       weights / 1e6)
-            infos.append(ModelInfo(
-                index=idx, name=name, inputs=ins, outputs=outs, graph=core.SerializeToString(),
-                pre_model=pre.SerializeToString() if pre is not None else None,
-                post_model=post.SerializeToString() if post is not None else None,
-            ))
-            self.pre_models.append(pre)
-            self.post_models.append(post)
+            parts.append((idx, name, what, core, pre, post, count_weights(core)))
+        total_weights = sum(p[-1] for p in parts)
         capacity = WEIGHTS_PER_CHIP * self.num_chips
         if total_weights > capacity:
             raise CompilerError(
@@ -353,6 +361,27 @@ class NeuralCompiler:
                 f"{self.num_chips} MX3 chip(s) hold {capacity / 1e6:.2f}M "
                 f"({WEIGHTS_PER_CHIP / 1e6:.1f}M 8-bit weights per chip); raise num_chips"
             )
+        costs = [sum(c.macs for c in layer_costs(core)) for _, _, _, core, *_ in parts]
+        infos: list[ModelInfo] = []
+        first_in = first_out = 0
+        for (idx, name, what, core, pre, post, weights), macs in zip(parts, costs, strict=True):
+            ins, outs = _ports(core, what, idx, first_in, first_out)
+            first_in += len(ins)
+            first_out += len(outs)
+            # Models of one DFP share the chips' engines in proportion to their work.
+            share = self.num_chips * (macs / sum(costs) if sum(costs) else 1 / len(parts))
+            perf = estimate(core, share, fps=self._fps[idx], latency_ms=self._latency[idx])
+            self._info("%s: %d inputs, %d outputs, %.2fM weights, %.2f GMAC, modeled %.0f fps "
+                       "(%s-bound), %.2f ms", what, len(ins), len(outs), weights / 1e6,
+                       macs / 1e9, perf.fps, perf.bound, perf.latency_ms)
+            infos.append(ModelInfo(
+                index=idx, name=name, inputs=ins, outputs=outs, graph=core.SerializeToString(),
+                pre_model=pre.SerializeToString() if pre is not None else None,
+                post_model=post.SerializeToString() if post is not None else None,
+                perf=perf.to_json(),
+            ))
+            self.pre_models.append(pre)
+            self.post_models.append(post)
         try:
             dfp = Dfp.build(infos, num_chips=self.num_chips, compiler_version=__version__)
         except DfpError as exc:  # e.g. a rank > 8 port or a 2000-character tensor name

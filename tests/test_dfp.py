@@ -159,7 +159,9 @@ def test_inspection_of_three_models(three_model_dfp: mx.Dfp) -> None:
     assert [p.layer for p in d.model(1).inputs] == ["a", "b"]
     assert [p.layer for p in d.model(2).outputs] == ["double", "neg"]
     for m in d.models:
-        assert m.perf is None
+        assert m.perf is not None
+        assert m.perf["fps"] > 0
+        assert m.perf["latency_ms"] > 0
         assert m.pre_model is None
         assert m.post_model is None
         onnx.checker.check_model(onnx.load_model_from_string(m.graph))

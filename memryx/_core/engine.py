@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import numpy as np
 from numpy.typing import NDArray
 
 from .._exceptions import ClosedError, NotConnectedError, UsageError
@@ -75,7 +77,10 @@ class Sink(Protocol):
     def fail(self, exc: BaseException) -> None: ...
 
 
-Tag = tuple[Sink | None, int]
+#: Who gets a frame's outputs: (sink or None for the output callback, key, submit time).
+Tag = tuple[Sink | None, int, float]
+#: Latency samples kept per model and per stream for percentiles.
+LATENCY_SAMPLES = 4096
 
 
 class BatchSink:
@@ -174,9 +179,38 @@ class StreamSink:
 
 
 @dataclass
-class StreamStats:
+class Meter:
+    """Counters of one model or one stream."""
+
     frames_in: int = 0
     frames_out: int = 0
+    first_out: float = 0.0
+    last_out: float = 0.0
+    input_s: float = 0.0
+    """Time spent getting frames from the input callback (including its thread hop)."""
+    output_s: float = 0.0
+    """Time spent handing outputs over (output callback, post-processing)."""
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+    def delivered(self, t0: float, ready: float) -> None:
+        self.frames_out += 1
+        self.latencies.append(ready - t0)
+        self.first_out = self.first_out or ready
+        self.last_out = ready
+
+    def summary(self) -> dict[str, Any]:
+        span = self.last_out - self.first_out
+        lat = np.asarray(self.latencies) * 1000.0
+        return {
+            "frames_in": self.frames_in, "frames_out": self.frames_out,
+            "fps": (self.frames_out - 1) / span if span > 0 else 0.0,
+            "latency_ms": {
+                "p50": float(np.percentile(lat, 50)) if lat.size else None,
+                "p99": float(np.percentile(lat, 99)) if lat.size else None,
+                "mean": float(lat.mean()) if lat.size else None,
+            },
+            "input_callback_s": self.input_s, "output_callback_s": self.output_s,
+        }
 
 
 @dataclass
@@ -202,9 +236,23 @@ class Lane:
     sealed: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     feeders: list[Any] = field(default_factory=list)
-    streams: dict[int, StreamStats] = field(default_factory=dict)
-    frames_in: int = 0
-    frames_out: int = 0
+    streams: dict[int, Meter] = field(default_factory=dict)
+    meter: Meter = field(default_factory=Meter)
+    device_wait_s: float = 0.0
+    """Time the collector spent waiting for the device."""
+
+    @property
+    def frames_in(self) -> int:
+        return self.meter.frames_in
+
+    @property
+    def frames_out(self) -> int:
+        return self.meter.frames_out
+
+    def count_in(self, stream: Meter | None = None) -> None:
+        self.meter.frames_in += 1
+        if stream is not None:
+            stream.frames_in += 1
 
     def __post_init__(self) -> None:
         self.idx = self.model.index
@@ -272,21 +320,27 @@ class Lane:
                 await device.send(self.idx, frame)
 
     async def collect(self, device: Device) -> None:
-        async for sink, key in self._pending_recv:
+        async for sink, key, t0 in self._pending_recv:
+            waiting = time.monotonic()
             outputs = await device.receive(self.idx)
+            ready = time.monotonic()
+            self.device_wait_s += ready - waiting
             if sink is None:
-                await self._deliver_to_callback(key, outputs)
+                await self._deliver_to_callback(key, outputs, t0, ready)
             else:
                 await sink.deliver(key, await self.afinish(outputs))
-            self.frames_out += 1
+                self.meter.delivered(t0, ready)
+            self.meter.output_s += time.monotonic() - ready
         self.done.set()
         self.engine.notify()
 
-    async def _deliver_to_callback(self, stream: int, outputs: Frame) -> None:
+    async def _deliver_to_callback(self, stream: int, outputs: Frame, t0: float, ready: float
+                                   ) -> None:
         await self.output_set.wait()
         out = self.output
         assert out is not None
-        stats = self.streams.setdefault(stream, StreamStats())
+        stats = self.streams.setdefault(stream, Meter())
+        self.meter.delivered(t0, ready)
         try:
             if out.kind is CallbackKind.SYNC:
 
@@ -305,11 +359,15 @@ class Lane:
             self.engine.record(exc, where)
             self.stop_feeding()
         else:
-            stats.frames_out += 1
+            stats.delivered(t0, ready)
+        stats.output_s += time.monotonic() - ready
 
     def stop_feeding(self) -> None:
         for task in self.feeders:
             task.cancel()
+
+    def pending_count(self) -> int:
+        return int(self._pending_send.statistics().current_buffer_used)
 
     def close_channels(self) -> None:
         for end in (self.in_send, self._in_recv, self._pending_send, self._pending_recv):
@@ -432,7 +490,7 @@ class Engine:
         streams = range(stream_count) if stream_count is not None else [0]
         for stream in streams:
             args = (stream,) if stream_count is not None else ()
-            lane.streams[stream] = StreamStats()
+            lane.streams[stream] = Meter()
             task = self._feeders.spawn(self._feed(lane, fn, args, stream, lane.in_send.clone()),
                                        f"feed-{model_idx}-{stream}")
             lane.feeders.append(task)
@@ -456,10 +514,16 @@ class Engine:
                              prepare_blocks=lane.pre is not None and lane.pre.blocking)
         async with send_end, aclosing(frames):
             try:
-                async for frame in frames:
-                    await send_end.send(((None, stream), frame))
-                    stats.frames_in += 1
-                    lane.frames_in += 1
+                while True:
+                    asked = time.monotonic()
+                    try:
+                        frame = await anext(frames)
+                    except StopAsyncIteration:
+                        break
+                    now = time.monotonic()
+                    stats.input_s += now - asked
+                    await send_end.send(((None, stream, now), frame))
+                    lane.count_in(stats)
             except Exception as exc:
                 where = f"the input callback of model {lane.idx}"
                 if args:
@@ -527,8 +591,8 @@ class Engine:
                 frame = await lane.aprepare(data)
                 self.check_open()
                 with self.closed_as_error():
-                    await lane.in_send.send(((sink, i), frame))
-                lane.frames_in += 1
+                    await lane.in_send.send(((sink, i, time.monotonic()), frame))
+                lane.count_in()
             return await sink.wait()
         finally:
             sink.cancelled = True
@@ -554,8 +618,8 @@ class Engine:
                     frame = await lane.aprepare(data)
                     self.check_open()
                     with self.closed_as_error():
-                        await lane.in_send.send(((sink, submitted), frame))
-                    lane.frames_in += 1
+                        await lane.in_send.send(((sink, submitted, time.monotonic()), frame))
+                    lane.count_in()
                     submitted += 1
             except Exception as exc:
                 bad_input = exc  # raised after the outputs of the frames before it
@@ -593,10 +657,10 @@ class Engine:
         lane.sinks.add(sink)
         with self.closed_as_error():
             if nowait:
-                lane.in_send.send_nowait(((sink, 0), frame))
+                lane.in_send.send_nowait(((sink, 0, time.monotonic()), frame))
             else:
-                await lane.in_send.send(((sink, 0), frame))
-        lane.frames_in += 1
+                await lane.in_send.send(((sink, 0, time.monotonic()), frame))
+        lane.count_in()
 
     @contextlib.contextmanager
     def closed_as_error(self) -> Iterator[None]:
@@ -608,17 +672,21 @@ class Engine:
 
     # -- statistics ---------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
-        elapsed = max(time.monotonic() - self.started_at, 1e-9) if self.started_at else 0.0
+        """Counters per model and per stream; see ``docs/api.md`` for every field."""
+        elapsed = time.monotonic() - self.started_at if self.started_at else 0.0
         models = []
         for lane in self.lanes:
-            models.append({
-                "model_idx": lane.idx, "name": lane.model.name,
-                "frames_in": lane.frames_in, "frames_out": lane.frames_out,
+            entry = {"model_idx": lane.idx, "name": lane.model.name, **lane.meter.summary()}
+            entry.update({
                 "in_flight": lane.frames_in - lane.frames_out,
-                "fps": lane.frames_out / elapsed if elapsed else 0.0,
-                "streams": {s: {"frames_in": st.frames_in, "frames_out": st.frames_out}
-                            for s, st in sorted(lane.streams.items())},
+                "device_wait_s": lane.device_wait_s,
+                "queues": {
+                    "input": lane.in_send.statistics().current_buffer_used,
+                    "on_device": lane.pending_count(),
+                },
+                "streams": {s: m.summary() for s, m in sorted(lane.streams.items())},
             })
+            models.append(entry)
         return {"elapsed_s": elapsed, "models": models, "device": self.device.statistics()}
 
 

@@ -3,11 +3,21 @@
 Each model of the DFP runs its graph with onnxruntime on worker threads, several
 frames at once, and hands outputs back in the order the frames came in::
 
-    send -> [input buffer] -> dispatcher -> N concurrent runs -> [in order] -> collector
+    send -> [input buffer] -> dispatcher -> concurrent runs -> [in order] -> collector
          -> [output buffer] -> receive
 
-The collector is where a timing model paces outputs to the modeled MX3 rate;
-until one is set, outputs leave as fast as the host computes them.
+Modes:
+
+* ``"timed"`` (default): outputs are real, and paced like the chip would
+  deliver them: frame *i* enters the modeled pipeline at
+  ``entry_i = max(arrival_i, entry_{i-1} + 1/fps)`` and leaves at
+  ``entry_i + latency`` (fps and latency from the DFP's performance model, see
+  :mod:`memryx.timing`). When the host computes a frame later than the chip
+  would have delivered it, the device logs a warning (once per model) and
+  counts the frame in ``statistics()["models"][i]["late_frames"]``.
+* ``"fast"``: real outputs, as fast as the host computes them.
+* ``"shapes"``: zeros of the right shapes and dtypes, nothing computed and no
+  pacing: for wiring tests of models too big to run on the host.
 """
 
 from __future__ import annotations
@@ -15,17 +25,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 from numpy.typing import NDArray
 
 from .._core.channel import ReceiveEnd, SendEnd, open_channel
 from .._core.processing import new_session
 from .._core.runner import new_limiter, run_sync
 from .._core.tasks import TaskSet
-from .._exceptions import ClosedError, DeviceError, ModelIndexError
+from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError
 
 if TYPE_CHECKING:
     from ..dfp import Dfp, ModelInfo
@@ -35,13 +47,27 @@ __all__ = ["MODES", "SimulatedDevice"]
 log = logging.getLogger("memryx.device.sim")
 
 Array = NDArray[Any]
-MODES = ("fast",)
+Result = list[Array] | BaseException
+MODES = ("timed", "fast", "shapes")
+#: How much later than its modeled release an output may be before it counts as late.
+LATE_TOLERANCE_S = 0.002
 
 
 @dataclass
-class _ModelStats:
-    frames_in: int = 0
-    frames_out: int = 0
+class _Pacer:
+    """Release times of one model's outputs under the timing model."""
+
+    interval: float
+    latency: float
+    last_entry: float = -1e18
+    last_release: float = -1e18
+
+    def admit(self, now: float) -> float:
+        """The frame arriving ``now`` enters the pipeline; returns its release time."""
+        entry = max(now, self.last_entry + self.interval)
+        self.last_entry = entry
+        self.last_release = max(entry + self.latency, self.last_release)
+        return self.last_release
 
 
 @dataclass
@@ -49,31 +75,54 @@ class _Model:
     info: ModelInfo
     session: Any
     names: list[str]
+    pacer: _Pacer | None
     inq: tuple[SendEnd[list[Array]], ReceiveEnd[list[Array]]]
-    running: tuple[SendEnd[asyncio.Task[list[Array] | BaseException]],
-                   ReceiveEnd[asyncio.Task[list[Array] | BaseException]]]
-    outq: tuple[SendEnd[list[Array] | BaseException], ReceiveEnd[list[Array] | BaseException]]
-    stats: _ModelStats = field(default_factory=_ModelStats)
+    running: tuple[SendEnd[tuple[asyncio.Task[Result], float]],
+                   ReceiveEnd[tuple[asyncio.Task[Result], float]]]
+    outq: tuple[SendEnd[Result], ReceiveEnd[Result]]
+    frames_in: int = 0
+    frames_out: int = 0
+    late_frames: int = 0
+    warned: bool = False
+    first_out: float = 0.0
+    last_out: float = 0.0
+    modeled: dict[str, Any] = field(default_factory=dict)
+
+
+def _perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
+    """The model's performance figures: from the DFP, or estimated now if it has none."""
+    if info.perf and "fps" in info.perf and "latency_ms" in info.perf:
+        return dict(info.perf)
+    import onnx
+
+    from ..timing import estimate
+
+    return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
 
 
 class SimulatedDevice:
     """An MX3 simulated in this process.
 
     Parameters:
+        mode: ``"timed"`` (default), ``"fast"`` or ``"shapes"`` (module docstring).
         groups: how many chip groups the simulated box has (``group_id`` must be below it).
         concurrency: frames of one model computed at once (default: the host's cores).
         queue_depth: frames each model's input and output buffers hold.
-        mode: ``"fast"``: outputs as fast as the host computes them.
     """
 
     name = "sim"
 
-    def __init__(self, *, groups: int = 1, concurrency: int | None = None,
-                 queue_depth: int = 4, mode: str = "fast") -> None:
+    def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
+                 queue_depth: int = 4) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
-        if queue_depth < 1:
-            raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+        if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth < 1:
+            raise ValueError(f"queue_depth must be an int >= 1, got {queue_depth!r}")
+        if concurrency is not None and (isinstance(concurrency, bool) or
+                                        not isinstance(concurrency, int) or concurrency < 1):
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
         self.groups = groups
         self.mode = mode
         self.concurrency = concurrency or max(1, os.cpu_count() or 1)
@@ -91,26 +140,32 @@ class SimulatedDevice:
                 f"group_id {group_id} out of range: the simulated device has {self.groups} "
                 f"chip group(s) (valid: 0..{self.groups - 1})"
             )
-        try:
-            sessions = await run_sync(lambda: [new_session(m.graph) for m in dfp.models])
-        except Exception as exc:
-            from .._exceptions import DfpError
-
-            raise DfpError(f"the DFP's graphs cannot be loaded ({exc})") from exc
+        if self.mode == "shapes":
+            sessions: list[Any] = [None] * len(dfp.models)
+        else:
+            try:
+                sessions = await run_sync(lambda: [new_session(m.graph) for m in dfp.models])
+            except Exception as exc:
+                raise DfpError(f"the DFP's graphs cannot be loaded ({exc})") from exc
         self._tasks = TaskSet("sim", self._on_task_error)
         limiter = new_limiter(self.concurrency * len(dfp.models))
         for info, session in zip(dfp.models, sessions, strict=True):
+            pacer = None
+            modeled: dict[str, Any] = {}
+            in_chip = self.concurrency
+            if self.mode == "timed":
+                modeled = _perf(info, dfp.num_chips)
+                pacer = _Pacer(1.0 / float(modeled["fps"]), float(modeled["latency_ms"]) / 1000)
+                in_chip = max(in_chip, int(modeled.get("pipeline_depth", 1)) + 1)
             model = _Model(
-                info=info, session=session, names=[p.layer for p in info.inputs],
-                inq=open_channel(self.queue_depth),
-                running=open_channel(max(0, self.concurrency - 1)),
-                outq=open_channel(self.queue_depth),
+                info=info, session=session, names=[p.layer for p in info.inputs], pacer=pacer,
+                inq=open_channel(self.queue_depth), running=open_channel(max(0, in_chip - 1)),
+                outq=open_channel(self.queue_depth), modeled=modeled,
             )
             self._models.append(model)
             self._tasks.spawn(self._dispatch(model, limiter), f"dispatch-{info.index}")
             self._tasks.spawn(self._collect(model), f"collect-{info.index}")
-        log.debug("simulated device opened %d model(s), concurrency %d", len(sessions),
-                  self.concurrency)
+        log.debug("simulated device opened %d model(s) in %s mode", len(sessions), self.mode)
 
     def _on_task_error(self, exc: BaseException) -> None:
         if self._fault is None:
@@ -127,7 +182,8 @@ class SimulatedDevice:
         return self._models[model_idx]
 
     def capacity(self, model_idx: int) -> int:
-        return 2 * self.queue_depth + self.concurrency
+        m = self._models[model_idx]
+        return 2 * self.queue_depth + int(m.running[0].statistics().max_buffer_size) + 1
 
     async def send(self, model_idx: int, frame: list[Array]) -> None:
         model = self._model(model_idx)
@@ -135,7 +191,7 @@ class SimulatedDevice:
             await model.inq[0].send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise self._lost(model) from self._fault
-        model.stats.frames_in += 1
+        model.frames_in += 1
 
     async def receive(self, model_idx: int) -> list[Array]:
         model = self._model(model_idx)
@@ -144,12 +200,12 @@ class SimulatedDevice:
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise self._lost(model) from self._fault
         if isinstance(item, BaseException):
-            raise self._lost(model) from item
-        model.stats.frames_out += 1
+            raise item
+        model.frames_out += 1
         return item
 
     def _lost(self, model: _Model) -> DeviceError:
-        lost = model.stats.frames_in - model.stats.frames_out
+        lost = model.frames_in - model.frames_out
         cause = f": {self._fault!r}" if self._fault else ""
         return DeviceError(f"simulated device failed on model {model.info.index} "
                            f"({model.info.name!r}); {lost} frame(s) lost{cause}", lost_frames=lost)
@@ -159,14 +215,17 @@ class SimulatedDevice:
         send_running, recv_in = model.running[0], model.inq[1]
         async with send_running:
             async for frame in recv_in:
-                feeds = dict(zip(model.names, frame, strict=True))
-                task = self._tasks.spawn(self._run(model, feeds, limiter),
+                release = model.pacer.admit(time.monotonic()) if model.pacer else 0.0
+                task = self._tasks.spawn(self._run(model, frame, limiter),
                                          f"run-{model.info.index}")
-                await send_running.send(task)
+                await send_running.send((task, release))
 
     @staticmethod
-    async def _run(model: _Model, feeds: dict[str, Array], limiter: anyio.CapacityLimiter
-                   ) -> list[Array] | BaseException:
+    async def _run(model: _Model, frame: list[Array], limiter: anyio.CapacityLimiter
+                   ) -> Result:
+        if model.session is None:  # shapes mode
+            return [np.zeros(p.shape, p.dtype) for p in model.info.outputs]
+        feeds = dict(zip(model.names, frame, strict=True))
         try:
             return list(await run_sync(model.session.run, None, feeds, limiter=limiter))
         except Exception as exc:  # handed to the collector, in frame order
@@ -176,17 +235,43 @@ class SimulatedDevice:
     async def _collect(self, model: _Model) -> None:
         send_out, recv_running = model.outq[0], model.running[1]
         async with send_out:
-            async for task in recv_running:
+            async for task, release in recv_running:
                 outs = await task
-                # A timing model paces the release of each output here.
+                if model.pacer is not None:
+                    delay = release - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    elif -delay > LATE_TOLERANCE_S:
+                        self._late(model, -delay)
+                now = time.monotonic()
+                model.first_out = model.first_out or now
+                model.last_out = now
                 await send_out.send(outs)
 
+    def _late(self, model: _Model, behind: float) -> None:
+        model.late_frames += 1
+        if not model.warned:
+            model.warned = True
+            log.warning(
+                "model %d (%r): the host computes frames slower than the modeled MX3 rate of "
+                "%.0f fps (an output was %.1f ms late); timed outputs follow the host, and "
+                "statistics() counts late frames", model.info.index, model.info.name,
+                model.modeled.get("fps", 0.0), behind * 1000)
+
     def statistics(self) -> dict[str, Any]:
-        return {
-            "device": self.name, "mode": self.mode,
-            "models": [{"model_idx": m.info.index, "frames_in": m.stats.frames_in,
-                        "frames_out": m.stats.frames_out} for m in self._models],
-        }
+        models = []
+        for m in self._models:
+            span = m.last_out - m.first_out
+            models.append({
+                "model_idx": m.info.index, "frames_in": m.frames_in, "frames_out": m.frames_out,
+                "late_frames": m.late_frames,
+                "device_fps": (m.frames_out - 1) / span if span > 0 else 0.0,
+                "modeled_fps": m.modeled.get("fps"),
+                "modeled_latency_ms": m.modeled.get("latency_ms"),
+                "queued_in": m.inq[0].statistics().current_buffer_used,
+                "queued_out": m.outq[0].statistics().current_buffer_used,
+            })
+        return {"device": self.name, "mode": self.mode, "models": models}
 
     async def aclose(self) -> None:
         if self._closed:
