@@ -1,0 +1,98 @@
+"""The simulated device's modes: timed pacing, fast, shapes; late-frame reporting."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+import memryx as mx
+from memryx import testing
+from memryx.device import SimulatedDevice, open_device
+
+
+def identity(fps: float, latency_ms: float) -> mx.Dfp:
+    return mx.NeuralCompiler(models=testing.identity_model((1, 4)), fps=fps,
+                             latency_ms=latency_ms).run()
+
+
+def test_timed_mode_paces_outputs_to_the_modeled_rate():
+    dfp = identity(fps=200, latency_ms=20)
+    xs = [np.full((1, 4), i, np.float32) for i in range(30)]
+    with mx.SyncAccl(dfp) as accl:
+        t0 = time.monotonic()
+        outs = accl.run(xs)
+        elapsed = time.monotonic() - t0
+        stats = accl.statistics()
+    assert [int(o[0, 0]) for o in outs] == list(range(30))
+    # never faster than the chip: 29 intervals of 5 ms plus the 20 ms latency
+    assert elapsed >= 29 / 200 + 0.020 - 0.002
+    assert stats["device"]["models"][0]["modeled_fps"] == 200
+    assert stats["models"][0]["latency_ms"]["p50"] >= 20 - 0.5
+
+
+def test_timed_single_frame_takes_the_modeled_latency():
+    dfp = identity(fps=1000, latency_ms=30)
+    with mx.SyncAccl(dfp) as accl:
+        for _ in range(3):
+            t0 = time.monotonic()
+            accl.run(np.zeros((1, 4), np.float32))
+            assert time.monotonic() - t0 >= 0.030 - 0.001
+
+
+def test_fast_mode_is_not_paced():
+    dfp = identity(fps=10, latency_ms=500)
+    with mx.SyncAccl(dfp, mode="fast") as accl:
+        t0 = time.monotonic()
+        accl.run([np.zeros((1, 4), np.float32)] * 20)
+        assert time.monotonic() - t0 < 1.0  # timed mode would need 2.4 s
+
+
+def test_shapes_mode_returns_zeros_of_the_right_shapes(split_dfp):
+    with mx.SyncAccl(split_dfp, mode="shapes") as accl:
+        double, neg = accl.run(np.ones((1, 8), np.float32))
+    assert double.shape == (1, 8) and double.dtype == np.float32
+    assert not double.any() and not neg.any()
+
+
+def test_a_host_slower_than_the_chip_is_reported(caplog):
+    # ResNet50 takes the host milliseconds per frame; the "chip" here takes 0.1 ms
+    dfp = mx.NeuralCompiler(models=testing.resnet50(input_size=64), fps=1e5,
+                            latency_ms=0.1).run()
+    caplog.set_level(logging.WARNING, logger="memryx.device.sim")
+    with mx.SyncAccl(dfp) as accl:
+        accl.run([np.zeros((1, 3, 64, 64), np.float32)] * 12)
+        late = accl.statistics()["device"]["models"][0]["late_frames"]
+    assert late > 0
+    warnings = [r for r in caplog.records if "slower than the modeled MX3 rate" in r.message]
+    assert len(warnings) == 1  # once per model, not per frame
+
+
+def test_device_options_are_checked():
+    with pytest.raises(ValueError, match="unknown simulated device mode 'turbo'"):
+        SimulatedDevice(mode="turbo")
+    with pytest.raises(ValueError, match="queue_depth"):
+        SimulatedDevice(queue_depth=0)
+    with pytest.raises(ValueError, match="concurrency"):
+        SimulatedDevice(concurrency=0)
+    with pytest.raises(ValueError, match="unknown device 'gpu:0'"):
+        open_device("gpu:0")
+    with pytest.raises(TypeError, match="device must be a string or a Device"):
+        open_device(42)  # type: ignore[arg-type]
+
+
+def test_device_from_environment(monkeypatch, identity_dfp):
+    monkeypatch.setenv("MEMRYX_DEVICE", "sim:shapes")
+    with mx.SyncAccl(identity_dfp) as accl:
+        assert not accl.run(np.ones((1, 4), np.float32)).any()
+        assert accl.statistics()["device"]["mode"] == "shapes"
+    monkeypatch.setenv("MEMRYX_DEVICE", "nonsense")
+    with pytest.raises(ValueError, match="unknown device 'nonsense'"):
+        mx.SyncAccl(identity_dfp)
+
+
+def test_a_device_instance_can_be_passed(identity_dfp):
+    with mx.SyncAccl(identity_dfp, device=SimulatedDevice(mode="fast", concurrency=1)) as accl:
+        assert accl.run(np.ones((1, 4), np.float32)).tolist() == [[1, 1, 1, 1]]
