@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import threading
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -83,14 +84,21 @@ def check_signature(fn: Any, n_args: int | None, role: str) -> None:
 
 
 async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
-                      prepare: Callable[[Any], Any], *, limiter: Any = None,
+                      prepare: Callable[[Any], Any], *, stopping: threading.Event,
+                      room: Callable[[], int] = lambda: 1, limiter: Any = None,
                       prepare_blocks: bool = False) -> AsyncGenerator[Any, None]:
     """Yield prepared frames from an input callback until its stream ends.
 
     ``prepare`` turns what the callback returned into device-ready arrays (pre-
     processing, validation, copy); for sync callbacks it runs on the same worker
     thread, right after the callback. Exceptions from the callback or from
-    ``prepare`` propagate to the caller, which ends the stream and records them.
+    ``prepare`` propagate to the caller (after the frames produced before them),
+    which ends the stream and records them.
+
+    A sync callback is called up to ``room()`` times per thread hop (the frames
+    the pipeline has room for right now), back to back on one worker thread, so
+    the hop's cost is shared. ``stopping`` is checked before each call: once it
+    is set, no further call is made.
     """
     kind = classify(fn)
     if kind is CallbackKind.SYNC or kind is CallbackKind.GENERATOR:
@@ -109,13 +117,32 @@ async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
                     return END
                 return END if item is None else prepare(item)
 
+        def produce_batch(count: int) -> tuple[list[Any], BaseException | None, bool]:
+            """Up to ``count`` frames in one thread hop: (frames, error, ended)."""
+            frames: list[Any] = []
+            try:
+                while len(frames) < count and not stopping.is_set():
+                    frame = produce()
+                    if frame is END:
+                        return frames, None, True
+                    frames.append(frame)
+            except Exception as exc:
+                return frames, exc, True
+            return frames, None, stopping.is_set()
+
         try:
-            while (frame := await run_sync(produce, limiter=limiter)) is not END:
-                yield frame
+            while True:
+                frames, error, ended = await run_sync(produce_batch, max(1, room()),
+                                                      limiter=limiter)
+                for frame in frames:
+                    yield frame
+                if error is not None:
+                    raise error
+                if ended:
+                    return
         finally:
             if kind is CallbackKind.GENERATOR and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
                 gen.close()  # a generator still running on an abandoned thread is left to it
-        return
 
     async def finish(item: Any) -> Any:
         if item is None:

@@ -50,9 +50,9 @@ from numpy.typing import NDArray
 
 from .._exceptions import ClosedError, NotConnectedError, UsageError
 from .callbacks import CallbackKind, check_signature, classify, frames_from
-from .channel import ReceiveEnd, SendEnd, open_channel
+from .channel import ReceiveEnd, SendEnd, drain, get, open_channel, put
 from .processing import PortSpec, Processor, as_array_list, conform
-from .runner import new_limiter, run_sync
+from .runner import new_limiter, run_sync, stop_flag
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -66,7 +66,11 @@ Array = NDArray[Any]
 Frame = list[Array]
 
 #: Frames a lane's input channel holds before submitters wait.
-LANE_INPUT_DEPTH = 2
+LANE_INPUT_DEPTH = 16
+#: Outputs waiting for the output callback, and the most handed over per thread hop.
+OUTPUT_BATCH = 32
+#: The most frames an input callback is asked for in one thread hop.
+INPUT_BATCH = 32
 
 
 class Sink(Protocol):
@@ -79,6 +83,8 @@ class Sink(Protocol):
 
 #: Who gets a frame's outputs: (sink or None for the output callback, key, submit time).
 Tag = tuple[Sink | None, int, float]
+#: An output waiting for the output callback: (stream, outputs, submit time, ready time).
+Delivery = tuple[int, Frame, float, float]
 #: Latency samples kept per model and per stream for percentiles.
 LATENCY_SAMPLES = 4096
 
@@ -263,6 +269,9 @@ class Lane:
         self._pending_send: SendEnd[Tag]
         self._pending_recv: ReceiveEnd[Tag]
         self._pending_send, self._pending_recv = open_channel(self.capacity)
+        self._out_send: SendEnd[Delivery]
+        self._out_recv: ReceiveEnd[Delivery]
+        self._out_send, self._out_recv = open_channel(OUTPUT_BATCH)
         self.sinks: set[Sink] = set()
 
     # -- frames in --------------------------------------------------------------------
@@ -312,65 +321,110 @@ class Lane:
             return await run_sync(self.finish, outputs)
         return self.finish(outputs)
 
-    # -- the two tasks of a lane -------------------------------------------------------
+    # -- the tasks of a lane --------------------------------------------------------------
     async def dispatch(self, device: Device) -> None:
+        """Frames to the device, their tags to the pending channel, in the same order."""
         async with self._pending_send:
-            async for tag, frame in self._in_recv:
-                await self._pending_send.send(tag)
+            while True:
+                try:
+                    tag, frame = await get(self._in_recv)
+                except anyio.EndOfStream:
+                    break
+                await put(self._pending_send, tag)
                 await device.send(self.idx, frame)
 
     async def collect(self, device: Device) -> None:
-        async for sink, key, t0 in self._pending_recv:
-            waiting = time.monotonic()
-            outputs = await device.receive(self.idx)
-            ready = time.monotonic()
-            self.device_wait_s += ready - waiting
-            if sink is None:
-                await self._deliver_to_callback(key, outputs, t0, ready)
-            else:
-                await sink.deliver(key, await self.afinish(outputs))
-                self.meter.delivered(t0, ready)
-            self.meter.output_s += time.monotonic() - ready
-        self.done.set()
-        self.engine.notify()
+        """Pair each output with its tag and hand it on: to its sink, or to the deliverer."""
+        async with self._out_send:
+            while True:
+                try:
+                    sink, key, t0 = await get(self._pending_recv)
+                except anyio.EndOfStream:
+                    break
+                waiting = time.monotonic()
+                outputs = await device.receive(self.idx)
+                ready = time.monotonic()
+                self.device_wait_s += ready - waiting
+                if sink is None:
+                    await put(self._out_send, (key, outputs, t0, ready))
+                else:
+                    await sink.deliver(key, await self.afinish(outputs))
+                    self.meter.delivered(t0, ready)
+                    self.meter.output_s += time.monotonic() - ready
 
-    async def _deliver_to_callback(self, stream: int, outputs: Frame, t0: float, ready: float
-                                   ) -> None:
+    async def deliver(self) -> None:
+        """Call the output callback, in order; a sync one gets a batch per thread hop."""
         await self.output_set.wait()
         out = self.output
         assert out is not None
-        stats = self.streams.setdefault(stream, Meter())
-        self.meter.delivered(t0, ready)
-        try:
+        while True:
+            try:
+                first = await get(self._out_recv)
+            except anyio.EndOfStream:
+                break
+            batch = [first, *drain(self._out_recv, OUTPUT_BATCH - 1)]
             if out.kind is CallbackKind.SYNC:
-
-                def call() -> None:
-                    results = self.finish(outputs)
-                    out.fn(*((stream, *results) if out.with_stream_idx else results))
-
-                await run_sync(call, limiter=self.engine.output_limiter)
+                results = await run_sync(self._call_batch, out, batch,
+                                         limiter=self.engine.output_limiter)
             else:
-                results = await self.afinish(outputs)
-                await out.fn(*((stream, *results) if out.with_stream_idx else results))
+                results = [await self._acall(out, item) for item in batch]
+            for (stream, _, t0, ready), (error, finished) in zip(batch, results, strict=False):
+                stats = self.streams.setdefault(stream, Meter())
+                self.meter.delivered(t0, ready)
+                stats.output_s += finished - ready
+                self.meter.output_s += finished - ready
+                if error is None:
+                    stats.delivered(t0, ready)
+                    continue
+                where = f"the output callback of model {self.idx}"
+                if out.with_stream_idx:
+                    where += f", stream {stream}"
+                self.engine.record(error, where)
+                self.stop_feeding()
+        self.done.set()
+        self.engine.notify()
+
+    def _call_batch(self, out: _Output, batch: list[Delivery]
+                    ) -> list[tuple[Exception | None, float]]:
+        """On a worker thread: post-process and call back each output of ``batch``."""
+        results: list[tuple[Exception | None, float]] = []
+        for stream, outputs, _, _ in batch:
+            if self.engine.stopping.is_set():
+                break  # stopped: no callback after stop() returns
+            try:
+                res = self.finish(outputs)
+                out.fn(*((stream, *res) if out.with_stream_idx else res))
+            except Exception as exc:
+                results.append((exc, time.monotonic()))
+            else:
+                results.append((None, time.monotonic()))
+        return results
+
+    async def _acall(self, out: _Output, item: Delivery) -> tuple[Exception | None, float]:
+        stream, outputs, _, _ = item
+        try:
+            res = await self.afinish(outputs)
+            await out.fn(*((stream, *res) if out.with_stream_idx else res))
         except Exception as exc:
-            where = f"the output callback of model {self.idx}"
-            if out.with_stream_idx:
-                where += f", stream {stream}"
-            self.engine.record(exc, where)
-            self.stop_feeding()
-        else:
-            stats.delivered(t0, ready)
-        stats.output_s += time.monotonic() - ready
+            return exc, time.monotonic()
+        return None, time.monotonic()
 
     def stop_feeding(self) -> None:
         for task in self.feeders:
             task.cancel()
 
+    def room(self) -> int:
+        """Frames each of this lane's streams may produce in one go right now."""
+        st = self.in_send.statistics()
+        free = int(st.max_buffer_size) - st.current_buffer_used
+        return max(1, min(INPUT_BATCH, free // max(1, len(self.feeders))))
+
     def pending_count(self) -> int:
         return int(self._pending_send.statistics().current_buffer_used)
 
     def close_channels(self) -> None:
-        for end in (self.in_send, self._in_recv, self._pending_send, self._pending_recv):
+        for end in (self.in_send, self._in_recv, self._pending_send, self._pending_recv,
+                    self._out_send, self._out_recv):
             end.close()
 
 
@@ -391,6 +445,8 @@ class Engine:
         self._changed = anyio.Event()
         self._tasks: TaskSet | None = None
         self._feeders: TaskSet | None = None
+        #: Set when the accelerator stops: worker threads call no more callbacks.
+        self.stopping = stop_flag()
         self.input_limiter = new_limiter(stream_workers or 64)
         self.output_limiter = new_limiter(64)
         self._processors: dict[tuple[int, str], Processor] = {}
@@ -407,6 +463,7 @@ class Engine:
             self.lanes.append(lane)
             self._tasks.spawn(lane.dispatch(self.device), f"dispatch-{model.index}")
             self._tasks.spawn(lane.collect(self.device), f"collect-{model.index}")
+            self._tasks.spawn(lane.deliver(), f"deliver-{model.index}")
         self.started_at = time.monotonic()
 
     def notify(self) -> None:
@@ -446,6 +503,7 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        self.stopping.set()
         dropped = sum(lane.frames_in - lane.frames_out for lane in self.lanes)
         closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for tasks in (self._feeders, self._tasks):
@@ -510,7 +568,8 @@ class Engine:
     async def _feed(self, lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...],
                     stream: int, send_end: SendEnd[tuple[Tag, Frame]]) -> None:
         stats = lane.streams[stream]
-        frames = frames_from(fn, args, lane.prepare, limiter=self.input_limiter,
+        frames = frames_from(fn, args, lane.prepare, stopping=self.stopping, room=lane.room,
+                             limiter=self.input_limiter,
                              prepare_blocks=lane.pre is not None and lane.pre.blocking)
         async with send_end, aclosing(frames):
             try:
@@ -522,7 +581,7 @@ class Engine:
                         break
                     now = time.monotonic()
                     stats.input_s += now - asked
-                    await send_end.send(((None, stream, now), frame))
+                    await put(send_end, ((None, stream, now), frame))
                     lane.count_in(stats)
             except Exception as exc:
                 where = f"the input callback of model {lane.idx}"

@@ -37,6 +37,7 @@ __all__ = [
     "new_limiter",
     "on_loop_thread",
     "run_sync",
+    "stop_flag",
 ]
 
 log = logging.getLogger("memryx.runner")
@@ -62,6 +63,11 @@ def check_not_on_loop(what: str, twin: str) -> None:
         f"{what} blocks, and was called from a thread that runs an event loop, which it "
         f"would stall or deadlock; in async code use `{twin}` instead"
     )
+
+
+def stop_flag() -> threading.Event:
+    """A flag that worker threads check before calling user code again."""
+    return threading.Event()
 
 
 def new_limiter(tokens: int) -> anyio.CapacityLimiter:

@@ -87,11 +87,15 @@ def test_streams_are_served_round_robin(identity_dfp):
     accl = mx.MultiStreamAsyncAccl(identity_dfp)
     accl.connect_streams(source, lambda s, y: order.append(s), 4)
     accl.wait()
-    # while all four are running, no stream gets more than a few frames ahead of another
+    # while all four are running, each gets its share: no stream runs ahead or starves
+    # (frames of one stream may come a few at a time: one thread hop serves a few)
+    for window in (order[:80], order[80:160]):
+        counts = [window.count(s) for s in range(4)]
+        assert min(counts) >= 12, counts  # fair share is 20
     seen = [0] * 4
     for s in order[: 4 * 40]:
         seen[s] += 1
-        assert max(seen) - min(seen) <= 6
+        assert max(seen) - min(seen) <= 16
 
 
 def test_each_stream_ends_on_its_own_none(identity_dfp):
