@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +67,12 @@ class _Pacer:
     last_entry: float = -1e18
     last_release: float = -1e18
 
-    def admit(self, now: float) -> float:
-        """The frame arriving ``now`` enters the pipeline; returns its release time."""
+    def admit(self, now: float) -> tuple[float, float]:
+        """The frame arriving ``now`` enters the pipeline: its (entry, release) times."""
         entry = max(now, self.last_entry + self.interval)
         self.last_entry = entry
         self.last_release = max(entry + self.latency, self.last_release)
-        return self.last_release
+        return entry, self.last_release
 
 
 @dataclass
@@ -81,18 +82,26 @@ class _Model:
     names: list[str]
     pacer: _Pacer | None
     inq: tuple[SendEnd[list[Array]], ReceiveEnd[list[Array]]]
-    running: tuple[SendEnd[tuple[asyncio.Task[list[Result]], list[float]]],
-                   ReceiveEnd[tuple[asyncio.Task[list[Result]], list[float]]]]
+    running: tuple[SendEnd[tuple[asyncio.Task[list[Result]], list[tuple[float, float]]]],
+                   ReceiveEnd[tuple[asyncio.Task[list[Result]], list[tuple[float, float]]]]]
     outq: tuple[SendEnd[Result], ReceiveEnd[Result]]
     frames_in: int = 0
     frames_out: int = 0
     late_frames: int = 0
     warned: bool = False
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    """Per frame: from entering the (modeled) chip to leaving the device."""
+    oversleep: float = 0.0
+    """How late the loop wakes a pacing sleep, learnt as it runs (seconds)."""
     frame_cost: float = 1.0
     """Running average of the host's compute time per frame (seconds)."""
     first_out: float = 0.0
     last_out: float = 0.0
     modeled: dict[str, Any] = field(default_factory=dict)
+
+    def admit(self, now: float) -> tuple[float, float]:
+        """Entry and release time of a frame that reaches the chip ``now``."""
+        return self.pacer.admit(now) if self.pacer is not None else (now, now)
 
 
 def _perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
@@ -104,6 +113,13 @@ def _perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
     from ..timing import estimate
 
     return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
+
+
+def _percentiles(samples: deque[float]) -> dict[str, float | None]:
+    ms = np.asarray(samples) * 1000.0
+    if not ms.size:
+        return {"p50": None, "p99": None}
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 class SimulatedDevice:
@@ -228,16 +244,14 @@ class SimulatedDevice:
                     first = await get(recv_in)
                 except anyio.EndOfStream:
                     break
-                now = time.monotonic()
-                release = model.pacer.admit(now) if model.pacer else 0.0
+                times = [model.admit(time.monotonic())]
                 await slots.acquire()
                 batch = [first, *drain(recv_in, RUN_BATCH - 1)]
                 now = time.monotonic()
-                releases = [release] + [model.pacer.admit(now) for _ in batch[1:]] \
-                    if model.pacer else []
+                times += [model.admit(now) for _ in batch[1:]]
                 task = self._tasks.spawn(self._run(model, batch, limiter, slots),
                                          f"run-{model.info.index}")
-                await put(send_running, (task, releases))
+                await put(send_running, (task, times))
 
     @staticmethod
     async def _run(model: _Model, batch: list[list[Array]], limiter: anyio.CapacityLimiter,
@@ -278,19 +292,24 @@ class SimulatedDevice:
         async with send_out:
             while True:
                 try:
-                    task, releases = await get(recv_running)
+                    task, times = await get(recv_running)
                 except anyio.EndOfStream:
                     break
-                for i, outs in enumerate(await task):
-                    if releases:
-                        delay = releases[i] - time.monotonic()
+                for (entry, release), outs in zip(times, await task, strict=True):
+                    if model.pacer is not None:
+                        delay = release - time.monotonic()
                         if delay > 0:
-                            await asyncio.sleep(delay)
+                            # the loop wakes sleepers a little late: aim that much earlier
+                            await asyncio.sleep(max(0.0, delay - model.oversleep))
+                            late = time.monotonic() - release
+                            model.oversleep = min(0.002, max(
+                                0.0, model.oversleep + 0.1 * late))
                         elif -delay > LATE_TOLERANCE_S:
                             self._late(model, -delay)
                     now = time.monotonic()
                     model.first_out = model.first_out or now
                     model.last_out = now
+                    model.latencies.append(now - entry)
                     await put(send_out, outs)
 
     def _late(self, model: _Model, behind: float) -> None:
@@ -311,6 +330,7 @@ class SimulatedDevice:
                 "model_idx": m.info.index, "frames_in": m.frames_in, "frames_out": m.frames_out,
                 "late_frames": m.late_frames,
                 "device_fps": (m.frames_out - 1) / span if span > 0 else 0.0,
+                "device_latency_ms": _percentiles(m.latencies),
                 "modeled_fps": m.modeled.get("fps"),
                 "modeled_latency_ms": m.modeled.get("latency_ms"),
                 "queued_in": m.inq[0].statistics().current_buffer_used,
