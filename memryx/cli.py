@@ -1,10 +1,11 @@
-"""The ``memryx`` command: compile, info, bench.
+"""The ``memryx`` command: compile, info, bench, serve.
 
 Examples::
 
     memryx compile model.onnx -o model.dfp --autocrop
     memryx info model.dfp
     memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|fast|shapes] [--json]
+    memryx serve --socket /run/memryx.sock
 
 This module writes to stdout/stderr because it is the command-line front end;
 the library itself only logs.
@@ -181,6 +182,15 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .device.server import SchedulerOptions, serve
+
+    options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
+                               ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
+    serve(args.socket, mode=args.mode, options=options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memryx", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"memryx {__version__}")
@@ -215,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="share one simulated MX3 among processes over a socket")
+    p.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR/memryx.sock "
+                                    "or /tmp/memryx-UID.sock)")
+    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"])
+    p.add_argument("--frame-limit", type=int, default=20,
+                   help="frames a model may send per turn on the chip")
+    p.add_argument("--time-limit-ms", type=float, default=250.0,
+                   help="how long a model's turn on the chip may last")
+    p.add_argument("--ifmap-queue", type=int, default=16,
+                   help="frames a client may have in flight per model")
+    p.add_argument("--ofmap-queue", type=int, default=21,
+                   help="outputs buffered per model for a slow client")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -53,8 +53,10 @@ class Device(Protocol):
 def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     """A device from an argument or ``$MEMRYX_DEVICE``.
 
-    ``None`` reads ``$MEMRYX_DEVICE`` and falls back to ``"sim"``, the in-process
-    simulated MX3. A :class:`Device` instance is used as it is.
+    ``"sim"`` (or ``"sim:fast"``, ``"sim:shapes"``): the in-process simulated MX3;
+    ``"unix:/run/memryx.sock"``: a device server (``memryx serve``) reached over
+    that Unix socket. ``None`` reads ``$MEMRYX_DEVICE`` and falls back to
+    ``"sim"``. A :class:`Device` instance is used as it is.
     """
     if spec is not None and not isinstance(spec, str):
         if isinstance(spec, Device):
@@ -68,4 +70,12 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
         if arg:
             options.setdefault("mode", arg)
         return SimulatedDevice(**options)
-    raise ValueError(f"unknown device {text!r}: expected 'sim' (the simulated MX3)")
+    if kind == "unix" and arg:
+        from .fd import FdDevice
+
+        if options:
+            raise TypeError(f"the fd device takes no options; got {sorted(options)} (set the "
+                            "mode and scheduler on the server: memryx serve --help)")
+        return FdDevice(arg)
+    raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' (the simulated "
+                     "MX3) or 'unix:/path/to/socket' (a device server)")

@@ -1,0 +1,269 @@
+"""The fd device: an accelerator reached through a file descriptor.
+
+``FdDevice("/run/memryx.sock")`` connects to a device server (``memryx serve``)
+over a Unix socket and speaks :mod:`memryx.device.protocol` on it. The socket is
+a non-blocking fd owned by this object and driven by the event loop
+(``add_reader`` for input, ``sendmsg`` with ``add_writer`` when the kernel buffer
+is full); frame data goes out as memoryviews of the arrays, without copies.
+
+Faults: when the server dies, closes the connection or sends garbage, every
+waiting ``receive`` raises :class:`DeviceError` at once, saying how many frames
+were sent and never came back; later calls raise it too. A new accelerator
+(a new connection) may be opened once a server listens again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from numpy.typing import NDArray
+
+from .. import _exceptions
+from .._core.channel import ReceiveEnd, SendEnd, get, open_channel
+from .._exceptions import ClosedError, DeviceError, MemryxError
+from .._version import __version__
+from . import protocol as p
+
+if TYPE_CHECKING:
+    from ..dfp import Dfp
+
+__all__ = ["FdDevice"]
+
+log = logging.getLogger("memryx.device.fd")
+Array = NDArray[Any]
+#: Seconds to wait for the server to answer during open / close.
+REPLY_TIMEOUT = 10.0
+
+
+def _remote_error(err: p.Error, doing: str) -> MemryxError:
+    """The server's error as the exception the in-process device would have raised."""
+    cls = getattr(_exceptions, err.code, None)
+    if isinstance(cls, type) and issubclass(cls, MemryxError) and cls is not DeviceError:
+        return cls(err.message)
+    return DeviceError(f"device server error while {doing}: {err.code}: {err.message}")
+
+
+class FdDevice:
+    """A device server reached through a Unix socket (see the module docstring)."""
+
+    name = "fd"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._sock: socket.socket | None = None
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn = p.Connection(p.Role.CLIENT)
+        self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] = open_channel(8)
+        self._outq: list[tuple[SendEnd[p.Output], ReceiveEnd[p.Output]]] = []
+        self._sent: list[deque[int]] = []
+        self._capacity: list[int] = []
+        self._seq = 0
+        self._write_lock = anyio.Lock()
+        self._fault: DeviceError | None = None
+        self._closed = False
+        self.frames_in = 0
+        self.frames_out = 0
+
+    # -- connection ---------------------------------------------------------------------------
+    async def open(self, dfp: Dfp, group_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self.path), REPLY_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            raise DeviceError(f"cannot reach the device server at {self.path}: {exc}") from exc
+        self._sock, self._fd, self._loop = sock, sock.fileno(), loop
+        loop.add_reader(self._fd, self._on_readable)
+        try:
+            await self._write(p.Hello(f"memryx {__version__}", os.getpid()))
+            await self._reply(p.Welcome, "connecting")
+            data = dfp.to_bytes()
+            await self._write(p.Open(hashlib.sha256(data).digest(), group_id))
+            reply = await self._reply((p.NeedDfp, p.Opened), "opening the DFP")
+            if isinstance(reply, p.NeedDfp):
+                await self._write(p.DfpData(data))
+                reply = await self._reply(p.Opened, "opening the DFP")
+        except BaseException:
+            self._shutdown()
+            raise
+        self._capacity = [int(m.capacity) for m in reply.models]
+        self._outq = [open_channel(c) for c in self._capacity]
+        self._sent = [deque() for _ in self._capacity]
+        log.debug("fd device %s opened %d model(s)", self.path, len(self._capacity))
+
+    async def _reply(self, kinds: Any, doing: str) -> Any:
+        try:
+            with anyio.fail_after(REPLY_TIMEOUT):
+                event = await get(self._control[1])
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._fault or DeviceError(f"connection lost while {doing}") from None
+        except TimeoutError:
+            raise DeviceError(f"the device server did not answer while {doing}") from None
+        if isinstance(event, p.Error):
+            raise _remote_error(event, doing)
+        if not isinstance(event, kinds):
+            raise DeviceError(f"unexpected {type(event).__name__} from the server while {doing}")
+        return event
+
+    # -- reading (loop callback) -----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        if self._sock is None:
+            return
+        try:
+            data = self._sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._set_fault(f"the connection to the device server broke ({exc})")
+            return
+        if not data:
+            self._set_fault("the device server closed the connection")
+            return
+        try:
+            events = self._conn.receive_data(data)
+        except p.ProtocolError as exc:
+            self._set_fault(f"the device server sent malformed data ({exc})")
+            return
+        for event in events:
+            if isinstance(event, p.Output):
+                self._route(event)
+            elif isinstance(event, p.Error) and self._outq:
+                self._set_fault(f"device server error: {event.code}: {event.message}")
+            elif isinstance(event, (p.Closed, p.Bye)):
+                self._set_fault("the device server closed the connection")
+            else:
+                try:
+                    self._control[0].send_nowait(event)
+                except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._set_fault("the device server sent more replies than asked for")
+
+    def _route(self, event: p.Output) -> None:
+        if not 0 <= event.model < len(self._outq) or not self._sent[event.model] or \
+                self._sent[event.model][0] != event.seq:
+            self._set_fault(f"the device server returned an output nobody waits for "
+                            f"(model {event.model}, frame {event.seq})")
+            return
+        self._sent[event.model].popleft()
+        self._outq[event.model][0].send_nowait(event)  # room: at most capacity in flight
+
+    def _set_fault(self, message: str) -> None:
+        if self._fault is not None:
+            return
+        lost = sum(len(s) for s in self._sent)
+        self._fault = DeviceError(f"{message}; {lost} frame(s) sent and never returned",
+                                  lost_frames=lost)
+        log.warning("fd device %s: %s", self.path, self._fault)
+        self._shutdown()
+
+    # -- writing ----------------------------------------------------------------------------------
+    async def _write(self, event: Any) -> None:
+        if self._fault is not None:
+            raise self._fault
+        if self._sock is None:
+            raise ClosedError("the device is closed")
+        pieces: list[Any] = [memoryview(x).cast("B") for x in self._conn.send(event)]
+        async with self._write_lock:
+            while pieces:
+                sock = self._sock
+                if sock is None:
+                    raise self._fault or ClosedError("the device is closed")
+                try:
+                    sent = sock.sendmsg(pieces)
+                except (BlockingIOError, InterruptedError):
+                    await self._writable()
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EBADF:
+                        raise ClosedError("the device is closed") from None
+                    self._set_fault(f"the connection to the device server broke ({exc})")
+                    raise self._fault or DeviceError(str(exc)) from exc
+                while sent and pieces:
+                    if sent >= len(pieces[0]):
+                        sent -= len(pieces.pop(0))
+                    else:
+                        pieces[0] = pieces[0][sent:]
+                        sent = 0
+
+    async def _writable(self) -> None:
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(self._fd, ready)
+        try:
+            await fut
+        finally:
+            if self._fd >= 0:
+                self._loop.remove_writer(self._fd)
+
+    # -- the Device interface -------------------------------------------------------------------
+    def capacity(self, model_idx: int) -> int:
+        return self._capacity[model_idx]
+
+    async def send(self, model_idx: int, frame: list[Array]) -> None:
+        seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self._sent[model_idx].append(seq)
+        try:
+            await self._write(p.Frame(model_idx, seq, frame))
+        except BaseException:
+            if self._sent[model_idx] and self._sent[model_idx][-1] == seq and self._fault is None:
+                self._sent[model_idx].pop()  # never left: not in flight
+            raise
+        self.frames_in += 1
+
+    async def receive(self, model_idx: int) -> list[Array]:
+        if self._closed:
+            raise ClosedError("the device is closed")
+        try:
+            event = await get(self._outq[model_idx][1])
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._fault or ClosedError("the device is closed") from None
+        self.frames_out += 1
+        return list(event.arrays)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"device": self.name, "address": f"unix:{self.path}",
+                "frames_in": self.frames_in, "frames_out": self.frames_out,
+                "in_flight": sum(len(s) for s in self._sent),
+                "fault": str(self._fault) if self._fault else None}
+
+    def _shutdown(self) -> None:
+        """Stop reading, close the fd, wake every waiter (they see the fault or ClosedError)."""
+        sock, self._sock = self._sock, None
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = -1
+        for send, _ in self._outq:
+            send.close()
+        self._control[0].close()
+        if sock is not None:
+            sock.close()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None and self._fault is None:
+            with contextlib.suppress(MemryxError, OSError, p.ProtocolError):
+                await self._write(p.Close())
+        self._shutdown()
+        for send, receive in self._outq:
+            send.close()
+            receive.close()
+        self._control[1].close()
