@@ -255,8 +255,8 @@ class _Accelerator:
         """The async twin of :meth:`close`."""
         if self._state is _State.CLOSED:
             return
-        if self._state is _State.ASYNC:
-            await self._engine.aclose()
+        if self._state in (_State.ASYNC, _State.NEW):
+            await self._engine.aclose()  # NEW: never started, but its device may hold resources
         elif self._runner is not None:
             runner = self._runner
             await await_future(runner.start(self._engine.aclose))

@@ -148,3 +148,68 @@ def frames(n: int, shape: tuple[int, ...], seed: int = 0, dtype: Any = np.float3
            ) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(dtype) for _ in range(n)]
+
+
+# -- device servers ---------------------------------------------------------------------------
+class ServerProcess:
+    """A ``memryx serve`` child process on a socket in a temporary directory."""
+
+    def __init__(self, directory: Any, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.path = directory / "memryx.sock"
+        self.log = directory / "server.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
+                 "--socket", str(self.path), *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"device server did not start: {self.log.read_text()}")
+            time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(self.path))
+            except OSError:
+                return False
+        return True
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:  # pragma: no cover - a server that ignores SIGTERM
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: Any) -> Iterator[ServerProcess]:
+    """One device server for the whole session (the accelerator suite over fd)."""
+    server = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Iterator[ServerProcess]:
+    """A device server of this test's own (for fault tests that kill it)."""
+    srv = ServerProcess(tmp_path)
+    yield srv
+    srv.stop()

@@ -457,7 +457,8 @@ class Engine:
         self._tasks = TaskSet("memryx", self._on_internal_error)
         self._feeders = TaskSet("memryx-feed", self._on_internal_error)
         for model in self.dfp.models:
-            lane = Lane(self, model, self.device.capacity(model.index))
+            # the collector holds one tag while it waits: the channel holds the rest
+            lane = Lane(self, model, max(0, self.device.capacity(model.index) - 1))
             lane.pre = self._processors.get((model.index, "pre"))
             lane.post = self._processors.get((model.index, "post"))
             self.lanes.append(lane)

@@ -63,7 +63,7 @@ class FdDevice:
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn = p.Connection(p.Role.CLIENT)
-        self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] = open_channel(8)
+        self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] | None = None
         self._outq: list[tuple[SendEnd[p.Output], ReceiveEnd[p.Output]]] = []
         self._sent: list[deque[int]] = []
         self._capacity: list[int] = []
@@ -85,6 +85,7 @@ class FdDevice:
             sock.close()
             raise DeviceError(f"cannot reach the device server at {self.path}: {exc}") from exc
         self._sock, self._fd, self._loop = sock, sock.fileno(), loop
+        self._control = open_channel(8)
         loop.add_reader(self._fd, self._on_readable)
         try:
             await self._write(p.Hello(f"memryx {__version__}", os.getpid()))
@@ -104,6 +105,7 @@ class FdDevice:
         log.debug("fd device %s opened %d model(s)", self.path, len(self._capacity))
 
     async def _reply(self, kinds: Any, doing: str) -> Any:
+        assert self._control is not None
         try:
             with anyio.fail_after(REPLY_TIMEOUT):
                 event = await get(self._control[1])
@@ -143,7 +145,7 @@ class FdDevice:
                 self._set_fault(f"device server error: {event.code}: {event.message}")
             elif isinstance(event, (p.Closed, p.Bye)):
                 self._set_fault("the device server closed the connection")
-            else:
+            elif self._control is not None:
                 try:
                     self._control[0].send_nowait(event)
                 except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -251,7 +253,8 @@ class FdDevice:
         self._fd = -1
         for send, _ in self._outq:
             send.close()
-        self._control[0].close()
+        if self._control is not None:
+            self._control[0].close()
         if sock is not None:
             sock.close()
 
@@ -266,4 +269,5 @@ class FdDevice:
         for send, receive in self._outq:
             send.close()
             receive.close()
-        self._control[1].close()
+        if self._control is not None:
+            self._control[1].close()

@@ -92,10 +92,6 @@ def test_streams_are_served_round_robin(identity_dfp):
     for window in (order[:80], order[80:160]):
         counts = [window.count(s) for s in range(4)]
         assert min(counts) >= 12, counts  # fair share is 20
-    seen = [0] * 4
-    for s in order[: 4 * 40]:
-        seen[s] += 1
-        assert max(seen) - min(seen) <= 16
 
 
 def test_each_stream_ends_on_its_own_none(identity_dfp):
