@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import inspect
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -23,6 +24,10 @@ from .._exceptions import CallbackSignatureError
 from .runner import run_sync
 
 __all__ = ["END", "CallbackKind", "check_signature", "classify", "frames_from"]
+
+
+#: How long one thread hop may keep calling a fast input callback to batch its frames.
+BATCH_WINDOW_S = 0.0005
 
 
 class _End:
@@ -118,10 +123,18 @@ async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
                 return END if item is None else prepare(item)
 
         def produce_batch(count: int) -> tuple[list[Any], BaseException | None, bool]:
-            """Up to ``count`` frames in one thread hop: (frames, error, ended)."""
+            """Up to ``count`` frames in one thread hop: (frames, error, ended).
+
+            A frame is never held back for long: the batch ends once the hop has
+            taken ``BATCH_WINDOW_S``, so a source that blocks until its next frame
+            (a camera) hands each frame over as soon as it has it.
+            """
             frames: list[Any] = []
+            deadline = time.perf_counter() + BATCH_WINDOW_S
             try:
                 while len(frames) < count and not stopping.is_set():
+                    if frames and time.perf_counter() > deadline:
+                        break
                     frame = produce()
                     if frame is END:
                         return frames, None, True
