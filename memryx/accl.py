@@ -270,9 +270,21 @@ class _Accelerator:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
             self.close()
-            return
+        else:
+            self._close_after(exc)
+
+    def _close_after(self, exc: BaseException) -> None:
+        """Close while ``exc`` propagates; a different error from close rides along as a note."""
         try:
             self.close()
+        except Exception as late:
+            if late is not exc:
+                exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+
+    async def _aclose_after(self, exc: BaseException) -> None:
+        """The async twin of :meth:`_close_after`."""
+        try:
+            await self.aclose()
         except Exception as late:
             if late is not exc:
                 exc.add_note(f"while stopping the accelerator, another error: {late!r}")
@@ -286,12 +298,8 @@ class _Accelerator:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None:
             await self.aclose()
-            return
-        try:
-            await self.aclose()
-        except Exception as late:
-            if late is not exc:
-                exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+        else:
+            await self._aclose_after(exc)
 
     def __del__(self) -> None:
         state = getattr(self, "_state", _State.CLOSED)
@@ -410,13 +418,8 @@ class _Accelerator:
         try:
             self._blocking("wait()", "await accl.await_done()", self._engine.wait_done)
         except BaseException as exc:
-            if isinstance(exc, NotConnectedError):  # nothing ran yet: connect and wait again
-                raise
-            try:
-                self.close()
-            except Exception as late:
-                if late is not exc:
-                    exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            if not isinstance(exc, NotConnectedError):  # else: connect and wait again
+                self._close_after(exc)
             raise
         self.close()
 
@@ -425,13 +428,8 @@ class _Accelerator:
         try:
             await self._acall(self._engine.wait_done)
         except BaseException as exc:
-            if isinstance(exc, NotConnectedError):  # nothing ran yet: connect and wait again
-                raise
-            try:
-                await self.aclose()
-            except Exception as late:
-                if late is not exc:
-                    exc.add_note(f"while stopping the accelerator, another error: {late!r}")
+            if not isinstance(exc, NotConnectedError):  # else: connect and wait again
+                await self._aclose_after(exc)
             raise
         await self.aclose()
 

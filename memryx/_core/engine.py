@@ -121,67 +121,60 @@ class BatchSink:
         return [r for r in self.results if r is not None]
 
 
-class ChannelSink:
-    """Outputs of ``SyncAccl.send`` frames, waiting for ``receive``."""
+class _ChannelSink:
+    """A sink whose outputs wait in a channel for their consumer."""
 
     def __init__(self, capacity: int) -> None:
-        self.send_end: SendEnd[Frame]
-        self.receive_end: ReceiveEnd[Frame]
+        self.send_end: SendEnd[Any]
+        self.receive_end: ReceiveEnd[Any]
         self.send_end, self.receive_end = open_channel(capacity)
         self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        """End the consumer's wait: it sees ``exc`` (the first failure)."""
+        if self.error is None:
+            self.error = exc
+        self.send_end.close()
+
+    def close(self) -> None:
+        self.send_end.close()
+        self.receive_end.close()
+
+
+class ChannelSink(_ChannelSink):
+    """Outputs of ``SyncAccl.send`` frames, waiting for ``receive``."""
 
     async def deliver(self, key: int, outputs: Frame) -> None:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             await self.send_end.send(outputs)
 
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.send_end.close()
-
-    def close(self) -> None:
-        self.send_end.close()
-        self.receive_end.close()
-
     async def receive(self, *, nowait: bool = False) -> Frame:
         """The next output; ``nowait`` raises ``anyio.WouldBlock`` when there is none."""
         try:
-            if nowait:
-                return self.receive_end.receive_nowait()
-            return await self.receive_end.receive()
+            frame: Frame = (self.receive_end.receive_nowait() if nowait
+                            else await self.receive_end.receive())
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise (self.error or ClosedError("the accelerator is closed")) from None
+        return frame
 
 
-class StreamSink:
+class StreamSink(_ChannelSink):
     """Outputs of one ``astream``: in order, at most ``window`` in flight.
 
     Frames of one sink go through one lane in order, so their outputs arrive in
     order too; the window bounds how many can be waiting, so ``deliver`` never
     blocks the lane's collector (a slow consumer holds back only its producer).
+    The channel holds the window's outputs plus the producer's end marker (None).
     """
 
     def __init__(self, window: int) -> None:
+        super().__init__(window + 1)
         self.slots = anyio.Semaphore(window)
-        # window outputs plus the producer's end-of-input marker (None)
-        self.send_end: SendEnd[Frame | None]
-        self.receive_end: ReceiveEnd[Frame | None]
-        self.send_end, self.receive_end = open_channel(window + 1)
-        self.error: BaseException | None = None
 
     async def deliver(self, key: int, outputs: Frame) -> None:
         # the consumer may have left early: late outputs are dropped
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.send_end.send_nowait(outputs)
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.send_end.close()
-
-    def close(self) -> None:
-        self.send_end.close()
-        self.receive_end.close()
 
 
 @dataclass
