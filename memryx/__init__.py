@@ -16,6 +16,7 @@ from ._exceptions import LoopBlockingError as LoopBlockingError
 from ._exceptions import MemryxError as MemryxError
 from ._exceptions import ModelIndexError as ModelIndexError
 from ._exceptions import NotConnectedError as NotConnectedError
+from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ShapeError as ShapeError
 from ._exceptions import UsageError as UsageError
 from ._version import __version__ as __version__
@@ -45,6 +46,7 @@ __all__ = [
     "NeuralCompiler",
     "NotConnectedError",
     "PortInfo",
+    "ProtocolError",
     "ShapeError",
     "SyncAccl",
     "UsageError",

@@ -14,7 +14,8 @@
     │   └── LoopBlockingError (RuntimeError)       a blocking call made on a running loop
     ├── DfpError (ValueError)         a DFP file is truncated, corrupted, foreign or too new
     ├── CompilerError                 the NeuralCompiler cannot compile the model
-    └── DeviceError                   the device failed (fault, lost connection)
+    ├── DeviceError                   the device failed (fault, lost connection)
+    └── ProtocolError                 a peer broke the device wire protocol
 
 Each user-mistake class also derives from the builtin exception the API
 document promises (``ValueError`` for a wrong shape, ``TypeError`` for a wrong
@@ -36,6 +37,7 @@ __all__ = [
     "MemryxError",
     "ModelIndexError",
     "NotConnectedError",
+    "ProtocolError",
     "ShapeError",
     "UsageError",
 ]
@@ -98,3 +100,7 @@ class DeviceError(MemryxError):
     def __init__(self, message: str, *, lost_frames: int = 0) -> None:
         super().__init__(message)
         self.lost_frames = lost_frames
+
+
+class ProtocolError(MemryxError):
+    """A peer broke the wire protocol, or a message cannot be sent in the current state."""

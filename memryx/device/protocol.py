@@ -106,7 +106,7 @@ from typing import Any, Final, NoReturn, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from .._exceptions import MemryxError
+from .._exceptions import ProtocolError
 from ..dfp import MAX_MODELS
 
 __all__ = [
@@ -146,10 +146,6 @@ __all__ = [
     "pack_arrays",
     "unpack_arrays",
 ]
-
-
-class ProtocolError(MemryxError):
-    """A peer broke the wire protocol, or a message cannot be sent in the current state."""
 
 
 MAGIC: Final = b"MX"
