@@ -25,9 +25,11 @@ callback; later ones are attached as notes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
+import threading
 import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -44,6 +46,7 @@ from ._core.runner import (
     await_future,
     call_in_loop,
     check_not_on_loop,
+    in_user_code,
     on_loop_thread,
 )
 from ._exceptions import (
@@ -84,7 +87,8 @@ class _State(enum.Enum):
 def _ms_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+            not timeout >= 0:  # also refuses NaN
         raise ValueError(f"timeout must be None or a number of milliseconds >= 0, got {timeout!r}")
     return timeout / 1000.0
 
@@ -110,6 +114,8 @@ class _Accelerator:
         self._runner: Runner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._receivers: dict[int, ChannelSink] = {}
+        self._close_lock = threading.RLock()
+        self._stopping = False
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -226,19 +232,21 @@ class _Accelerator:
         user code is abandoned (it keeps its worker thread until it returns) and
         none is called after this returns. Idempotent.
         """
-        if self._state is _State.CLOSED:
-            return
-        if self._state is _State.ASYNC:
-            assert self._loop is not None
-            if on_loop_thread(self._loop):
-                raise LoopBlockingError("close() blocks, and was called on the event loop "
-                                        "this accelerator runs on; use `await accl.aclose()`")
-            call_in_loop(self._loop, self._engine.aclose)
-        elif self._runner is not None:
-            check_not_on_loop("close()", "await accl.aclose()")
-            self._runner.call(self._engine.aclose)
-            self._runner.close()
-        self._closed()
+        with self._close_lock:  # close() may race from several threads (a watchdog, main)
+            if self._state is _State.CLOSED:
+                return
+            self._stopping = True
+            if self._state is _State.ASYNC:
+                assert self._loop is not None
+                if on_loop_thread(self._loop):
+                    raise LoopBlockingError("close() blocks, and was called on the event loop "
+                                            "this accelerator runs on; use `await accl.aclose()`")
+                call_in_loop(self._loop, self._engine.aclose)
+            elif self._runner is not None:
+                check_not_on_loop("close()", "await accl.aclose()")
+                self._runner.call(self._engine.aclose)
+                self._runner.close()
+            self._closed()
 
     def _closed(self) -> None:
         self._state = _State.CLOSED
@@ -255,6 +263,7 @@ class _Accelerator:
         """The async twin of :meth:`close`."""
         if self._state is _State.CLOSED:
             return
+        self._stopping = True
         if self._state in (_State.ASYNC, _State.NEW):
             await self._engine.aclose()  # NEW: never started, but its device may hold resources
         elif self._runner is not None:
@@ -415,9 +424,20 @@ class _Accelerator:
 
     # -- helpers for the callback API --------------------------------------------------------------
     def _wait(self) -> None:
+        self._check_open()
+        if in_user_code():
+            raise UsageError("wait() cannot be called from this accelerator's own callback: "
+                             "it would wait for itself (call stop() to end the run)")
         try:
             self._blocking("wait()", "await accl.await_done()", self._engine.wait_done)
         except BaseException as exc:
+            if self._stopping and isinstance(exc, (concurrent.futures.CancelledError,
+                                                   ClosedError)):
+                # stop() from another thread (or a callback) ended the run: wait() is over
+                with self._close_lock:
+                    pass  # let that stop() finish first
+                self._engine.raise_errors()
+                return
             if not isinstance(exc, NotConnectedError):  # else: connect and wait again
                 self._close_after(exc)
             raise

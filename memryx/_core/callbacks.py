@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from .._exceptions import CallbackSignatureError
-from .runner import run_sync
+from .runner import run_sync, user_code
 
 __all__ = ["END", "CallbackKind", "check_signature", "classify", "frames_from"]
 
@@ -132,13 +132,14 @@ async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
             frames: list[Any] = []
             deadline = time.perf_counter() + BATCH_WINDOW_S
             try:
-                while len(frames) < count and not stopping.is_set():
-                    if frames and time.perf_counter() > deadline:
-                        break
-                    frame = produce()
-                    if frame is END:
-                        return frames, None, True
-                    frames.append(frame)
+                with user_code():
+                    while len(frames) < count and not stopping.is_set():
+                        if frames and time.perf_counter() > deadline:
+                            break
+                        frame = produce()
+                        if frame is END:
+                            return frames, None, True
+                        frames.append(frame)
             except Exception as exc:
                 return frames, exc, True
             return frames, None, stopping.is_set()

@@ -52,7 +52,7 @@ from .._exceptions import ClosedError, NotConnectedError, UsageError
 from .callbacks import CallbackKind, check_signature, classify, frames_from
 from .channel import ReceiveEnd, SendEnd, drain, get, open_channel, put
 from .processing import PortSpec, Processor, as_array_list, conform
-from .runner import new_limiter, run_sync, stop_flag
+from .runner import new_limiter, run_sync, stop_flag, user_code
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -239,6 +239,11 @@ class Lane:
     meter: Meter = field(default_factory=Meter)
     device_wait_s: float = 0.0
     """Time the collector spent waiting for the device."""
+    output_failed: bool = False
+    """The output callback raised: later outputs are dropped, not handed to it."""
+    dropped: int = 0
+    """Outputs not delivered: after the output callback raised, or at stop."""
+    feeder_ends: list[Any] = field(default_factory=list)
 
     @property
     def frames_in(self) -> int:
@@ -350,12 +355,15 @@ class Lane:
         await self.output_set.wait()
         out = self.output
         assert out is not None
-        while True:
+        while not self.engine.closed:
             try:
                 first = await get(self._out_recv)
-            except anyio.EndOfStream:
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
                 break
             batch = [first, *drain(self._out_recv, OUTPUT_BATCH - 1)]
+            if self.output_failed:
+                self.dropped += len(batch)  # the callback raised: its stream has ended
+                continue
             if out.kind is CallbackKind.SYNC:
                 results = await run_sync(self._call_batch, out, batch,
                                          limiter=self.engine.output_limiter)
@@ -373,7 +381,9 @@ class Lane:
                 if out.with_stream_idx:
                     where += f", stream {stream}"
                 self.engine.record(error, where)
+                self.output_failed = True
                 self.stop_feeding()
+            self.dropped += len(batch) - len(results)
         self.done.set()
         self.engine.notify()
 
@@ -381,15 +391,16 @@ class Lane:
                     ) -> list[tuple[Exception | None, float]]:
         """On a worker thread: post-process and call back each output of ``batch``."""
         results: list[tuple[Exception | None, float]] = []
-        for stream, outputs, _, _ in batch:
-            if self.engine.stopping.is_set():
-                break  # stopped: no callback after stop() returns
-            try:
-                res = self.finish(outputs)
-                out.fn(*((stream, *res) if out.with_stream_idx else res))
-            except Exception as exc:
-                results.append((exc, time.monotonic()))
-            else:
+        with user_code():
+            for stream, outputs, _, _ in batch:
+                if self.engine.stopping.is_set():
+                    break  # stopped: no callback after stop() returns
+                try:
+                    res = self.finish(outputs)
+                    out.fn(*((stream, *res) if out.with_stream_idx else res))
+                except Exception as exc:
+                    results.append((exc, time.monotonic()))
+                    break  # the callback raised: it is not called again
                 results.append((None, time.monotonic()))
         return results
 
@@ -417,7 +428,7 @@ class Lane:
 
     def close_channels(self) -> None:
         for end in (self.in_send, self._in_recv, self._pending_send, self._pending_recv,
-                    self._out_send, self._out_recv):
+                    self._out_send, self._out_recv, *self.feeder_ends):
             end.close()
 
 
@@ -498,11 +509,14 @@ class Engine:
             return
         self.closed = True
         self.stopping.set()
-        dropped = sum(lane.frames_in - lane.frames_out for lane in self.lanes)
-        closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
+        self.notify()  # wait_done() returns: stopping ends the run
         for tasks in (self._feeders, self._tasks):
             if tasks is not None:
                 await tasks.aclose()
+        for lane in self.lanes:  # frames accepted and not delivered: dropped by the stop
+            lane.dropped += max(0, lane.frames_in - lane.frames_out - lane.dropped)
+        dropped = sum(lane.dropped for lane in self.lanes)
+        closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for lane in self.lanes:
             for sink in list(lane.sinks):
                 sink.fail(closed)
@@ -543,7 +557,9 @@ class Engine:
         for stream in streams:
             args = (stream,) if stream_count is not None else ()
             lane.streams[stream] = Meter()
-            task = self._feeders.spawn(self._feed(lane, fn, args, stream, lane.in_send.clone()),
+            end = lane.in_send.clone()
+            lane.feeder_ends.append(end)  # closed at close even if the feeder never ran
+            task = self._feeders.spawn(self._feed(lane, fn, args, stream, end),
                                        f"feed-{model_idx}-{stream}")
             lane.feeders.append(task)
         lane.in_send.close()
@@ -600,7 +616,12 @@ class Engine:
                 f"wait() needs every model's input and output connected; not connected: "
                 f"{', '.join(missing)}"
             )
-        while self.fatal is None and not all(lane.done.is_set() for lane in self.lanes):
+        me = asyncio.current_task()
+        if any(ts is not None and ts.owns(me) for ts in (self._tasks, self._feeders)):
+            raise UsageError("wait() / await_done() cannot be called from this accelerator's "
+                             "own callback: it would wait for itself")
+        while self.fatal is None and not self.closed and \
+                not all(lane.done.is_set() for lane in self.lanes):
             await self._changed.wait()
         self.raise_errors()
 
@@ -731,7 +752,8 @@ class Engine:
         for lane in self.lanes:
             entry = {"model_idx": lane.idx, "name": lane.model.name, **lane.meter.summary()}
             entry.update({
-                "in_flight": lane.frames_in - lane.frames_out,
+                "in_flight": max(0, lane.frames_in - lane.frames_out - lane.dropped),
+                "dropped": lane.dropped,
                 "device_wait_s": lane.device_wait_s,
                 "queues": {
                     "input": lane.in_send.statistics().current_buffer_used,

@@ -105,6 +105,14 @@ class CallableProcessor(Processor):
         )
 
 
+def _onnx_processor(model: bytes, model_idx: int, role: str, source: str) -> OnnxProcessor:
+    try:
+        return OnnxProcessor(model, model_idx, role)
+    except Exception as exc:  # onnxruntime raises its own bare exception types
+        raise ValueError(f"{role} model for model {model_idx} ({source}) is not a loadable "
+                         f"ONNX model: {exc}") from exc
+
+
 def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
     """A processor from an ONNX path / ``onnx.ModelProto`` / bytes, or a Python callable."""
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -115,11 +123,11 @@ def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
             raise ValueError(
                 f"{role} model {path}: only ONNX models (.onnx) are supported, got {path.suffix!r}"
             )
-        return OnnxProcessor(path.read_bytes(), model_idx, role)
+        return _onnx_processor(path.read_bytes(), model_idx, role, str(path))
     if isinstance(model_or_path, (bytes, bytearray)):
-        return OnnxProcessor(bytes(model_or_path), model_idx, role)
+        return _onnx_processor(bytes(model_or_path), model_idx, role, "bytes")
     if type(model_or_path).__name__ == "ModelProto":
-        return OnnxProcessor(model_or_path.SerializeToString(), model_idx, role)
+        return _onnx_processor(model_or_path.SerializeToString(), model_idx, role, "ModelProto")
     if callable(model_or_path):
         return CallableProcessor(model_or_path, role)
     raise TypeError(
@@ -128,16 +136,18 @@ def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
     )
 
 
-def _describe(spec: PortSpec) -> str:
+def _describe(spec: PortSpec, what: str = "frame") -> str:
     port = f" {spec.port}" if spec.port is not None else ""
-    return f"model {spec.model_idx}, {spec.where}{port} (layer {spec.layer!r})"
+    source = "" if what == "frame" else f" ({what})"
+    return f"model {spec.model_idx}, {spec.where}{port} (layer {spec.layer!r}){source}"
 
 
 def as_array_list(data: Any, n_ports: int, model_idx: int, what: str) -> list[Any]:
     """One frame as a list with an entry per port (accepts a bare array for 1 port)."""
     if isinstance(data, np.ndarray):
         items: list[Any] = [data]
-    elif isinstance(data, (list, tuple)):
+    elif isinstance(data, (list, tuple)) and (n_ports > 1 or all(
+            isinstance(x, np.ndarray) for x in data)):
         items = list(data)
     else:
         raise DtypeError(
@@ -167,12 +177,12 @@ def conform(data: Any, specs: Sequence[PortSpec], what: str = "frame", *, copy: 
     for arr, spec in zip(items, specs, strict=True):
         if not isinstance(arr, np.ndarray):
             raise DtypeError(
-                f"{_describe(spec)}: expected a numpy.ndarray of {spec.dtype}, "
+                f"{_describe(spec, what)}: expected a numpy.ndarray of {spec.dtype}, "
                 f"got {type(arr).__name__}"
             )
         if arr.dtype != spec.dtype:
             raise DtypeError(
-                f"{_describe(spec)}: expected dtype {spec.dtype}, got {arr.dtype} "
+                f"{_describe(spec, what)}: expected dtype {spec.dtype}, got {arr.dtype} "
                 "(convert with .astype(); the runtime does not cast silently)"
             )
         if arr.shape != spec.shape:
@@ -181,7 +191,7 @@ def conform(data: Any, specs: Sequence[PortSpec], what: str = "frame", *, copy: 
             else:
                 alt = f" or {spec.shape[1:]}" if spec.shape and spec.shape[0] == 1 else ""
                 raise ShapeError(
-                    f"{_describe(spec)}: expected shape {spec.shape}{alt}, got {arr.shape}"
+                    f"{_describe(spec, what)}: expected shape {spec.shape}{alt}, got {arr.shape}"
                 )
         out.append(np.array(arr, order="C", copy=True) if copy else arr)
     return out

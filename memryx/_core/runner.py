@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from .._exceptions import LoopBlockingError
+from .._exceptions import ClosedError, LoopBlockingError
 
 __all__ = [
     "HAVE_UVLOOP",
@@ -34,10 +35,12 @@ __all__ = [
     "await_future",
     "call_in_loop",
     "check_not_on_loop",
+    "in_user_code",
     "new_limiter",
     "on_loop_thread",
     "run_sync",
     "stop_flag",
+    "user_code",
 ]
 
 log = logging.getLogger("memryx.runner")
@@ -63,6 +66,24 @@ def check_not_on_loop(what: str, twin: str) -> None:
         f"{what} blocks, and was called from a thread that runs an event loop, which it "
         f"would stall or deadlock; in async code use `{twin}` instead"
     )
+
+
+_callback_thread = threading.local()
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """Mark the current worker thread as running user callbacks (see :func:`in_user_code`)."""
+    _callback_thread.active = True
+    try:
+        yield
+    finally:
+        _callback_thread.active = False
+
+
+def in_user_code() -> bool:
+    """Whether the calling thread is running one of the runtime's user callbacks."""
+    return bool(getattr(_callback_thread, "active", False))
 
 
 def stop_flag() -> threading.Event:
@@ -105,11 +126,16 @@ class Runner:
 
     def _portal_or_raise(self) -> BlockingPortal:
         if self._portal is None:
-            raise RuntimeError(f"runner {self.name} is closed")
+            raise ClosedError(f"runner {self.name} is closed")
         return self._portal
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return self.start(fn, *args).result()
+        fut = self.start(fn, *args)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. Ctrl-C in the caller: the work on the loop stops too
+            raise
 
     def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
         portal = self._portal_or_raise()

@@ -41,10 +41,17 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def owns(self, task: asyncio.Task[Any] | None) -> bool:
+        return task is not None and task in self._tasks
+
     async def aclose(self) -> None:
-        """Cancel every task and wait until all have ended."""
-        while self._tasks:
-            tasks = list(self._tasks)
-            for t in tasks:
+        """Cancel every task and wait until all have ended.
+
+        Called from one of its own tasks (a callback closing its accelerator),
+        that task is left to finish by itself instead of waiting for itself.
+        """
+        me = asyncio.current_task()
+        while others := [t for t in self._tasks if t is not me]:
+            for t in others:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*others, return_exceptions=True)

@@ -890,6 +890,19 @@ class Connection:
         return model, seq, pieces, sum(len(p) if isinstance(p, bytes) else p.nbytes
                                        for p in pieces)
 
+    def farewell(self, code: str, message: str) -> bytes:
+        """A fatal ERROR to send as the last message, whatever the state (even broken).
+
+        For a server answering a peer that broke the protocol: it says why before
+        hanging up. Nothing may be sent after it.
+        """
+        payload = _encode_json({"code": _str(code, "ERROR.code"),
+                                "message": _str(message[:4096], "ERROR.message"),
+                                "fatal": True}, Kind.ERROR)
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, Kind.ERROR, 0, 0, len(payload))
+        self._done[self.role] = "fatal ERROR"
+        return header + payload
+
     # -- the state machine ----------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._broken is not None:

@@ -335,8 +335,9 @@ class Session(asyncio.Protocol):
 
     def _fail(self, code: str, message: str) -> None:
         log.warning("client %s: %s error: %s", self.peer, code, message)
-        with contextlib.suppress(p.ProtocolError):
-            self._send(p.Error(code, message, True))
+        if self.transport is not None and not self._closing:
+            with contextlib.suppress(p.ProtocolError):
+                self.transport.write(self.conn.farewell(code, message))
         self._close()
 
     def _close(self) -> None:
