@@ -122,6 +122,31 @@ def _percentiles(samples: deque[float]) -> dict[str, float | None]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(double)": "float64", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+              "tensor(uint16)": "uint16", "tensor(int16)": "int16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def _check_ports(info: ModelInfo, session: Any) -> None:
+    """The DFP's port table must describe its own graph (a crafted DFP may lie)."""
+    for kind, ports, metas in (("input", info.inputs, session.get_inputs()),
+                               ("output", info.outputs, session.get_outputs())):
+        if [p.layer for p in ports] != [m.name for m in metas]:
+            raise DfpError(
+                f"model {info.index} ({info.name!r}): the DFP's {kind} ports "
+                f"{[p.layer for p in ports]} are not its graph's {[m.name for m in metas]}")
+        for port, meta in zip(ports, metas, strict=True):
+            dims = tuple(d if isinstance(d, int) else -1 for d in meta.shape)
+            fits = len(dims) == len(port.shape) and all(
+                d in (-1, s) for d, s in zip(dims, port.shape, strict=True))
+            if not fits or _ORT_TYPES.get(meta.type) != port.dtype.name:
+                raise DfpError(
+                    f"model {info.index} ({info.name!r}): {kind} port {port.port} "
+                    f"({port.layer!r}) says {port.shape} {port.dtype}, but the graph has "
+                    f"{tuple(meta.shape)} {meta.type}")
+
+
 class SimulatedDevice:
     """An MX3 simulated in this process.
 
@@ -169,6 +194,8 @@ class SimulatedDevice:
                 sessions = await run_sync(lambda: [new_session(m.graph) for m in dfp.models])
             except Exception as exc:
                 raise DfpError(f"the DFP's graphs cannot be loaded ({exc})") from exc
+            for info, session in zip(dfp.models, sessions, strict=True):
+                _check_ports(info, session)
         self._tasks = TaskSet("sim", self._on_task_error)
         limiter = new_limiter(self.concurrency * len(dfp.models))
         for info, session in zip(dfp.models, sessions, strict=True):
