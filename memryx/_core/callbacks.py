@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from .._exceptions import CallbackSignatureError
-from .runner import run_sync, user_code
+from .runner import StreamedCall, run_sync, user_code
 
 __all__ = ["END", "CallbackKind", "check_signature", "classify", "frames_from"]
 
@@ -91,7 +91,9 @@ def check_signature(fn: Any, n_args: int | None, role: str) -> None:
 async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
                       prepare: Callable[[Any], Any], *, stopping: threading.Event,
                       room: Callable[[], int] = lambda: 1, limiter: Any = None,
-                      prepare_blocks: bool = False) -> AsyncGenerator[Any, None]:
+                      prepare_blocks: bool = False,
+                      on_drop: Callable[[int], None] | None = None
+                      ) -> AsyncGenerator[Any, None]:
     """Yield prepared frames from an input callback until its stream ends.
 
     ``prepare`` turns what the callback returned into device-ready arrays (pre-
@@ -101,9 +103,11 @@ async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
     which ends the stream and records them.
 
     A sync callback is called up to ``room()`` times per thread hop (the frames
-    the pipeline has room for right now), back to back on one worker thread, so
-    the hop's cost is shared. ``stopping`` is checked before each call: once it
-    is set, no further call is made.
+    the pipeline has room for right now, for at most ``BATCH_WINDOW_S``), back
+    to back on one worker thread, so the hop's cost is shared; each frame is
+    handed over as soon as the callback returns it. ``stopping`` is checked
+    before each call: once it is set, no further call is made. Frames a
+    callback returns after the stream was abandoned go to ``on_drop``.
     """
     kind = classify(fn)
     if kind is CallbackKind.SYNC or kind is CallbackKind.GENERATOR:
@@ -122,34 +126,37 @@ async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
                     return END
                 return END if item is None else prepare(item)
 
-        def produce_batch(count: int) -> tuple[list[Any], BaseException | None, bool]:
-            """Up to ``count`` frames in one thread hop: (frames, error, ended).
-
-            A frame is never held back for long: the batch ends once the hop has
-            taken ``BATCH_WINDOW_S``, so a source that blocks until its next frame
-            (a camera) hands each frame over as soon as it has it.
-            """
-            frames: list[Any] = []
+        def produce_batch(emit: Callable[[Any], None], count: int
+                          ) -> tuple[BaseException | None, bool]:
+            """Up to ``count`` frames in one thread hop, each emitted as soon as it exists:
+            (error, ended). The hop ends once it has taken ``BATCH_WINDOW_S``."""
+            made = 0
             deadline = time.perf_counter() + BATCH_WINDOW_S
             try:
                 with user_code():
-                    while len(frames) < count and not stopping.is_set():
-                        if frames and time.perf_counter() > deadline:
+                    while made < count and not stopping.is_set():
+                        if made and time.perf_counter() > deadline:
                             break
                         frame = produce()
                         if frame is END:
-                            return frames, None, True
-                        frames.append(frame)
+                            return None, True
+                        emit(frame)
+                        made += 1
             except Exception as exc:
-                return frames, exc, True
-            return frames, None, stopping.is_set()
+                return exc, True
+            return None, stopping.is_set()
 
         try:
             while True:
-                frames, error, ended = await run_sync(produce_batch, max(1, room()),
-                                                      limiter=limiter)
-                for frame in frames:
-                    yield frame
+                call: StreamedCall[Any, tuple[BaseException | None, bool]] = StreamedCall(
+                    produce_batch, max(1, room()), limiter=limiter, on_drop=on_drop)
+                try:
+                    async for frame in call:
+                        yield frame
+                finally:
+                    await call.aclose()
+                assert call.result is not None
+                error, ended = call.result
                 if error is not None:
                     raise error
                 if ended:

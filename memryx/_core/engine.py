@@ -253,6 +253,12 @@ class Lane:
     def frames_out(self) -> int:
         return self.meter.frames_out
 
+    def count_dropped_input(self, n: int, stream: Meter) -> None:
+        """Frames an input callback returned that were never sent: dropped by a stop."""
+        self.meter.frames_in += n
+        stream.frames_in += n
+        self.dropped += n
+
     def count_in(self, stream: Meter | None = None) -> None:
         self.meter.frames_in += 1
         if stream is not None:
@@ -580,7 +586,8 @@ class Engine:
         stats = lane.streams[stream]
         frames = frames_from(fn, args, lane.prepare, stopping=self.stopping, room=lane.room,
                              limiter=self.input_limiter,
-                             prepare_blocks=lane.pre is not None and lane.pre.blocking)
+                             prepare_blocks=lane.pre is not None and lane.pre.blocking,
+                             on_drop=lambda n: lane.count_dropped_input(n, stats))
         async with send_end, aclosing(frames):
             try:
                 while True:

@@ -19,9 +19,10 @@ import contextlib
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -32,6 +33,7 @@ from .._exceptions import ClosedError, LoopBlockingError
 __all__ = [
     "HAVE_UVLOOP",
     "Runner",
+    "StreamedCall",
     "await_future",
     "call_in_loop",
     "check_not_on_loop",
@@ -45,6 +47,7 @@ __all__ = [
 
 log = logging.getLogger("memryx.runner")
 T = TypeVar("T")
+R = TypeVar("R")
 
 try:  # pragma: no cover - depends on the platform
     import uvloop  # noqa: F401
@@ -176,3 +179,67 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     return _running_loop() is loop
+
+
+class StreamedCall(Generic[T, R]):
+    """``fn(emit, *args)`` on a worker thread, its emitted items handed to the loop at once.
+
+    ``async for item in call`` yields each item as soon as the worker emits it
+    (one ``call_soon_threadsafe`` per item), while the worker goes on; after
+    the loop ends, ``result`` holds what ``fn`` returned. Leaving the loop early
+    (or cancelling it) abandons the worker like :func:`run_sync`; items it emits
+    afterwards are dropped and reported to ``on_drop``.
+    """
+
+    def __init__(self, fn: Callable[..., R], *args: Any, limiter: anyio.CapacityLimiter | None,
+                 on_drop: Callable[[int], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._items: deque[T] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closed = False
+        self._on_drop = on_drop
+        self._task = self._loop.create_task(run_sync(fn, self._emit, *args, limiter=limiter))
+        self._task.add_done_callback(lambda _: self._wake())
+        self.result: R | None = None
+
+    def _emit(self, item: T) -> None:  # on the worker thread
+        self._loop.call_soon_threadsafe(self._push, item)
+
+    def _push(self, item: T) -> None:  # on the loop
+        if self._closed:
+            if self._on_drop is not None:
+                self._on_drop(1)
+            return
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def __aiter__(self) -> StreamedCall[T, R]:
+        return self
+
+    async def __anext__(self) -> T:
+        while True:
+            if self._items:
+                return self._items.popleft()
+            if self._task.done():  # every emit was queued before the call finished
+                self.result = self._task.result()
+                raise StopAsyncIteration
+            self._wakeup = self._loop.create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+
+    async def aclose(self) -> None:
+        """Stop listening: the worker is abandoned if it still runs; later items are dropped."""
+        self._closed = True
+        if self._items and self._on_drop is not None:
+            self._on_drop(len(self._items))
+        self._items.clear()
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
