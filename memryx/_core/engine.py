@@ -244,6 +244,8 @@ class Lane:
     dropped: int = 0
     """Outputs not delivered: after the output callback raised, or at stop."""
     feeder_ends: list[Any] = field(default_factory=list)
+    handed: int = 0
+    """Outputs handed to the output callback (counted before it returns)."""
 
     @property
     def frames_in(self) -> int:
@@ -252,6 +254,16 @@ class Lane:
     @property
     def frames_out(self) -> int:
         return self.meter.frames_out
+
+    @property
+    def delivered(self) -> int:
+        """Frames whose outputs reached their receiver (a callback still running when the
+        accelerator stopped was handed its frame: that counts)."""
+        return max(self.frames_out, self.handed) if self.output else self.frames_out
+
+    @property
+    def in_flight(self) -> int:
+        return max(0, self.frames_in - self.delivered - self.dropped)
 
     def count_dropped_input(self, n: int, stream: Meter) -> None:
         """Frames an input callback returned that were never sent: dropped by a stop."""
@@ -401,6 +413,7 @@ class Lane:
             for stream, outputs, _, _ in batch:
                 if self.engine.stopping.is_set():
                     break  # stopped: no callback after stop() returns
+                self.handed += 1  # from here on the frame is the callback's
                 try:
                     res = self.finish(outputs)
                     out.fn(*((stream, *res) if out.with_stream_idx else res))
@@ -412,6 +425,7 @@ class Lane:
 
     async def _acall(self, out: _Output, item: Delivery) -> tuple[Exception | None, float]:
         stream, outputs, _, _ = item
+        self.handed += 1
         try:
             res = await self.afinish(outputs)
             await out.fn(*((stream, *res) if out.with_stream_idx else res))
@@ -520,7 +534,7 @@ class Engine:
             if tasks is not None:
                 await tasks.aclose()
         for lane in self.lanes:  # frames accepted and not delivered: dropped by the stop
-            lane.dropped += max(0, lane.frames_in - lane.frames_out - lane.dropped)
+            lane.dropped += lane.in_flight
         dropped = sum(lane.dropped for lane in self.lanes)
         closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for lane in self.lanes:
@@ -598,7 +612,11 @@ class Engine:
                         break
                     now = time.monotonic()
                     stats.input_s += now - asked
-                    await put(send_end, ((None, stream, now), frame))
+                    try:
+                        await put(send_end, ((None, stream, now), frame))
+                    except BaseException:  # stopped while waiting for room: count the frame
+                        lane.count_dropped_input(1, stats)
+                        raise
                     lane.count_in(stats)
             except Exception as exc:
                 where = f"the input callback of model {lane.idx}"
@@ -759,7 +777,7 @@ class Engine:
         for lane in self.lanes:
             entry = {"model_idx": lane.idx, "name": lane.model.name, **lane.meter.summary()}
             entry.update({
-                "in_flight": max(0, lane.frames_in - lane.frames_out - lane.dropped),
+                "in_flight": lane.in_flight,
                 "dropped": lane.dropped,
                 "device_wait_s": lane.device_wait_s,
                 "queues": {
