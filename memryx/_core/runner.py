@@ -188,7 +188,10 @@ class StreamedCall(Generic[T, R]):
     (one ``call_soon_threadsafe`` per item), while the worker goes on; after
     the loop ends, ``result`` holds what ``fn`` returned. Leaving the loop early
     (or cancelling it) abandons the worker like :func:`run_sync`; items it emits
-    afterwards are dropped and reported to ``on_drop``.
+    afterwards are dropped and reported to ``on_drop``. The hand-off buffer holds
+    at most what one call emits (the caller bounds that: an input callback is
+    asked for no more frames than the pipeline has room for), so it adds no
+    unbounded queue to the pipeline.
     """
 
     def __init__(self, fn: Callable[..., R], *args: Any, limiter: anyio.CapacityLimiter | None,
