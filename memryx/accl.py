@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import enum
 import logging
+import os
 import threading
 import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
@@ -69,7 +70,7 @@ Array = NDArray[Any]
 #: What ``run`` / ``receive`` return for one frame: the array of a one-output
 #: model, or a list with an array per output port.
 Outputs = Array | list[Array]
-DfpLike = str | bytes | bytearray | Dfp | Any
+DfpLike = str | os.PathLike[str] | bytes | bytearray | memoryview | Dfp
 
 #: Outputs a ``SyncAccl`` holds per model for ``receive`` before ``send`` waits.
 RECEIVE_DEPTH = 16
