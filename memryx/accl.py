@@ -48,6 +48,7 @@ from ._core.runner import (
     call_in_loop,
     check_not_on_loop,
     in_user_code,
+    loop_running,
     on_loop_thread,
 )
 from ._exceptions import (
@@ -117,9 +118,7 @@ class _Accelerator:
         self._receivers: dict[int, ChannelSink] = {}
         self._close_lock = threading.RLock()
         self._stopping = False
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if not loop_running():
             self._start_sync()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -194,7 +193,7 @@ class _Accelerator:
         self._check_open()
         if self._state is _State.ASYNC and self._loop is not None and on_loop_thread(self._loop):
             return fn(*args)
-        if self._state is _State.NEW and on_loop_thread_any():
+        if self._state is _State.NEW and loop_running():
             raise UsageError(
                 f"inside a running event loop, bind {type(self).__name__} to it first: "
                 f"`async with {type(self).__name__}(dfp) as accl:`")
@@ -453,14 +452,6 @@ class _Accelerator:
                 await self._aclose_after(exc)
             raise
         await self.aclose()
-
-
-def on_loop_thread_any() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: str) -> None:

@@ -48,14 +48,14 @@ def pytest_asyncio_loop_factories(config: Any, item: Any
     return factories
 
 
-def _fds() -> set[int]:
+def fds() -> set[int]:
     try:
         return {int(x) for x in os.listdir("/proc/self/fd")}
     except FileNotFoundError:  # pragma: no cover - not Linux
         return set()
 
 
-def _settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+def settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if check():
@@ -81,7 +81,7 @@ def _warm_up() -> None:
 def no_leaks(_warm_up: None) -> Iterator[None]:
     """Fail a test that leaves threads, fds or loop-handler errors behind."""
     threads_before = set(threading.enumerate())
-    fds_before = _fds()
+    fds_before = fds()
     _loop_errors.clear()
     yield
     assert not _loop_errors, f"errors reached the loop's exception handler: {_loop_errors}"
@@ -89,10 +89,10 @@ def no_leaks(_warm_up: None) -> Iterator[None]:
     def no_new_threads() -> bool:
         return not [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
 
-    assert _settle(no_new_threads), (
+    assert settle(no_new_threads), (
         f"threads left behind: {[t.name for t in threading.enumerate() if t not in threads_before]}"
     )
-    assert _settle(lambda: not (_fds() - fds_before)), f"fds left open: {_fds() - fds_before}"
+    assert settle(lambda: not (fds() - fds_before)), f"fds left open: {fds() - fds_before}"
 
 
 # -- compiled models ------------------------------------------------------------------------

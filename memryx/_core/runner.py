@@ -38,6 +38,7 @@ __all__ = [
     "call_in_loop",
     "check_not_on_loop",
     "in_user_code",
+    "loop_running",
     "new_limiter",
     "on_loop_thread",
     "run_sync",
@@ -61,9 +62,7 @@ _counter = itertools.count()
 
 def check_not_on_loop(what: str, twin: str) -> None:
     """Raise :class:`LoopBlockingError` if the calling thread runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not loop_running():
         return
     raise LoopBlockingError(
         f"{what} blocks, and was called from a thread that runs an event loop, which it "
@@ -175,6 +174,11 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def loop_running() -> bool:
+    """Whether the calling thread runs an event loop."""
+    return _running_loop() is not None
 
 
 def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import memryx as mx
+from tests.conftest import fds as fds
+from tests.conftest import settle as settle
 
 #: A frame with values an identity model must give back bit for bit.
 PROBE = np.array([[1.5, -2.0, 3.25, 1e6]], np.float32)
@@ -39,14 +39,6 @@ async def assert_usable_async(dfp: mx.Dfp, device: str | None = "sim") -> None:
             np.testing.assert_array_equal(out, PROBE + i)
 
 
-def settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)
-    return check()
-
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -56,8 +48,6 @@ def rss_mb() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")  # pragma: no cover
 
 
-def fds() -> set[int]:
-    return {int(x) for x in os.listdir("/proc/self/fd")}
 
 
 @dataclass
