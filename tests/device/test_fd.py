@@ -132,11 +132,17 @@ def test_client_killed_mid_run_frees_its_resources(server, mlp_dfp):
     # the server goes on serving others, and no longer counts the dead client
     with mx.SyncAccl(mlp_dfp, device=server.address) as accl:
         assert accl.run(np.zeros((1, 16), np.float32)).shape == (1, 10)
+    # the server logged the killed client's disconnect, and its count ends at zero once
+    # this test's second client has gone too (wait for those lines, not a fixed time)
+    killed = f"pid {proc.pid} disconnected"
     deadline = time.monotonic() + 5
-    while "(1 connected)" not in server.log.read_text().splitlines()[-1] and \
-            time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        lines = [line for line in server.log.read_text().splitlines() if "connected (" in line]
+        if any(killed in line for line in lines) and "(0 connected)" in lines[-1]:
+            break
         time.sleep(0.05)
-    assert "disconnected (0 connected)" in server.log.read_text()
+    assert any(killed in line for line in lines), lines
+    assert "disconnected (0 connected)" in lines[-1], lines
 
 
 def _raw(server: ServerProcess) -> socket.socket:
