@@ -103,12 +103,13 @@ def test_each_stream_ends_on_its_own_none(identity_dfp):
         if sent[s] == lengths[s]:
             return None
         sent[s] += 1
-        return np.full((1, 4), s, np.float32)
+        return np.full((1, 4), s * 100_000 + sent[s] - 1, np.float32)
 
     accl = mx.MultiStreamAsyncAccl(identity_dfp)
     accl.connect_streams(source, cams.sink, 4)
     accl.wait()
-    assert [len(cams.outputs[s]) for s in range(4)] == lengths
+    for s in range(4):  # each stream's own frames, all of them, in order, and nothing more
+        assert cams.outputs[s] == [s * 100_000 + i for i in range(lengths[s])]
 
 
 def test_multi_output_model_streams(split_dfp):
@@ -142,9 +143,8 @@ def test_a_failing_stream_is_reported_and_the_others_finish(identity_dfp):
     with pytest.raises(ConnectionError, match="camera 1 lost") as info:
         accl.wait()
     assert any("stream 1" in n for n in info.value.__notes__)
-    assert len(cams.outputs[0]) == 20
-    assert len(cams.outputs[2]) == 20
-    assert len(cams.outputs[1]) == 5
+    for s, n in ((0, 20), (1, 5), (2, 20)):  # stream 1 keeps the frames it made before
+        assert cams.outputs[s] == [s * 100_000 + i for i in range(n)]
 
 
 def test_bad_arguments(identity_dfp, three_model_dfp):
@@ -175,7 +175,8 @@ def test_several_models_each_with_streams(three_model_dfp):
             if counts[m, s] == 10:
                 return None
             counts[m, s] += 1
-            arrays = [np.full(sh, s, np.float32) for sh in shapes[m]]
+            i = counts[m, s] - 1
+            arrays = [np.full(sh, 100 * s + i + k, np.float32) for k, sh in enumerate(shapes[m])]
             return arrays if len(arrays) > 1 else arrays[0]
         return source
 
@@ -184,9 +185,19 @@ def test_several_models_each_with_streams(three_model_dfp):
         accl.connect_streams(source_for(m), lambda s, *o, m=m: got[m, s].append(o), 2 + m,
                              model_idx=m)
     accl.wait()
+    mlp = testing.mlp_model()
     for m in range(3):
         for s in range(2 + m):
             assert len(got[m, s]) == 10
+            for i, outs in enumerate(got[m, s]):  # each stream's own frames, in order
+                xs = [np.full(sh, 100 * s + i + k, np.float32) for k, sh in enumerate(shapes[m])]
+                if m == 0:
+                    np.testing.assert_allclose(outs[0], reference(mlp, xs[0])[0], rtol=1e-5)
+                elif m == 1:
+                    np.testing.assert_allclose(outs[0], xs[0] + xs[1])
+                else:
+                    np.testing.assert_allclose(outs[0], 2 * xs[0])
+                    np.testing.assert_allclose(outs[1], -xs[0])
 
 
 def test_stop_while_streams_block(identity_dfp):
