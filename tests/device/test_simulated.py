@@ -27,19 +27,29 @@ def test_timed_mode_paces_outputs_to_the_modeled_rate():
         elapsed = time.monotonic() - t0
         stats = accl.statistics()
     assert [int(o[0, 0]) for o in outs] == list(range(30))
-    # never faster than the chip: 29 intervals of 5 ms plus the 20 ms latency
-    assert elapsed >= 29 / 200 + 0.020 - 0.002
+    # never faster than the chip: 29 intervals of 5 ms plus the 20 ms latency (165 ms) ...
+    ideal = 29 / 200 + 0.020
+    assert elapsed >= ideal - 0.002
+    # ... and not much slower either: a pacer that oversleeps by half shows here (the
+    # identity model costs the host microseconds, so the slack is for a loaded machine)
+    assert elapsed < ideal * 1.5 + 0.05, f"{elapsed * 1000:.0f} ms for an ideal {ideal * 1000:.0f}"
     assert stats["device"]["models"][0]["modeled_fps"] == 200
-    assert stats["models"][0]["latency_ms"]["p50"] >= 20 - 0.5
+    p50 = stats["device"]["models"][0]["device_latency_ms"]["p50"]
+    assert 20 - 0.5 <= p50 < 20 * 1.5, p50  # chip entry to output: the modeled 20 ms
 
 
 def test_timed_single_frame_takes_the_modeled_latency():
     dfp = identity(fps=1000, latency_ms=30)
     with mx.SyncAccl(dfp) as accl:
-        for _ in range(3):
+        took = []
+        for _ in range(5):
             t0 = time.monotonic()
             accl.run(np.zeros((1, 4), np.float32))
-            assert time.monotonic() - t0 >= 0.030 - 0.001
+            took.append(time.monotonic() - t0)
+    assert min(took) >= 0.030 - 0.001  # never before the modeled latency
+    # the typical frame is not much later either (the median, so one hiccup of a loaded
+    # machine does not fail it; a pacer that oversleeps does)
+    assert sorted(took)[2] < 0.030 * 1.5 + 0.01, took
 
 
 def test_fast_mode_is_not_paced():

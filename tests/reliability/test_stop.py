@@ -283,16 +283,25 @@ def test_stop_from_inside_an_output_callback(identity_dfp, device):
     accl = mx.AsyncAccl(identity_dfp, device=device)
     seen: list[Any] = []
 
-    def out(y: Any) -> None:
-        seen.append(y)
-        if len(seen) == 20:
-            accl.stop()
+    counter = iter(range(10**9))
+    after_stop: list[Any] = []
+    stopped = False
 
-    accl.connect_input(lambda: PROBE)
+    def out(y: Any) -> None:
+        nonlocal stopped
+        (after_stop if stopped else seen).append(int(y[0, 0]))
+        if len(seen) == 20:
+            accl.stop()  # returns at once: waiting for this very callback would deadlock
+            stopped = True
+
+    accl.connect_input(lambda: np.full((1, 4), next(counter), np.float32))
     accl.connect_output(out)
+    t0 = time.monotonic()
     with contextlib.suppress(mx.ClosedError):
         accl.wait()
-    assert len(seen) >= 20
+    assert time.monotonic() - t0 < 10  # generous: a hang is what this guards against
+    assert seen == list(range(20))  # every output before the stop, in order
+    assert after_stop == []  # and no callback after it
 
 
 @pytest.mark.parametrize("call", ["run", "send", "receive"])
