@@ -149,17 +149,19 @@ def test_wait_refuses_unconnected_ports(identity_dfp, three_model_dfp):
 
 def test_stop_returns_promptly_while_input_callback_blocks(identity_dfp):
     release = threading.Event()
+    entered = threading.Event()
     calls = []
 
     def source():
         calls.append(1)
+        entered.set()
         release.wait(10)
         return None
 
     accl = mx.AsyncAccl(identity_dfp)
     accl.connect_input(source)
     accl.connect_output(lambda y: calls.append("out"))
-    time.sleep(0.1)
+    assert entered.wait(5), "the input callback never ran"
     t0 = time.monotonic()
     accl.stop()
     assert time.monotonic() - t0 < 1.0
@@ -172,15 +174,21 @@ def test_stop_returns_promptly_while_input_callback_blocks(identity_dfp):
 def test_no_callback_after_stop_under_load(identity_dfp):
     after = []
     stopped = threading.Event()
+    flowing = threading.Event()
+    seen = 0
 
     def sink(y):
+        nonlocal seen
+        seen += 1
+        if seen == 100:
+            flowing.set()
         if stopped.is_set():
             after.append(y)
 
     accl = mx.AsyncAccl(identity_dfp)
     accl.connect_input(lambda: np.zeros((1, 4), np.float32))
     accl.connect_output(sink)
-    time.sleep(0.2)
+    assert flowing.wait(10), "outputs never flowed"  # under load: stop while frames flow
     accl.stop()
     stopped.set()
     time.sleep(0.2)

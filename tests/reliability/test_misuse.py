@@ -542,7 +542,6 @@ async def wait_on_bound(dfp: mx.Dfp) -> None:
     async with mx.AsyncAccl(dfp) as accl:
         accl.connect_input(lambda: None)
         accl.connect_output(lambda y: None)
-        await asyncio.sleep(0.05)  # let the feeder start (see test_stop's unclosed-stream bug)
         accl.wait()
 
 
@@ -566,7 +565,6 @@ def failing_frames() -> Iterator[Any]:
 async def arun_on_fed_model(dfp: mx.Dfp) -> None:
     async with mx.AsyncAccl(dfp) as accl:
         accl.connect_input(lambda: X4)
-        await asyncio.sleep(0.05)  # let the feeder start (see test_stop's unclosed-stream bug)
         await accl.arun(X4)
 
 
