@@ -116,6 +116,8 @@ def side_batches(dfp: mx.Dfp, device: str, batches: int, errors: list[BaseExcept
         errors.append(exc)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # its own: the run takes 10-40 s here, more on a loaded machine
 @pytest.mark.parametrize(("where", "streams", "frames", "batches"), [
     ("sim", 8, 1700, 45),   # 3 x 8 x 1700 + 45 x 200 = 49,800 frames
     ("fd", 6, 1150, 20),    # 3 x 6 x 1150 + 20 x 200 = 24,700 frames
@@ -160,7 +162,6 @@ def test_soak_streams_and_batches_on_several_models(soak_dfp, three_model_dfp, r
     growth = base.assert_back(rss_growth_mb=50)
     print(f"\nsoak {where}: {total} frames in {elapsed:.1f} s "
           f"({total / elapsed:.0f} frames/s), RSS {growth:+.1f} MB")
-    assert elapsed < 60
 
 
 @pytest.mark.parametrize("where", ["sim", "fd"])
