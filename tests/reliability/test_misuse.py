@@ -928,3 +928,11 @@ async def test_connecting_a_threaded_accelerator_from_a_coroutine_works(identity
     finally:
         await accl.aclose()
     assert got == [3.0]
+
+
+def test_the_reliability_doc_counts_these_cases():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    assert f"{len(CASES)} wrong uses in sync programs" in doc
+    assert f"{len(LOOP_CASES)} inside a running event loop" in doc
