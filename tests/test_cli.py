@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import onnx
 
@@ -46,3 +48,30 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "not a memryx DFP" in capsys.readouterr().err
     assert main(["compile", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x.dfp")]) == 1
     assert "no ONNX file" in capsys.readouterr().err
+
+
+# -- a quiet library ------------------------------------------------------------------------
+QUIET_SCRIPT = """
+import numpy as np
+from memryx import NeuralCompiler, SyncAccl, testing
+# a modeled chip far faster than any host: frames sent together fall behind it
+dfp = NeuralCompiler(models=testing.mobilenet_like(), fps=1e6, latency_ms=0.01).run()
+with SyncAccl(dfp) as accl:
+    accl.run([np.zeros((1, 3, 64, 64), np.float32)] * 200)
+    print(accl.statistics()["device"]["models"][0]["late_frames"])
+"""
+
+
+def test_library_prints_nothing_unless_logging_is_configured(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 0  # the slow host was detected ...
+    assert done.stderr == ""     # ... and nothing reached the user's terminal
+    # an app that configures logging sees the report
+    script.write_text("import logging\nlogging.basicConfig(level=logging.INFO)\n" + QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert "slower than the modeled MX3" in done.stderr
