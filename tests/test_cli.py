@@ -1,15 +1,25 @@
-"""The memryx command: compile, info, bench."""
+"""The memryx command: compile, info, bench, serve; piped and on a terminal."""
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import json
+import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
+from pathlib import Path
 
 import onnx
+import pytest
 
 from memryx import testing
-from memryx.cli import main
+from memryx.cli import build_parser, main
 
 
 def test_compile_info_bench(tmp_path, capsys):
@@ -29,7 +39,7 @@ def test_compile_info_bench(tmp_path, capsys):
     assert main(["bench", str(dfp), "--frames", "60", "--streams", "3"]) == 0
     captured = capsys.readouterr()
     assert "stream 2" in captured.out and "latency" in captured.out
-    assert "60/60 frames" in captured.err  # the live progress line
+    assert "60/60 frames" in captured.err  # the progress line (plain: not a terminal)
 
     assert main(["bench", str(dfp), "--frames", "40", "--streams", "2", "--mode", "fast",
                  "--json", "-q"]) == 0
@@ -75,3 +85,137 @@ def test_library_prints_nothing_unless_logging_is_configured(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60, check=False)
     assert "slower than the modeled MX3" in done.stderr
+
+
+# -- the command as a user runs it ----------------------------------------------------------
+def memryx(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``memryx ARGS`` in a subprocess, stdout and stderr piped."""
+    return subprocess.run([sys.executable, "-m", "memryx", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(testing.mobilenet_like(preprocessing=True), str(d / "m.onnx"))
+    assert main(["compile", str(d / "m.onnx"), "-o", str(d / "m.dfp"), "--autocrop", "-q"]) == 0
+    return d
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    assert done.returncode == code, (done.stdout, done.stderr)
+    err = done.stderr
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["bench", "m.dfp", "--concurrency", "0"], ["memryx bench:", "--concurrency", "0"]),
+    (["bench", "m.dfp", "--frames", "0"], ["memryx bench:", "--frames", "at least 1"]),
+    (["bench", "m.dfp", "--streams", "-3"], ["--streams", "-3"]),
+    (["bench", "m.dfp", "--frames", "many"], ["--frames", "'many'"]),
+    (["bench", "m.dfp", "--model-idx", "-1"], ["--model-idx"]),
+    (["compile", "m.onnx", "-o", "x.dfp", "--fps", "0"], ["memryx compile:", "--fps"]),
+    (["compile", "m.onnx", "-o", "x.dfp", "--num-chips", "0"], ["--num-chips"]),
+    (["serve", "--metrics", "localhost"], ["memryx serve:", "HOST:PORT", "'localhost'"]),
+])
+def test_bad_arguments_are_one_line_naming_the_value(workdir, args, needles):
+    one_line_error(memryx(*args, cwd=workdir), 2, *needles)
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["info", "missing.dfp"], ["memryx info:", "missing.dfp"]),
+    (["bench", "m.onnx"], ["memryx bench:", "m.onnx"]),          # not a DFP
+    (["bench", "m.dfp", "--model-idx", "4"], ["--model-idx 4", "1 model(s)"]),
+    (["bench", "m.dfp", "--plot", "nodir/p.png"], ["--plot nodir/p.png", "does not exist"]),
+    (["compile", "nothere.onnx", "-o", "x.dfp"], ["nothere.onnx"]),
+    (["compile", "m.dfp", "-o", "x.dfp"], ["m.dfp"]),                  # not ONNX
+    (["compile", "m.onnx", "-o", "adir"], ["-o adir", "directory"]),
+    (["compile", "m.onnx", "-o", "nodir/x.dfp"], ["nodir", "does not exist"]),
+    (["compile", "m.onnx", "-o", "x.dfp", "--num-chips", "99"], ["num_chips"]),
+])
+def test_user_errors_are_one_line_and_leave_nothing_behind(workdir, args, needles):
+    (workdir / "adir").mkdir(exist_ok=True)
+    before = set(workdir.rglob("*"))
+    one_line_error(memryx(*args, cwd=workdir), 1, *needles)
+    assert set(workdir.rglob("*")) == before  # no .tmp, no half-written file
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in [("memryx", parser), *sub.choices.items()]:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_piped_output_is_plain_lines(workdir):
+    done = memryx("bench", "m.dfp", "--frames", "200", "--streams", "2", "--mode", "fast",
+                  cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr and "\r" not in done.stdout
+    assert "bench: 200/200 frames" in done.stderr
+    assert "stream 1" in done.stdout
+    quiet = memryx("bench", "m.dfp", "--frames", "50", "--mode", "fast", "-q", cwd=workdir)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert memryx("compile", "m.onnx", "-o", "c.dfp", cwd=workdir).stderr == ""
+
+
+def test_verbose_shows_info_logs(workdir):
+    done = memryx("compile", "m.onnx", "-o", "v.dfp", "-v", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert "INFO memryx.compiler" in done.stderr and "wrote" in done.stderr
+    done = memryx("info", "v.dfp", "-vv", cwd=workdir)
+    assert done.returncode == 0
+
+
+def run_on_pty(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    """Run ``memryx ARGS`` with stdin/stdout/stderr on a pseudo-terminal; return its output."""
+    main_fd, child_fd = pty.openpty()
+    # a terminal of 30 x 100 (a fresh pty is 0 x 0, and progress bars draw nothing on it)
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "memryx", *args], cwd=cwd,
+                                stdin=child_fd, stdout=child_fd, stderr=child_fd)
+    finally:
+        os.close(child_fd)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(main_fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main_fd)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal(workdir):
+    code, text = run_on_pty(["bench", "m.dfp", "--frames", "400", "--mode", "fast"], workdir)
+    assert code == 0, text
+    bar = text.split("model 0 (")[0]
+    assert "\rbench:" in bar and "/400 [" in bar and "frame/s" in bar  # redrawn in place
+    assert "bench: 400/400 frames" not in text  # not the plain lines
+    assert "total" in text and "latency" in text
+    code, text = run_on_pty(["compile", "m.onnx", "-o", "t.dfp"], workdir)
+    assert code == 0, text
+    assert "\rcompile" in text and "wrote t.dfp" in text
+    code, text = run_on_pty(["bench", "m.dfp", "--frames", "50", "-q"], workdir)
+    assert code == 0 and "frames/s" not in text and "frame/s" not in text
