@@ -90,9 +90,10 @@ class Tracer:
         self.path = Path(path) if path is not None else None
         # (stage, model, stream, frame, t0, t1): deque appends are atomic, so the
         # loop thread and worker threads may record at once without a lock
+        keep = frames if on else 0  # an off tracer keeps nothing, even if called
         self._events: deque[tuple[str, int, int, int, float, float]] = deque(
-            maxlen=frames * EVENTS_PER_FRAME)
-        self._busy: deque[tuple[int, float, float]] = deque(maxlen=frames)
+            maxlen=keep * EVENTS_PER_FRAME)
+        self._busy: deque[tuple[int, float, float]] = deque(maxlen=keep)
         self._models: dict[int, str] = {}
 
     @classmethod

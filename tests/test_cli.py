@@ -15,6 +15,7 @@ import termios
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -219,3 +220,77 @@ def test_progress_bar_on_a_terminal(workdir):
     assert "\rcompile" in text and "wrote t.dfp" in text
     code, text = run_on_pty(["bench", "m.dfp", "--frames", "50", "-q"], workdir)
     assert code == 0 and "frames/s" not in text and "frame/s" not in text
+
+
+# -- bench --plot / --html / --trace ----------------------------------------------------------
+def test_bench_writes_plot_html_and_trace(workdir):
+    pytest.importorskip("matplotlib")
+    done = memryx("bench", "m.dfp", "--frames", "300", "--streams", "3", "--mode", "fast",
+                  "--plot", "b.png", "--html", "b.html", "--trace", "b.json",
+                  "--trace-frames", "50", cwd=workdir, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("b.png", "b.html", "b.json"):
+        assert f" {name}\n" in done.stdout
+    assert (workdir / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (workdir / "b.html").read_text()
+    assert "data:image/png;base64," in page and "<td>2</td>" in page  # stream 2's row
+    doc = json.loads((workdir / "b.json").read_text())
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {1, 2, 3}  # one track per stream
+    assert {e["name"] for e in spans} == {"input callback", "in flight", "output callback"}
+    assert len({(e["tid"], e["args"]["frame"]) for e in spans}) <= 50 * 8  # the ring bound
+    assert not list(workdir.glob("*.tmp"))
+
+
+def test_plot_without_matplotlib_names_the_extra(workdir):
+    # a Python where matplotlib cannot be imported
+    code = ("import sys; sys.modules['matplotlib'] = None; from memryx.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "bench", "m.dfp", "--plot", "x.png"],
+                          cwd=workdir, capture_output=True, text=True, timeout=60, check=False)
+    one_line_error(done, 1, "pip install 'memryx[plot]'")
+    assert not (workdir / "x.png").exists()
+
+
+def test_metrics_without_prometheus_names_the_extra(workdir):
+    code = ("import sys; sys.modules['prometheus_client'] = None; from memryx.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "serve", "--socket", "s.sock",
+                           "--metrics", "127.0.0.1:0"], cwd=workdir, capture_output=True,
+                          text=True, timeout=60, check=False)
+    one_line_error(done, 1, "pip install 'memryx[metrics]'")
+
+
+@pytest.fixture(scope="module")
+def matplotlib_fonts() -> None:
+    """matplotlib keeps its font files open for the life of the process: open them
+    before the per-test fd check takes its baseline."""
+    pytest.importorskip("matplotlib")
+    from memryx._plot import series_figure
+
+    series_figure("warm-up", {"a": (["x"], [1.0])}, "frames/s").png()
+
+
+def test_bench_figure_marks_p50_and_p99_per_stream(matplotlib_fonts):
+    from memryx._plot import bench_figure
+    from memryx.cli import Timeline
+
+    tl = Timeline(2)
+    tl.start = 100.0
+    rng = np.random.default_rng(1)
+    for s in range(2):
+        sent = 100.0 + np.arange(500) * 0.002
+        lat = rng.exponential(0.005 * (s + 1), 500)
+        tl.sent[s] = list(sent)
+        tl.received[s] = list(sent + lat)
+    fig = bench_figure(tl, "title")
+    ax_tp, ax_lat = fig.figure.axes
+    for s, row in enumerate(fig.summary):
+        want = np.percentile(tl.latencies_ms(s), [50, 99])
+        assert (row["p50_ms"], row["p99_ms"]) == pytest.approx(tuple(want))
+        marks = [line.get_xdata()[0] for line in ax_lat.lines
+                 if line.get_color() == f"C{s}"]
+        assert marks == pytest.approx(list(want))
+        assert row["frames"] == 500
+    assert len(ax_tp.lines) == 2  # a throughput curve per stream
+    assert fig.png()[:4] == b"\x89PNG"
