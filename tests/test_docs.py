@@ -193,7 +193,7 @@ def _serve(args: list[str], workdir: Path) -> None:
             assert time.monotonic() < deadline, "memryx serve did not start"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
