@@ -214,8 +214,11 @@ class Timeline:
 
 def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int = 0,
               progress: Progress | None = None, timeline: Timeline | None = None,
-              tracer: Any = None, **device_options: Any) -> dict[str, Any]:
+              tracer: Any = None, rate: float | None = None,
+              **device_options: Any) -> dict[str, Any]:
     """Run ``frames`` frames spread over ``streams`` streams; return the figures.
+
+    ``rate``: frames/s each stream offers, like a camera (None: as fast as taken).
 
     ``timeline`` (a :class:`Timeline`) and ``tracer`` (a :class:`memryx._trace.Tracer`)
     are filled from the callbacks' own clock readings when given.
@@ -236,6 +239,10 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
     def source(s: int) -> Any:
         if sent[s] >= quota[s]:
             return None
+        if rate is not None:  # a camera: frame k of each stream is ready at start + k / rate
+            delay = tl.start + sent[s] / rate - clock()
+            if delay > 0:
+                time.sleep(delay)
         t0 = clock()
         frame = pool[(sent[s] + s) % len(pool)]
         sent[s] += 1
@@ -276,7 +283,7 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
     per_stream = {int(s): v["fps"] for s, v in m["streams"].items()}
     return {
         "model": model.name, "model_idx": model_idx, "mode": mode, "frames": m["frames_out"],
-        "streams": streams, "elapsed_s": elapsed, "fps": m["fps"],
+        "streams": streams, "rate": rate, "elapsed_s": elapsed, "fps": m["fps"],
         "average_stream_fps": float(np.mean(list(per_stream.values()))) if per_stream else 0.0,
         "per_stream_fps": per_stream,
         "latency_ms": m["latency_ms"],
@@ -313,7 +320,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
                   mode=args.progress) as bar:
         result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
                            model_idx=args.model_idx, progress=bar, timeline=timeline,
-                           tracer=tracer, **options)
+                           tracer=tracer, rate=args.rate, **options)
     if tracer is not None and trace is not None:
         tracer.write(trace)
     if plot or html:
@@ -368,7 +375,11 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     if args.metrics is not None:
         from .device import _metrics
 
-        exporter = _metrics.start_exporter(*args.metrics)
+        host, port = args.metrics
+        try:
+            exporter = _metrics.start_exporter(host, port)
+        except OSError as exc:
+            raise OSError(f"--metrics {host}:{port}: {exc.strerror or exc}") from exc
         out.write(f"metrics on http://{exporter.host_for_url}:{exporter.port}/metrics\n")
         out.flush()
     try:
@@ -435,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "computes; shapes: zeros, nothing computed")
     p.add_argument("--model-idx", type=_at_least(0), default=0, metavar="I",
                    help="the model of the DFP to measure (default: 0)")
+    p.add_argument("--rate", type=_positive_float, metavar="FPS",
+                   help="frames/s each stream offers, like a camera (default: as fast as "
+                        "the runtime takes them; latency then includes queueing)")
     p.add_argument("--concurrency", type=_at_least(1), metavar="N",
                    help="frames the simulated device computes at once (default: the cores)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

@@ -9,7 +9,7 @@
   test when it raises.
 * ``sh`` / ``bash`` blocks: every line is syntax-checked with ``bash -n``;
   lines that run the ``memryx`` command are executed in a temporary directory
-  that holds ``model.onnx`` (and then ``model.dfp``) and must exit 0;
+  that holds ``model.onnx`` and ``model.dfp`` (compiled from it) and must exit 0;
   ``memryx serve`` must report where it listens (its ``--socket`` is moved into
   the temporary directory) and stop cleanly on SIGINT.
 * A block preceded by ``<!-- skip-test: reason -->`` is not run (a signature,
@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from memryx import testing
+from memryx import NeuralCompiler, testing
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -126,6 +126,8 @@ for where, code in json.loads(sys.stdin.read()):
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     onnx.save(testing.mobilenet_like(preprocessing=True), str(tmp_path / "model.onnx"))
+    NeuralCompiler(models=str(tmp_path / "model.onnx"), dfp_fname=tmp_path / "model.dfp",
+                   autocrop=True).run()
     return tmp_path
 
 

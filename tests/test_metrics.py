@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -105,6 +106,13 @@ def test_serve_metrics_counts_frames_clients_and_latency(served):
     assert value(during, "memryx_frame_latency_seconds_sum", model="0") > 0
     assert value(during, "memryx_chip_busy_seconds_total") == pytest.approx(
         100 / dfp.model(0).perf["fps"], rel=1e-6)
+    # the Grafana dashboard in docs/ asks only for series the server exposes
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" /
+                            "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    for name in {n for e in exprs for n in re.findall(r"memryx_\w+", e)}:
+        assert re.search(rf"^{name}[{{ ]", during, re.M), f"dashboard uses {name}: not exposed"
     # after the client left: connected back to 0, its per-client series gone, totals kept
     deadline = time.monotonic() + 10
     while value(after := served.scrape(), "memryx_clients_connected") != 0:

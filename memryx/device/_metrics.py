@@ -162,13 +162,19 @@ class Metrics:
                     family.remove(label, str(model))
 
     def model_opened(self, client: object, dfp: Dfp) -> None:
-        sid = id(client)
+        sid, label = id(client), _label(client)
         with self._lock:
-            self._labels[sid] = _label(client)
+            self._labels[sid] = label
             for m in dfp.models:
                 fps = float((m.perf or {}).get("fps") or 0.0)
                 self._cost[(sid, m.index)] = 1.0 / fps if fps > 0 else 0.0
                 self._flight.setdefault((sid, m.index), deque())
+        for m in dfp.models:  # every series exists from the start, at 0
+            model = str(m.index)
+            for family in (self.model_in, self.model_out, self.model_dropped, self.latency):
+                family.labels(model)
+            for family in (self.client_in, self.client_out, self.client_dropped):
+                family.labels(label, model)
 
     def frame_in(self, model: int, client: object) -> None:
         now = time.monotonic()
