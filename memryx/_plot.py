@@ -19,7 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["BenchFigure", "bench_figure", "require_matplotlib", "series_figure", "write_html"]
+__all__ = ["BenchFigure", "bench_figure", "new_figure", "require_matplotlib", "series_figure",
+           "write_html"]
 
 #: Streams drawn with their own colour and legend entry; more are drawn thin and grey.
 LABELLED_STREAMS = 8
@@ -59,7 +60,8 @@ class BenchFigure:
         return target
 
 
-def _new_figure(rows: int, height: float) -> Figure:
+def new_figure(rows: int, height: float) -> Figure:
+    """An empty figure on an Agg canvas, 9 inches wide (``rows`` is a hint only)."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -78,7 +80,7 @@ def _style(i: int, n: int) -> dict[str, Any]:
 
 def bench_figure(timeline: _Timeline, title: str = "") -> BenchFigure:
     """Throughput over time (frames/s per stream) and latency histograms with p50/p99."""
-    fig = _new_figure(2, 7.5)
+    fig = new_figure(2, 7.5)
     ax_tp, ax_lat = fig.subplots(2, 1)
     streams = len(timeline.received)
     ends = [r[-1] for r in timeline.received if r]
@@ -126,10 +128,11 @@ def bench_figure(timeline: _Timeline, title: str = "") -> BenchFigure:
 
 
 def series_figure(title: str, series: dict[str, tuple[list[str], list[float]]],
-                  ylabel: str, reference: float | None = None) -> BenchFigure:
+                  ylabel: str, reference: float | None = None, *,
+                  log: bool = False) -> BenchFigure:
     """Grouped horizontal bars: one group per series name, e.g. frames/s per variant."""
     n = sum(len(v[0]) for v in series.values())
-    fig = _new_figure(1, 1.2 + 0.35 * max(n, 1))
+    fig = new_figure(1, 1.2 + 0.35 * max(n, 1))
     ax = fig.subplots()
     labels: list[str] = []
     values: list[float] = []
@@ -142,6 +145,8 @@ def series_figure(title: str, series: dict[str, tuple[list[str], list[float]]],
     ax.barh(y, values, color=colors)
     ax.set_yticks(y, labels, fontsize="small")
     ax.set_xlabel(ylabel)
+    if log:
+        ax.set_xscale("log")
     if reference is not None:
         ax.axvline(reference, color="k", ls="--", lw=1)
     for yi, v in zip(y, values, strict=True):
