@@ -166,6 +166,16 @@ def test_piped_output_is_plain_lines(workdir):
     assert memryx("compile", "m.onnx", "-o", "c.dfp", cwd=workdir).stderr == ""
 
 
+def test_bench_rate_paces_the_sources_like_cameras(workdir):
+    done = memryx("bench", "m.dfp", "--frames", "40", "--streams", "2", "--rate", "50",
+                  "--mode", "fast", "--json", "-q", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["rate"] == 50 and result["frames"] == 40
+    # 20 frames per stream at 50 frames/s: the last is offered 19/50 s after the start
+    assert result["elapsed_s"] >= 19 / 50
+
+
 def test_verbose_shows_info_logs(workdir):
     done = memryx("compile", "m.onnx", "-o", "v.dfp", "-v", cwd=workdir)
     assert done.returncode == 0, done.stderr
