@@ -7,6 +7,7 @@ second and at the end, so logs stay readable) and ``"off"`` (``-q``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -14,9 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
-__all__ = ["Progress", "progress", "progress_mode"]
+__all__ = ["LogHandler", "Progress", "progress", "progress_mode"]
 
 Mode = Literal["bar", "plain", "off"]
+_active: list[Any] = []  # the tqdm bars on screen now (at most one)
 #: Seconds between two plain progress lines.
 PLAIN_INTERVAL_S = 1.0
 
@@ -44,6 +46,7 @@ class Progress:
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
         self.mode: Mode = mode if (mode != "plain" or plain) else "off"
         self.count = 0
+        self._steps = 0
         self.started = time.monotonic()
         self._last = self.started
         self._lock = threading.Lock()
@@ -56,13 +59,16 @@ class Progress:
             else:
                 self._bar = tqdm(total=total, desc=desc, unit=unit, file=stream,
                                  dynamic_ncols=True, leave=False, mininterval=0.1)
+                _active.append(self._bar)
 
     def step(self, what: str) -> None:
-        """One step of a staged task (compile), described by ``what``."""
+        """Start the next step of a staged task (compile), described by ``what``: the
+        previous step is done."""
         with self._lock:
+            self._steps += 1
             if self._bar is not None:
                 self._bar.set_description_str(f"{self.desc}: {what}", refresh=False)
-        self.update(self.count + 1)
+        self.update(self._steps - 1)
 
     def update(self, count: int) -> None:
         """``count`` units are done."""
@@ -85,8 +91,24 @@ class Progress:
     def close(self) -> None:
         with self._lock:
             if self._bar is not None:
+                _active.remove(self._bar)
                 self._bar.close()
                 self._bar = None
+
+
+class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines that do not tear a progress bar: printed above it while one is drawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _active:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # pragma: no cover - as logging does
+            self.handleError(record)
 
 
 @contextmanager

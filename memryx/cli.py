@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 
 from ._exceptions import CompilerError, DfpError, MemryxError
-from ._progress import Progress, progress, progress_mode
+from ._progress import LogHandler, Progress, progress, progress_mode
 from ._version import __version__
 from .dfp import Dfp, PortInfo
 
@@ -114,6 +114,10 @@ def cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
     from .compiler import NeuralCompiler
 
     target = _output_path(args.output, "-o")
+    for path in args.models:
+        if Path(path).exists() and Path(path).resolve() == target.resolve():
+            raise ValueError(f"-o {args.output}: is the input model {path}; the DFP would "
+                             "overwrite it")
     models: list[Any] = []
     with progress(len(args.models) + 1, "compile", mode=args.progress, plain=False) as bar:
         for idx, path in enumerate(args.models):
@@ -501,7 +505,7 @@ def _configure_logging(args: argparse.Namespace) -> logging.Handler:
         level = logging.INFO
     else:
         level = logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("memryx")
     logger.addHandler(handler)

@@ -136,6 +136,7 @@ def test_bad_arguments_are_one_line_naming_the_value(workdir, args, needles):
     (["compile", "m.onnx", "-o", "adir"], ["-o adir", "directory"]),
     (["compile", "m.onnx", "-o", "nodir/x.dfp"], ["nodir", "does not exist"]),
     (["compile", "m.onnx", "-o", "x.dfp", "--num-chips", "99"], ["num_chips"]),
+    (["compile", "m.onnx", "-o", "./m.onnx"], ["-o ./m.onnx", "input model"]),
 ])
 def test_user_errors_are_one_line_and_leave_nothing_behind(workdir, args, needles):
     (workdir / "adir").mkdir(exist_ok=True)
