@@ -399,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _configure_logging(args)
     try:
         return int(args.func(args, sys.stdout))
+    except BrokenPipeError:  # the reader of stdout went away (`memryx info x.dfp | head -1`)
+        _silence_stdout()
+        return 141  # as SIGPIPE would
     except (MemryxError, OSError, ValueError, TypeError, ImportError) as exc:
         sys.stderr.write(f"memryx {args.command}: error: {_one_line(exc)}\n")
         return 1
@@ -406,6 +409,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger = logging.getLogger("memryx")
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing to silence
+        pass
 
 
 def _one_line(exc: BaseException) -> str:

@@ -177,6 +177,18 @@ def test_bench_rate_paces_the_sources_like_cameras(workdir):
     assert result["elapsed_s"] >= 19 / 50
 
 
+def test_a_reader_that_goes_away_is_not_an_error(workdir):
+    proc = subprocess.Popen([sys.executable, "-m", "memryx", "info", "m.dfp"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `memryx info m.dfp | head -0`
+    try:
+        assert proc.wait(timeout=60) == 141
+        assert proc.stderr.read() == b""
+    finally:
+        proc.stderr.close()
+
+
 def test_verbose_shows_info_logs(workdir):
     done = memryx("compile", "m.onnx", "-o", "v.dfp", "-v", cwd=workdir)
     assert done.returncode == 0, done.stderr
