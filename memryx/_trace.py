@@ -79,7 +79,7 @@ class Tracer:
     path makes.
     """
 
-    __slots__ = ("_busy", "_events", "_models", "frames", "on", "path")
+    __slots__ = ("_busy", "_events", "_models", "_pending", "frames", "on", "path")
 
     def __init__(self, frames: int = DEFAULT_FRAMES, path: str | os.PathLike[str] | None = None,
                  *, on: bool = True) -> None:
@@ -95,6 +95,7 @@ class Tracer:
             maxlen=keep * EVENTS_PER_FRAME)
         self._busy: deque[tuple[int, float, float]] = deque(maxlen=keep)
         self._models: dict[int, str] = {}
+        self._pending: dict[int, list[float]] = {}  # per model: the busy interval growing now
 
     @classmethod
     def off(cls) -> Tracer:
@@ -114,8 +115,21 @@ class Tracer:
         self._events.append((stage, model, stream, frame, t0, t1))
 
     def busy(self, model: int, t0: float, t1: float) -> None:
-        """The device computed frames of ``model`` from t0 to t1."""
-        self._busy.append((model, t0, t1))
+        """The device was busy with frames of ``model`` from t0 to t1.
+
+        Back-to-back or overlapping intervals of a model (a chip streaming frames)
+        merge into one, so a saturated device costs one event, not one per frame.
+        """
+        if not self.on:
+            return
+        pending = self._pending.get(model)
+        if pending is not None and pending[0] <= t0 <= pending[1]:
+            if t1 > pending[1]:
+                pending[1] = t1
+            return
+        if pending is not None:
+            self._busy.append((model, pending[0], pending[1]))
+        self._pending[model] = [t0, t1]
 
     def name_model(self, model: int, name: str) -> None:
         """Label ``model``'s track (the DFP's model name)."""
@@ -124,15 +138,16 @@ class Tracer:
     def clear(self) -> None:
         self._events.clear()
         self._busy.clear()
+        self._pending.clear()
 
     def __len__(self) -> int:
-        return len(self._events) + len(self._busy)
+        return len(self._events) + len(self._busy) + len(self._pending)
 
     # -- output ---------------------------------------------------------------------------------
     def events(self) -> list[dict[str, Any]]:
         """The trace events, metadata first, then complete events sorted by start time."""
         spans = list(self._events)
-        busy = list(self._busy)
+        busy = list(self._busy) + [(m, p[0], p[1]) for m, p in self._pending.items()]
         starts = [e[4] for e in spans] + [b[1] for b in busy]
         origin = min(starts) if starts else 0.0
         out: list[dict[str, Any]] = []

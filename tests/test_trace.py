@@ -86,11 +86,24 @@ def test_ring_keeps_only_the_last_frames():
         for stage in ("input callback", "device", "output callback"):
             tr.frame(0, 0, stage, k, k + 0.5, k)
         tr.busy(0, k, k + 0.25)
-    assert len(tr) <= 10 * EVENTS_PER_FRAME + 10
+    # the ring: events of ~10 frames, 10 device intervals, plus each model's current one
+    assert len(tr) <= 10 * EVENTS_PER_FRAME + 10 + 1
     spans = complete(tr.events())
     kept = {e["args"]["frame"] for e in spans if "args" in e}
     assert max(kept) == 999 and min(kept) >= 1000 - 10 * EVENTS_PER_FRAME // 3 - 1
-    assert len([e for e in spans if e["pid"] == DEVICE_PID]) == 10
+    assert len([e for e in spans if e["pid"] == DEVICE_PID]) == 10 + 1
+
+
+def test_back_to_back_busy_intervals_merge():
+    tr = Tracer(frames=4)
+    for k in range(100):  # a chip streaming frames, 1 ms each, back to back
+        tr.busy(0, k * 0.001, (k + 1) * 0.001)
+    tr.busy(1, 0.0, 0.01)
+    tr.busy(0, 0.5, 0.6)  # after a gap: a new interval
+    busy = [e for e in complete(tr.events()) if e["pid"] == DEVICE_PID]
+    assert [(e["tid"], e["ts"], e["dur"]) for e in busy] == [
+        (1, 0, pytest.approx(100_000)), (2, 0, pytest.approx(10_000)),
+        (1, pytest.approx(500_000), pytest.approx(100_000))]
 
 
 def test_out_of_order_records_are_written_in_time_order():
