@@ -25,6 +25,18 @@ Using it from the engine (the hook points)::
 
 Times are ``time.monotonic()`` seconds (any one clock; the file starts at the
 earliest event).
+
+The public API this module is for (wired when the engine calls it):
+
+* ``accl.trace(path, frames=10_000)`` on any accelerator starts recording the
+  last ``frames`` frames and returns the :class:`Tracer`; the file is written
+  when the accelerator closes, or at once by ``accl.trace(None)``, which also
+  stops recording. Calling it again replaces the path.
+* ``MEMRYX_TRACE=path``: every accelerator of the process behaves as if
+  ``trace(path)`` had been called when it was created; the second one writes
+  ``path`` with ``.1`` before the suffix, and so on (:func:`trace_path_from_env`).
+* ``memryx bench --trace out.json [--trace-frames N]`` uses this writer today,
+  from the callbacks' side.
 """
 
 from __future__ import annotations

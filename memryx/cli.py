@@ -35,6 +35,15 @@ __all__ = ["Timeline", "main", "run_bench"]
 
 log = logging.getLogger("memryx.cli")
 
+EXAMPLES = """examples:
+  memryx compile model.onnx -o model.dfp --autocrop
+  memryx info model.dfp
+  memryx bench model.dfp --frames 2000 --streams 4 --rate 30
+  memryx bench model.dfp --plot bench.png --html bench.html --trace bench.json
+  memryx serve --socket /run/memryx.sock --metrics 127.0.0.1:9464
+
+'memryx COMMAND --help' describes each command's options."""
+
 
 class _Parser(argparse.ArgumentParser):
     """Argument errors in one line, naming the command and the value."""
@@ -281,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true",
                         help="only errors; no progress bar")
 
-    parser = _Parser(prog="memryx", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="memryx", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Compile ONNX models for the MemryX MX3, inspect DFPs, "
+                                 "benchmark them and share a (simulated) device.",
+                     epilog=EXAMPLES)
     parser.add_argument("--version", action="version", version=f"memryx {__version__}")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the memryx loggers (overrides -v/-q)")
