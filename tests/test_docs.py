@@ -1,4 +1,5 @@
-"""Every fenced code block of README.md and docs/*.md runs, so the docs cannot drift.
+"""Every fenced code block of README.md and docs/*.md runs, and every link resolves,
+so the docs cannot drift.
 
 * ``python`` blocks: the blocks of one file run in order in ONE fresh Python
   process (a tutorial's later blocks use its earlier ones), after a short
@@ -12,6 +13,8 @@
   that holds ``model.onnx`` and ``model.dfp`` (compiled from it) and must exit 0;
   ``memryx serve`` must report where it listens (its ``--socket`` is moved into
   the temporary directory) and stop cleanly on SIGINT.
+* Relative links (``[text](page.md#anchor)``, images) must point at a file that
+  exists and, for a page, at one of its headings.
 * A block preceded by ``<!-- skip-test: reason -->`` is not run (a signature,
   a synopsis with ``[optional]`` parts, a command that installs software).
 """
@@ -228,3 +231,39 @@ def test_shell_blocks_run(block: Block, workdir: Path) -> None:
         assert done.returncode == 0, f"{block.where}: `{line}` failed:\n{done.stderr}"
     if not ran:
         pytest.skip("no memryx command in this block (syntax-checked only)")
+
+
+# -- links ------------------------------------------------------------------------------------
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a page, plus its explicit ``<a id="...">`` ones."""
+    text = page.read_text()
+    found = set(re.findall(r'<a id="([^"]+)"', text))
+    in_code = False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        title = line.lstrip("#").strip().lower()
+        slug = re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
+        found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links in code are code
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z]+:", target):
+            continue  # http(s):, mailto: ...
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target}: no heading with that anchor")
+    assert not broken, f"{page.relative_to(ROOT)}: {broken}"
