@@ -94,7 +94,14 @@ def _status(rec: dict[str, Any]) -> str:
     return f"{len(rec['goals'])}/{len(rec['goals'])} {PASS}"
 
 
-def render(records: dict[str, Any], whys: dict[str, str], command: str) -> str:
+def existing_figures(docs: Path, records: dict[str, Any]) -> dict[str, str]:
+    """``{benchmark: path relative to docs/}`` of the figures drawn for these records."""
+    return {n: f"img/perf-{n}.png" for n in records if (docs / "img" / f"perf-{n}.png").exists()}
+
+
+def render(records: dict[str, Any], whys: dict[str, str], command: str,
+           figures: dict[str, str] | None = None) -> str:
+    figures = figures or {}
     names = [n for n in ORDER if n in records] + sorted(set(records) - set(ORDER))
     newest = max(records.values(), key=lambda r: r["machine"]["date"])
     m = newest["machine"]
@@ -115,6 +122,10 @@ def render(records: dict[str, Any], whys: dict[str, str], command: str) -> str:
         "The machine is shared and noisy: each number is the median of several repetitions, "
         "and every ratio is taken against a reference measured in the same run, interleaved "
         "with it.",
+        "",
+        "This is the benchmark report of the runtime itself. What the numbers mean for your "
+        "application, and how to measure it, is in the "
+        "[performance guide](performance-guide.md).",
         "",
     ]
     if quick:
@@ -150,6 +161,8 @@ def render(records: dict[str, Any], whys: dict[str, str], command: str) -> str:
             if t["title"]:
                 lines += [f"**{t['title']}**", ""]
             lines += [_md_table(t["columns"], t["rows"]), ""]
+        if n in figures:
+            lines += [f"![{n}: {rec['title']}]({figures[n]})", ""]
         if rec["goals"]:
             lines += ["Goals:", "",
                       _md_table(["goal", "measured", "status", "missed by"],

@@ -5,6 +5,8 @@ Compile ONNX models with :class:`NeuralCompiler`, then run the DFP with
 simulated MX3 (the default) or a device server.
 """
 
+import logging as _logging
+
 from ._exceptions import CallbackSignatureError as CallbackSignatureError
 from ._exceptions import ClosedError as ClosedError
 from ._exceptions import CompilerError as CompilerError
@@ -27,6 +29,9 @@ from .compiler import NeuralCompiler as NeuralCompiler
 from .dfp import Dfp as Dfp
 from .dfp import ModelInfo as ModelInfo
 from .dfp import PortInfo as PortInfo
+
+# silent unless the application configures logging (no last-resort handler output)
+_logging.getLogger("memryx").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AsyncAccl",

@@ -5,10 +5,12 @@ Examples::
     memryx compile model.onnx -o model.dfp --autocrop
     memryx info model.dfp
     memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|fast|shapes] [--json]
-    memryx serve --socket /run/memryx.sock
+    memryx bench model.dfp --plot bench.png --html bench.html --trace bench.json
+    memryx serve --socket /run/memryx.sock --metrics 127.0.0.1:9464
 
 This module writes to stdout/stderr because it is the command-line front end;
-the library itself only logs.
+the library itself only logs. Every user error is one line on stderr, exit 1
+(2 for a bad argument), and no file is left half-written.
 """
 
 from __future__ import annotations
@@ -16,35 +18,133 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import threading
-import time
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
-import numpy as np
-
-from ._exceptions import MemryxError
+from ._bench import Timeline, run_bench
+from ._exceptions import CompilerError, DfpError, MemryxError
+from ._progress import LogHandler, progress, progress_mode
 from ._version import __version__
 from .dfp import Dfp, PortInfo
 
-__all__ = ["main"]
+__all__ = ["Timeline", "main", "run_bench"]
+
+log = logging.getLogger("memryx.cli")
+
+EXAMPLES = """examples:
+  memryx compile model.onnx -o model.dfp --autocrop
+  memryx info model.dfp
+  memryx bench model.dfp --frames 2000 --streams 4 --rate 30
+  memryx bench model.dfp --plot bench.png --html bench.html --trace bench.json
+  memryx serve --socket /run/memryx.sock --metrics 127.0.0.1:9464
+
+'memryx COMMAND --help' describes each command's options."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, naming the command and the value."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _names(text: str | None) -> list[str] | None:
     return [n for n in text.split(",") if n] if text else None
 
 
+def _output_path(path: str, what: str) -> Path:
+    """Check, before any work is done, that ``path`` can be written as a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{what} {path}: is a directory; give a file name")
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{what} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{what} {path}: the directory {parent} is not writable")
+    return target
+
+
+@contextmanager
+def _no_leftovers(*targets: Path) -> Iterator[None]:
+    """On failure, remove the temporary files an atomic write left beside ``targets``."""
+    temps = [t.with_name(t.name + ".tmp") for t in targets]
+    before = {t for t in temps if t.exists()}
+    try:
+        yield
+    except BaseException:
+        for t in temps:
+            if t not in before and t.is_file():
+                t.unlink()
+        raise
+
+
+# -- compile ----------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
+    import onnx
+
     from .compiler import NeuralCompiler
 
-    models: Any = args.models if len(args.models) > 1 else args.models[0]
-    nc = NeuralCompiler(models=models, dfp_fname=args.output, num_chips=args.num_chips,
-                        verbose=args.verbose, inputs=_names(args.inputs),
-                        outputs=_names(args.outputs), autocrop=args.autocrop,
-                        fps=args.fps, latency_ms=args.latency_ms)
-    dfp = nc.run()
-    out.write(f"wrote {args.output}\n")
+    target = _output_path(args.output, "-o")
+    for path in args.models:
+        if Path(path).exists() and Path(path).resolve() == target.resolve():
+            raise ValueError(f"-o {args.output}: is the input model {path}; the DFP would "
+                             "overwrite it")
+    models: list[Any] = []
+    with progress(len(args.models) + 1, "compile", mode=args.progress, plain=False) as bar:
+        for idx, path in enumerate(args.models):
+            bar.step(f"reading {path}")
+            if not Path(path).is_file():
+                raise CompilerError(f"model {idx}: no ONNX file at {path}")
+            try:
+                models.append(onnx.load(path))
+            except Exception as exc:
+                raise CompilerError(f"model {idx}: cannot read ONNX model {path} ({exc})") \
+                    from exc
+        bar.step(f"compiling {len(models)} model(s)")
+        nc = NeuralCompiler(models=models if len(models) > 1 else models[0],
+                            dfp_fname=target, num_chips=args.num_chips,
+                            verbose=args.verbose, inputs=_names(args.inputs),
+                            outputs=_names(args.outputs), autocrop=args.autocrop,
+                            fps=args.fps, latency_ms=args.latency_ms)
+        with _no_leftovers(target):
+            dfp = nc.run()
+        bar.step(f"wrote {target}")
+    out.write(f"wrote {target}\n")
     _describe(dfp, out)
     return 0
 
@@ -72,95 +172,71 @@ def _describe(dfp: Dfp, out: TextIO) -> None:
                       f"{perf.get('weights', 0) / 1e6:.2f}M weights\n")
 
 
+def _open_dfp(path: str) -> Dfp:
+    try:
+        return Dfp(path)
+    except DfpError as exc:
+        if path in str(exc):
+            raise
+        raise DfpError(f"{path}: {exc}") from exc
+
+
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
-    _describe(Dfp(args.dfp), out)
+    _describe(_open_dfp(args.dfp), out)
     return 0
 
 
-def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
-    arrays = []
-    for p in ports:
-        if p.dtype.kind == "f":
-            arrays.append(rng.standard_normal(p.shape).astype(p.dtype))
-        elif p.dtype.kind == "b":
-            arrays.append(rng.integers(0, 2, p.shape).astype(bool))
-        else:
-            info = np.iinfo(p.dtype)
-            arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, p.shape,
-                                       dtype=p.dtype))
-    return arrays[0] if len(arrays) == 1 else arrays
-
-
-def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int = 0,
-              progress: TextIO | None = None, **device_options: Any) -> dict[str, Any]:
-    """Run ``frames`` frames spread over ``streams`` streams; return the figures."""
-    from .accl import MultiStreamAsyncAccl
-
-    model = dfp.model(model_idx)
-    rng = np.random.default_rng(0)
-    pool = [_random_frame(model.inputs, rng) for _ in range(8)]
-    quota = [frames // streams + (1 if s < frames % streams else 0) for s in range(streams)]
-    sent = [0] * streams
-    done = [0]
-    lock = threading.Lock()
-    last = [0.0]
-    start = time.monotonic()
-
-    def source(s: int) -> Any:
-        if sent[s] >= quota[s]:
-            return None
-        sent[s] += 1
-        return pool[(sent[s] + s) % len(pool)]
-
-    def sink(s: int, *outputs: Any) -> None:
-        with lock:
-            done[0] += 1
-            now = time.monotonic()
-            if progress is not None and (now - last[0] > 0.25 or done[0] == frames):
-                last[0] = now
-                rate = done[0] / max(now - start, 1e-9)
-                progress.write(f"\r{done[0]}/{frames} frames  {rate:,.0f} fps   ")
-                progress.flush()
-
-    accl = MultiStreamAsyncAccl(dfp, mode=mode, **device_options)
-    try:
-        accl.connect_streams(source, sink, streams, model_idx=model_idx)
-        for other in range(dfp.num_models):
-            if other != model_idx:  # models not under test get empty streams
-                accl.connect_streams(lambda s: None, lambda s, *o: None, 1, model_idx=other)
-        accl.wait()
-    finally:
-        accl.close()
-    elapsed = time.monotonic() - start
-    stats = accl.statistics()
-    if progress is not None:
-        progress.write("\n")
-    m = stats["models"][model_idx]
-    dev = stats["device"]["models"][model_idx]
-    per_stream = {int(s): v["fps"] for s, v in m["streams"].items()}
-    return {
-        "model": model.name, "model_idx": model_idx, "mode": mode, "frames": m["frames_out"],
-        "streams": streams, "elapsed_s": elapsed, "fps": m["fps"],
-        "average_stream_fps": float(np.mean(list(per_stream.values()))) if per_stream else 0.0,
-        "per_stream_fps": per_stream,
-        "latency_ms": m["latency_ms"],
-        "per_stream_latency_ms": {int(s): v["latency_ms"] for s, v in m["streams"].items()},
-        "modeled_fps": dev.get("modeled_fps"), "modeled_latency_ms": dev.get("modeled_latency_ms"),
-        "late_frames": dev.get("late_frames", 0),
-        "input_callback_s": m["input_callback_s"], "output_callback_s": m["output_callback_s"],
-        "device_wait_s": m["device_wait_s"],
-    }
-
-
+# -- bench ------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
-    dfp = Dfp(args.dfp)
-    options = {"concurrency": args.concurrency} if args.concurrency else {}
-    result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
-                       model_idx=args.model_idx,
-                       progress=None if args.quiet else sys.stderr, **options)
+    # everything that can be refused is refused before the run, not after it
+    plot = _output_path(args.plot, "--plot") if args.plot else None
+    html = _output_path(args.html, "--html") if args.html else None
+    trace = _output_path(args.trace, "--trace") if args.trace else None
+    if plot or html:
+        from ._plot import require_matplotlib
+
+        require_matplotlib()
+    dfp = _open_dfp(args.dfp)
+    if not 0 <= args.model_idx < dfp.num_models:
+        raise MemryxError(f"--model-idx {args.model_idx}: {args.dfp} has {dfp.num_models} "
+                          f"model(s), numbered 0..{dfp.num_models - 1}")
+    options = {"concurrency": args.concurrency} if args.concurrency is not None else {}
+    tracer = None
+    if trace is not None:
+        from ._trace import Tracer
+
+        tracer = Tracer(frames=args.trace_frames)
+        tracer.name_model(args.model_idx, dfp.model(args.model_idx).name)
+    timeline = Timeline(args.streams)
+    with progress(args.frames, "bench", unit="frame",
+                  mode=args.progress) as bar:
+        result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
+                           model_idx=args.model_idx, progress=bar, timeline=timeline,
+                           tracer=tracer, rate=args.rate, **options)
+    if tracer is not None and trace is not None:
+        tracer.write(trace)
+    if plot or html:
+        from ._plot import bench_figure, write_html
+
+        fig = bench_figure(timeline, title=f"{Path(args.dfp).name}: model {args.model_idx} "
+                           f"({result['model']}), {args.mode} mode, {args.streams} stream(s)")
+        if plot is not None:
+            with _no_leftovers(plot):
+                fig.save_png(plot)
+        if html is not None:
+            with _no_leftovers(html):
+                write_html(html, fig, result)
     if args.json:
         out.write(json.dumps(result, indent=2) + "\n")
-        return 0
+    else:
+        _report(result, out)
+    for path, what in ((trace, "trace"), (plot, "plot"), (html, "report")):
+        if path is not None and not args.json:
+            out.write(f"wrote {what} {path}\n")
+    return 0
+
+
+def _report(result: dict[str, Any], out: TextIO) -> None:
     lat = result["latency_ms"]
     out.write(f"model {result['model_idx']} ({result['model']}), {result['mode']} mode, "
               f"{result['frames']} frames, {result['streams']} stream(s), "
@@ -179,57 +255,120 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"   ({result['late_frames']} frame(s) late: the host is slower than "
                       "the modeled chip)")
         out.write("\n")
-    return 0
 
 
+# -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from .device.server import SchedulerOptions, serve
 
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
                                ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
-    serve(args.socket, mode=args.mode, options=options)
+    exporter = None
+    if args.metrics is not None:
+        from .device import _metrics
+
+        host, port = args.metrics
+        try:
+            exporter = _metrics.start_exporter(host, port)
+        except OSError as exc:
+            raise OSError(f"--metrics {host}:{port}: {exc.strerror or exc}") from exc
+        out.write(f"metrics on http://{exporter.host_for_url}:{exporter.port}/metrics\n")
+        out.flush()
+    try:
+        serve(args.socket, mode=args.mode, options=options)
+    finally:
+        if exporter is not None:
+            exporter.close()
     return 0
 
 
+# -- the parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memryx", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"memryx {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more: -v shows INFO, -vv DEBUG")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="only errors; no progress bar")
 
-    p = sub.add_parser("compile", help="compile ONNX model(s) into a DFP")
-    p.add_argument("models", nargs="+", help="ONNX file(s); several make a multi-model DFP")
-    p.add_argument("-o", "--output", required=True, help="the DFP file to write")
-    p.add_argument("--num-chips", type=int, default=4)
-    p.add_argument("--inputs", help="comma-separated tensor names where the accelerated "
-                                    "part begins (one model)")
-    p.add_argument("--outputs", help="comma-separated tensor names where it ends (one model)")
-    p.add_argument("--autocrop", action="store_true")
-    p.add_argument("--fps", type=float, help="override the modeled MX3 frames/s")
-    p.add_argument("--latency-ms", type=float, help="override the modeled MX3 latency")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    parser = _Parser(prog="memryx", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Compile ONNX models for the MemryX MX3, inspect DFPs, "
+                                 "benchmark them and share a (simulated) device.",
+                     epilog=EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"memryx {__version__}")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of the memryx loggers (overrides -v/-q)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", parents=[common], help="compile ONNX model(s) into a DFP",
+                       description="Compile ONNX model(s) into a DFP for the MX3.")
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx",
+                   help="ONNX file(s); several make a multi-model DFP")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.dfp",
+                   help="the DFP file to write (written atomically; *_pre.onnx / "
+                        "*_post.onnx beside it when the model is cropped)")
+    p.add_argument("--num-chips", type=_at_least(1), default=4, metavar="N",
+                   help="MX3 chips the DFP targets, 1..16 (default: 4)")
+    p.add_argument("--inputs", metavar="NAMES",
+                   help="comma-separated tensor names where the accelerated part begins "
+                        "(one model)")
+    p.add_argument("--outputs", metavar="NAMES",
+                   help="comma-separated tensor names where it ends (one model)")
+    p.add_argument("--autocrop", action="store_true",
+                   help="move leading/trailing pre- and post-processing off the accelerator")
+    p.add_argument("--fps", type=_positive_float,
+                   help="override the modeled MX3 frames/s")
+    p.add_argument("--latency-ms", type=_positive_float, metavar="MS",
+                   help="override the modeled MX3 latency in milliseconds")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("info", help="show a DFP's models, ports and modeled performance")
-    p.add_argument("dfp")
+    p = sub.add_parser("info", parents=[common],
+                       help="show a DFP's models, ports and modeled performance",
+                       description="Show a DFP's models, ports and modeled MX3 performance.")
+    p.add_argument("dfp", metavar="FILE.dfp", help="the DFP file to describe")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="run a DFP on the simulated device and measure it")
-    p.add_argument("dfp")
-    p.add_argument("--frames", type=int, default=1000)
-    p.add_argument("--streams", type=int, default=1)
-    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"])
-    p.add_argument("--model-idx", type=int, default=0)
-    p.add_argument("--concurrency", type=int, help="frames the simulated device runs at once")
+    p = sub.add_parser("bench", parents=[common],
+                       help="run a DFP on the simulated device and measure it",
+                       description="Run a DFP on the simulated MX3 with random frames and "
+                                   "report frames/s and latency per stream.")
+    p.add_argument("dfp", metavar="FILE.dfp", help="the DFP file to run")
+    p.add_argument("--frames", type=_at_least(1), default=1000, metavar="N",
+                   help="frames to run, over all streams (default: 1000)")
+    p.add_argument("--streams", type=_at_least(1), default=1, metavar="N",
+                   help="input streams sharing the model (default: 1)")
+    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"],
+                   help="timed: paced like the MX3 (default); fast: as fast as this host "
+                        "computes; shapes: zeros, nothing computed")
+    p.add_argument("--model-idx", type=_at_least(0), default=0, metavar="I",
+                   help="the model of the DFP to measure (default: 0)")
+    p.add_argument("--rate", type=_positive_float, metavar="FPS",
+                   help="frames/s each stream offers, like a camera (default: as fast as "
+                        "the runtime takes them; latency then includes queueing)")
+    p.add_argument("--concurrency", type=_at_least(1), metavar="N",
+                   help="frames the simulated device computes at once (default: the cores)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="draw throughput over time and the latency distribution per stream "
+                        "(needs memryx[plot])")
+    p.add_argument("--html", metavar="OUT.html",
+                   help="write a self-contained HTML report with the figures "
+                        "(needs memryx[plot])")
+    p.add_argument("--trace", metavar="OUT.json",
+                   help="write a Chrome/Perfetto trace of the frames' life (open it in "
+                        "ui.perfetto.dev or chrome://tracing)")
+    p.add_argument("--trace-frames", type=_at_least(1), default=10_000, metavar="N",
+                   help="frames kept in the trace: the last N (default: 10000)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="share one simulated MX3 among processes over a socket")
+    p = sub.add_parser("serve", parents=[common],
+                       help="share one simulated MX3 among processes over a socket",
+                       description="Run a device server: one simulated MX3 shared by the "
+                                   "processes that connect to its Unix socket. Stop it with "
+                                   "Ctrl-C or SIGTERM.")
     p.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR/memryx.sock "
                                     "or /tmp/memryx-UID.sock)")
-    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"])
+    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"],
+                   help="how the shared device computes (default: timed)")
     p.add_argument("--frame-limit", type=int, default=20,
                    help="frames a model may send per turn on the chip")
     p.add_argument("--time-limit-ms", type=float, default=250.0,
@@ -238,21 +377,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames a client may have in flight per model")
     p.add_argument("--ofmap-queue", type=int, default=21,
                    help="outputs buffered per model for a slow client")
+    p.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                        "(needs memryx[metrics]; port 0 picks a free one)")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> logging.Handler:
+    """The CLI is an application: it shows the library's log on stderr."""
+    if args.log_level:
+        level = getattr(logging, args.log_level)
+    elif args.quiet:
+        level = logging.ERROR
+    elif args.verbose >= 2:
+        level = logging.DEBUG
+    elif args.verbose == 1 or args.command == "serve":  # a service logs its life by default
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    handler = LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("memryx")
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "frames", 1) < 1 or getattr(args, "streams", 1) < 1:
-        parser.error("--frames and --streams must be at least 1")
+    args.progress = progress_mode(quiet=args.quiet)
+    handler = _configure_logging(args)
     try:
         return int(args.func(args, sys.stdout))
-    except (MemryxError, OSError, ValueError, TypeError) as exc:
-        sys.stderr.write(f"memryx {args.command}: error: {exc}\n")
+    except BrokenPipeError:  # the reader of stdout went away (`memryx info x.dfp | head -1`)
+        _silence_stdout()
+        return 141  # as SIGPIPE would
+    except (MemryxError, OSError, ValueError, TypeError, ImportError) as exc:
+        sys.stderr.write(f"memryx {args.command}: error: {_one_line(exc)}\n")
         return 1
+    finally:
+        logger = logging.getLogger("memryx")
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing to silence
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

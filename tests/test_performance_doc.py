@@ -17,10 +17,11 @@ WHYS = _report.parse_whys(ROOT / "benchmarks" / "why.md")
 
 
 def test_the_doc_is_what_results_and_whys_render_to():
-    rendered = _report.render(RESULTS["benchmarks"], WHYS, RESULTS["command"])
+    figures = _report.existing_figures(ROOT / "docs", RESULTS["benchmarks"])
+    rendered = _report.render(RESULTS["benchmarks"], WHYS, RESULTS["command"], figures)
     assert (ROOT / "docs" / "performance.md").read_text() == rendered, (
         "docs/performance.md is stale or was edited by hand: run "
-        "`python benchmarks/run_all.py --render`")
+        "`python benchmarks/run_all.py --render-only`")
 
 
 @pytest.mark.parametrize("name", sorted(WHYS))

@@ -35,6 +35,7 @@ from .._core.tasks import TaskSet
 from .._exceptions import MemryxError
 from .._version import __version__
 from ..dfp import Dfp
+from . import _metrics
 from . import protocol as p
 from .simulated import SimulatedDevice
 
@@ -115,6 +116,7 @@ class ChipScheduler:
         self.turns += 1
         if self._last is not None and self._last is not slot:
             self.swaps += 1
+            _metrics.recorder().scheduler_switch()
         self._last = slot
 
     def release(self, slot: Slot) -> None:
@@ -192,6 +194,7 @@ class Slot:
             outputs = await device.receive(self.model_idx)
             seq = self.in_flight.popleft()
             self.frames_out += 1
+            _metrics.recorder().frame_out(self.model_idx, self.session)
             await self.session.write(p.Output(self.model_idx, seq, outputs))
             if not self.in_flight:
                 self.drained.set()
@@ -217,6 +220,7 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.server.sessions.add(self)
+        _metrics.recorder().client_connected(self)
         log.info("client connected (%d connected)", len(self.server.sessions))
 
     def data_received(self, data: bytes) -> None:
@@ -237,6 +241,7 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.sessions.discard(self)
+        _metrics.recorder().client_disconnected(self)
         self._closing = True
         self._can_write.set()
         for slot in self.slots:
@@ -296,6 +301,7 @@ class Session(asyncio.Protocol):
             raise p.ProtocolError(
                 f"more than {slot.capacity} frames in flight for model {event.model}") from None
         slot.frames_in += 1
+        _metrics.recorder().frame_in(event.model, self)
 
     async def _open(self, dfp: Dfp, group_id: int) -> None:
         if self.device is not None:
@@ -321,6 +327,7 @@ class Session(asyncio.Protocol):
             self.tasks.spawn(slot.collect(device), f"collect-{m.index}")
         self._send(p.Opened(tuple(p.OpenedModel(cap) for _ in dfp.models)))
         log.info("client %s opened %r", self.peer, dfp)
+        _metrics.recorder().model_opened(self, dfp)
 
     # -- output ---------------------------------------------------------------------------
     def _send(self, event: Any) -> None:

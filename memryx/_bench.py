@@ -1,0 +1,134 @@
+"""``memryx bench``: a DFP through ``MultiStreamAsyncAccl`` with random frames, measured
+through the public API only (the callbacks' own clock readings and ``statistics()``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._progress import Progress
+from .dfp import Dfp, PortInfo
+
+__all__ = ["Timeline", "run_bench"]
+
+
+def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
+    arrays = []
+    for p in ports:
+        if p.dtype.kind == "f":
+            arrays.append(rng.standard_normal(p.shape).astype(p.dtype))
+        elif p.dtype.kind == "b":
+            arrays.append(rng.integers(0, 2, p.shape).astype(bool))
+        else:
+            info = np.iinfo(p.dtype)
+            arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, p.shape,
+                                       dtype=p.dtype))
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+class Timeline:
+    """Per-frame times seen through the public API, per stream (``time.monotonic``).
+
+    ``sent[s][k]``: the input callback of stream ``s`` returned frame ``k``;
+    ``received[s][k]``: the output callback got its outputs. Outputs come in
+    order per stream, so ``received[s][k] - sent[s][k]`` is frame ``k``'s latency
+    through the runtime (queues, device, post-processing).
+    """
+
+    def __init__(self, streams: int) -> None:
+        self.start = 0.0
+        self.sent: list[list[float]] = [[] for _ in range(streams)]
+        self.received: list[list[float]] = [[] for _ in range(streams)]
+
+    def latencies_ms(self, stream: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+        n = len(self.received[stream])
+        received = np.asarray(self.received[stream], dtype=np.float64)
+        sent = np.asarray(self.sent[stream][:n], dtype=np.float64)
+        return (received - sent) * 1000.0
+
+
+def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int = 0,
+              progress: Progress | None = None, timeline: Timeline | None = None,
+              tracer: Any = None, rate: float | None = None,
+              **device_options: Any) -> dict[str, Any]:
+    """Run ``frames`` frames spread over ``streams`` streams; return the figures.
+
+    ``rate``: frames/s each stream offers, like a camera (None: as fast as taken).
+
+    ``timeline`` (a :class:`Timeline`) and ``tracer`` (a :class:`memryx._trace.Tracer`)
+    are filled from the callbacks' own clock readings when given.
+    """
+    from .accl import MultiStreamAsyncAccl
+
+    model = dfp.model(model_idx)
+    rng = np.random.default_rng(0)
+    pool = [_random_frame(model.inputs, rng) for _ in range(8)]
+    quota = [frames // streams + (1 if s < frames % streams else 0) for s in range(streams)]
+    sent = [0] * streams
+    done = [0]
+    received = [0] * streams
+    lock = threading.Lock()
+    tl = timeline if timeline is not None else Timeline(streams)
+    clock = time.monotonic
+
+    def source(s: int) -> Any:
+        if sent[s] >= quota[s]:
+            return None
+        if rate is not None:  # a camera: frame k of each stream is ready at start + k / rate
+            delay = tl.start + sent[s] / rate - clock()
+            if delay > 0:
+                time.sleep(delay)
+        t0 = clock()
+        frame = pool[(sent[s] + s) % len(pool)]
+        sent[s] += 1
+        t1 = clock()
+        tl.sent[s].append(t1)
+        if tracer is not None:
+            tracer.frame(s, model_idx, "input callback", t0, t1, sent[s] - 1)
+        return frame
+
+    def sink(s: int, *outputs: Any) -> None:
+        t0 = clock()
+        k = received[s]
+        received[s] += 1
+        tl.received[s].append(t0)
+        with lock:
+            done[0] += 1
+            count = done[0]
+        if progress is not None:
+            progress.update(count)
+        if tracer is not None:
+            tracer.frame(s, model_idx, "in flight", tl.sent[s][k], t0, k)
+            tracer.frame(s, model_idx, "output callback", t0, clock(), k)
+
+    accl = MultiStreamAsyncAccl(dfp, mode=mode, **device_options)
+    tl.start = time.monotonic()
+    try:
+        accl.connect_streams(source, sink, streams, model_idx=model_idx)
+        for other in range(dfp.num_models):
+            if other != model_idx:  # models not under test get empty streams
+                accl.connect_streams(lambda s: None, lambda s, *o: None, 1, model_idx=other)
+        accl.wait()
+    finally:
+        accl.close()
+    elapsed = time.monotonic() - tl.start
+    stats = accl.statistics()
+    m = stats["models"][model_idx]
+    dev = stats["device"]["models"][model_idx]
+    per_stream = {int(s): v["fps"] for s, v in m["streams"].items()}
+    return {
+        "model": model.name, "model_idx": model_idx, "mode": mode, "frames": m["frames_out"],
+        "streams": streams, "rate": rate, "elapsed_s": elapsed, "fps": m["fps"],
+        "average_stream_fps": float(np.mean(list(per_stream.values()))) if per_stream else 0.0,
+        "per_stream_fps": per_stream,
+        "latency_ms": m["latency_ms"],
+        "per_stream_latency_ms": {int(s): v["latency_ms"] for s, v in m["streams"].items()},
+        "modeled_fps": dev.get("modeled_fps"), "modeled_latency_ms": dev.get("modeled_latency_ms"),
+        "late_frames": dev.get("late_frames", 0),
+        "input_callback_s": m["input_callback_s"], "output_callback_s": m["output_callback_s"],
+        "device_wait_s": m["device_wait_s"],
+    }
