@@ -28,7 +28,8 @@ import _common as c  # before anything imports numpy: it pins the BLAS threads
 HERE = Path(__file__).resolve().parent
 DOC = c.ROOT / "docs" / "performance.md"
 RESULTS = HERE / "results.json"
-ORDER = ["overhead", "pipelining", "fidelity", "multistream", "peers", "memory", "soak"]
+ORDER = ["overhead", "latency", "pipelining", "fidelity", "multistream", "peers", "memory",
+         "soak"]
 WHY_PLACEHOLDER = ("_Not written yet. When a goal above is missed, explain here why (what the "
                    "profile shows, what would fix it); this text is kept when the file is "
                    "regenerated._")

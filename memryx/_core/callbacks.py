@@ -288,30 +288,41 @@ class CallbackOutput:
             except ChannelClosed:
                 self._drop(len(items))
             return
-        for n, item in enumerate(items):
-            if self.failed or self.engine.closed:
-                self._drop(len(items) - n)
-                return
-            error, finished = await self._acall(item)
-            self._done_one(item, error, finished)
-
-    async def _acall(self, item: tuple[int, Frame, float, float]
-                     ) -> tuple[BaseException | None, float]:
-        stream, outputs, _, _ = item
-        self.handed += 1
         lane = self.lane
+        model, meters = lane.meter, lane.streams
+        fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
+            lane.finish_blocks
+        done = 0
         try:
-            res = (await run_sync(lane.finish, outputs)) if lane.finish_blocks \
-                else lane.finish(outputs)
-            await self.fn(*((stream, *res) if self.with_stream_idx else res))
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            return exc, time.monotonic()
-        except BaseException as exc:
-            return exc, time.monotonic()
-        return None, time.monotonic()
+            for n, item in enumerate(items):
+                if self.failed or self.engine.closed:
+                    self._drop(len(items) - n)
+                    return
+                stream, outputs, t0, ready = item
+                self.handed += 1
+                try:
+                    res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
+                    await fn(*((stream, *res) if with_idx else res))
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    self._done_one(item, exc, time.monotonic())
+                    continue
+                except BaseException as exc:
+                    self._done_one(item, exc, time.monotonic())
+                    continue
+                finished = time.monotonic()
+                meter = meters.get(stream) or lane.stream_meter(stream)
+                model.delivered(t0, ready)
+                meter.delivered(t0, ready)
+                meter.output_s += finished - ready
+                model.output_s += finished - ready
+                done += 1
+        finally:
+            if done:
+                lane.budget.give(done)
+                self.engine.lane_progress(lane)
 
     def _call_batch(self, batch: list[tuple[int, Frame, float, float]]
                     ) -> list[tuple[tuple[int, Frame, float, float], BaseException | None,
@@ -340,12 +351,28 @@ class CallbackOutput:
         return report
 
     def _batch_done(self, report: list[Any]) -> None:
-        """On the loop: account for a batch the output thread finished."""
+        """On the loop: account for a batch the output thread finished (one wake-up)."""
+        lane = self.lane
+        model = lane.meter
+        meters = lane.streams
+        done = 0
         for item, error, finished in report:
             if item[0] == -1:  # not called: dropped
                 self._drop(int(finished))
                 continue
-            self._done_one(item, error, finished)
+            if error is not None:
+                self._done_one(item, error, finished)
+                continue
+            stream, _, t0, ready = item
+            meter = meters.get(stream) or lane.stream_meter(stream)
+            model.delivered(t0, ready)
+            meter.delivered(t0, ready)
+            meter.output_s += finished - ready
+            model.output_s += finished - ready
+            done += 1
+        if done:
+            lane.budget.give(done)
+            self.engine.lane_progress(lane)
 
     def _done_one(self, item: tuple[int, Frame, float, float], error: BaseException | None,
                   finished: float) -> None:
