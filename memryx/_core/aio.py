@@ -374,12 +374,15 @@ class ThreadProducer(Generic[T]):
     or when ``stop`` is set (checked before every call); then :attr:`items` is
     closed. Credits it did not use are the loop's to give back
     (``granted - produced``). A thread blocked inside ``produce`` at stop is
-    left to finish by itself (a daemon; it calls nothing afterwards).
+    left to finish by itself (a daemon; it calls nothing afterwards); an item it
+    returns then is reported to ``on_lost`` (on the thread).
     """
 
     def __init__(self, name: str, produce: Callable[[], Any], capacity: int,
-                 stop: threading.Event, *, gate: threading.Semaphore | None = None) -> None:
+                 stop: threading.Event, *, gate: threading.Semaphore | None = None,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.items: Channel[T] = Channel(capacity)
+        self._on_lost = on_lost
         self.error: BaseException | None = None
         self.produced = 0
         self.granted = 0
@@ -433,6 +436,8 @@ class ThreadProducer(Generic[T]):
                             return
                         self.produced += 1
                         if not self.items.put_from_thread(item, self._stop):
+                            if self._on_lost is not None:  # made, then nobody took it
+                                self._on_lost()
                             return
         except BaseException as exc:
             self.error = exc

@@ -179,10 +179,16 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             _not_awaited(item, role)
             return prepare(item), done
 
+    def lost() -> None:
+        """On the thread: a frame returned after the stream was abandoned (a stop)."""
+        lane.meter.frames_in += 1
+        meter.frames_in += 1
+        lane.dropped += 1
+
     budget = lane.budget
     producer: ThreadProducer[tuple[Frame, float]] = ThreadProducer(
         f"memryx-input-{lane.idx}-{stream}", produce, budget.total, engine.stopping,
-        gate=engine.input_gate)
+        gate=engine.input_gate, on_lost=lost)
     outstanding = 0  # units granted to the thread and not come back as frames
     try:
         while True:
@@ -399,5 +405,4 @@ class CallbackOutput:
 
     def close(self) -> None:
         if self._consumer is not None:
-            left = self._consumer.items.abort()
-            self.lane.dropped += left
+            self._consumer.items.abort()  # counted by the engine as in flight at the stop

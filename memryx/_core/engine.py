@@ -159,6 +159,11 @@ class ChannelSink(_QueueSink):
             self.window = Budget(RECEIVE_DEPTH + lane.budget.total)
         return self.window
 
+    def fail(self, exc: BaseException) -> None:
+        super().fail(exc)
+        if self.window is not None:
+            self.window.fail(exc)  # a send waiting for room sees it too
+
     def take_nowait(self) -> Frame | None:
         out = super().take_nowait()
         if out is not None and self.window is not None:
@@ -285,7 +290,7 @@ class Engine:
             out = self._outputs.get(lane.idx)
             if out is not None:
                 out.close()
-            lane.dropped += lane.budget.used  # admitted and never delivered
+            lane.dropped += lane.in_flight  # admitted and never delivered: dropped by the stop
             dropped += lane.dropped
         closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for lane in self.lanes:
@@ -522,6 +527,7 @@ class Engine:
         (frame,) = await lane.aprepare_many([data])
         self.check_open()
         window = sink.bind(lane)
+        lane.sinks.add(sink)  # from now on a close or a fault reaches this send
         if nowait:
             if not window.take_nowait(1):
                 raise WouldBlock

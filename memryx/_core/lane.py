@@ -155,8 +155,17 @@ class Lane:
         return self.meter.frames_in
 
     @property
+    def delivered(self) -> int:
+        """Frames whose outputs reached their receiver (a callback still running when the
+        accelerator stopped was handed its frame: that counts)."""
+        out = self.callback_sink
+        handed = out.handed if out is not None else 0
+        return max(self.meter.frames_out, handed)
+
+    @property
     def in_flight(self) -> int:
-        return self.budget.used
+        """Frames admitted and neither delivered nor dropped."""
+        return max(0, self.meter.frames_in - self.delivered - self.dropped)
 
     @property
     def queued_count(self) -> int:
