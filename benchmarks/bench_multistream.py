@@ -1,8 +1,8 @@
-"""Multi-stream: 1, 4, 16 and 64 streams on one model through MultiStreamAsyncAccl.
+"""Multi-stream: 1, 4, 16, 32 and 64 streams on one model through MultiStreamAsyncAccl.
 
 Every stream's input callback returns frames until a common deadline; the
 output callback counts each stream's frames. Aggregate throughput should not
-drop as streams are added (>= 0.95x of one stream's), and each stream should
+drop much as streams are added (>= 0.9x of one stream's), and each stream should
 get its fair share (within 5% of total / streams). Run twice: the device as
 fast as the host (``mode="fast"``: the runtime is the bottleneck), and the
 timed device at a modeled 992 fps (the device is the bottleneck, like an NVR).
@@ -17,9 +17,9 @@ import _common as c
 import numpy as np
 
 SHAPE = (1, 16)
-STREAMS = (1, 4, 16, 64)
+STREAMS = (1, 4, 16, 32, 64)
 TIMED_FPS, TIMED_LATENCY_MS = 992.0, 3.0
-AGG_GOAL, SHARE_TOL = 0.95, 0.05
+AGG_GOAL, SHARE_TOL = 0.9, 0.05
 
 
 def _run(dfp: Any, n: int, duration: float, mode: str) -> tuple[list[float], list[int]]:
@@ -98,7 +98,7 @@ def run(quick: bool) -> dict[str, Any]:
                                 c.excess(d * 100, SHARE_TOL * 100, lambda x: f"{x:.1f}%")))
     notes = [] if available else [f"timed rows SKIPPED: {why}"]
     return c.result(
-        "multistream", "Multi-stream: 1 / 4 / 16 / 64 streams",
+        "multistream", "Multi-stream: 1 / 4 / 16 / 32 / 64 streams",
         f"MultiStreamAsyncAccl, identity model on a `{SHAPE}` float32 frame, every stream's "
         f"input callback returning frames for {duration:g} s (longer when needed for every "
         f"stream to get {min_frames} frames), the output callback counting "

@@ -40,7 +40,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._core.callbacks import check_signature
-from ._core.engine import ChannelSink, Engine, Frame
+from ._core.engine import ChannelSink, Engine, WouldBlock
+from ._core.lane import Frame
 from ._core.processing import make_processor
 from ._core.runner import (
     Runner,
@@ -73,8 +74,6 @@ Array = NDArray[Any]
 Outputs = Array | list[Array]
 DfpLike = str | os.PathLike[str] | bytes | bytearray | memoryview | Dfp
 
-#: Outputs a ``SyncAccl`` holds per model for ``receive`` before ``send`` waits.
-RECEIVE_DEPTH = 16
 #: Frames ``astream`` keeps in flight by default.
 ASTREAM_WINDOW = 8
 
@@ -118,6 +117,7 @@ class _Accelerator:
         self._receivers: dict[int, ChannelSink] = {}
         self._close_lock = threading.RLock()
         self._stopping = False
+        self._binding: asyncio.Future[None] | None = None
         if not loop_running():
             self._start_sync()
 
@@ -141,10 +141,28 @@ class _Accelerator:
         self._state = _State.SYNC
 
     async def _bind(self) -> None:
-        """Bind to the running loop (from NEW, or from an unused SYNC runtime)."""
+        """Bind to the running loop (from NEW, or from an unused SYNC runtime), once:
+        concurrent callers wait for the first one's binding."""
+        loop = asyncio.get_running_loop()
+        binding = self._binding
+        if binding is not None and binding.get_loop() is loop:
+            await asyncio.shield(binding)
+            return
+        binding = self._binding = loop.create_future()
+        try:
+            await self._bind_now(loop)
+        except BaseException as exc:
+            self._binding = None
+            if self._stopping and isinstance(exc, Exception):  # closed while it was starting
+                exc = ClosedError(f"this {type(self).__name__} was closed while it started")
+            binding.set_exception(exc)
+            binding.exception()  # retrieved: the other waiters see it, or nobody needs it
+            raise exc from None
+        binding.set_result(None)
+
+    async def _bind_now(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._state is _State.SYNC:
-            if any(lane.input_connected or lane.output is not None or lane.frames_in
-                   for lane in self._engine.lanes):
+            if self._engine.used():
                 raise UsageError("this accelerator already runs on its own thread (it was "
                                  "created outside an event loop and used); create it inside "
                                  "the loop to bind it there")
@@ -154,7 +172,7 @@ class _Accelerator:
             await anyio.to_thread.run_sync(runner.close)
             self._engine = self._make_engine()
             self._state = _State.NEW
-        loop = asyncio.get_running_loop()
+        self._check_open()
         await self._engine.start()
         self._loop = loop
         self._state = _State.ASYNC
@@ -212,7 +230,8 @@ class _Accelerator:
     async def _acall(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run core coroutine ``fn`` for an async caller without blocking its loop."""
         self._check_open()
-        if self._state is _State.NEW:
+        if self._state is not _State.ASYNC and (self._state is _State.NEW or
+                                                self._binding is not None):
             await self._bind()
         try:
             if self._state is _State.ASYNC:
@@ -236,7 +255,9 @@ class _Accelerator:
             if self._state is _State.CLOSED:
                 return
             self._stopping = True
-            if self._state is _State.ASYNC:
+            if self._state is _State.ASYNC and self._loop_gone():
+                self._engine.abandon()  # its loop has ended: nothing runs any more
+            elif self._state is _State.ASYNC:
                 assert self._loop is not None
                 if on_loop_thread(self._loop):
                     raise LoopBlockingError("close() blocks, and was called on the event loop "
@@ -247,6 +268,11 @@ class _Accelerator:
                 self._runner.call(self._engine.aclose)
                 self._runner.close()
             self._closed()
+
+    def _loop_gone(self) -> bool:
+        """Whether the loop this accelerator is bound to has stopped for good."""
+        loop = self._loop
+        return loop is None or loop.is_closed() or not loop.is_running()
 
     def _closed(self) -> None:
         self._state = _State.CLOSED
@@ -264,7 +290,14 @@ class _Accelerator:
         if self._state is _State.CLOSED:
             return
         self._stopping = True
-        if self._state in (_State.ASYNC, _State.NEW):
+        if self._state is _State.ASYNC and self._loop is not asyncio.get_running_loop():
+            if self._loop_gone():
+                self._engine.abandon()
+            else:  # bound to a loop in another thread: close it there
+                assert self._loop is not None
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                    self._engine.aclose(), self._loop))
+        elif self._state in (_State.ASYNC, _State.NEW):
             await self._engine.aclose()  # NEW: never started, but its device may hold resources
         elif self._runner is not None:
             runner = self._runner
@@ -441,6 +474,11 @@ class _Accelerator:
             if not isinstance(exc, NotConnectedError):  # else: connect and wait again
                 self._close_after(exc)
             raise
+        try:
+            self._engine.raise_errors()  # here, in the caller's thread: even KeyboardInterrupt
+        except BaseException as exc:
+            self._close_after(exc)
+            raise
         self.close()
 
     async def _await_done(self) -> None:
@@ -450,6 +488,11 @@ class _Accelerator:
         except BaseException as exc:
             if not isinstance(exc, NotConnectedError):  # else: connect and wait again
                 await self._aclose_after(exc)
+            raise
+        try:
+            self._engine.raise_errors()  # in the caller's task, as itself
+        except BaseException as exc:
+            await self._aclose_after(exc)
             raise
         await self.aclose()
 
@@ -577,7 +620,7 @@ class SyncAccl(_Accelerator):
     def _receiver(self, model_idx: int) -> ChannelSink:
         sink = self._receivers.get(model_idx)
         if sink is None:
-            sink = self._receivers[model_idx] = ChannelSink(RECEIVE_DEPTH)
+            sink = self._receivers[model_idx] = ChannelSink()
         return sink
 
     def send(self, data: Any, model_idx: int = 0, timeout: float | None = None) -> None:
@@ -622,9 +665,8 @@ class SyncAccl(_Accelerator):
 
     async def _receive(self, model_idx: int, seconds: float | None) -> Outputs:
         sink = self._receiver(model_idx)
-        self._engine.lane(model_idx).sinks.add(sink)
         with _timeout(seconds, f"receive() from model {model_idx}: no output available"):
-            outputs = await sink.receive(nowait=seconds == 0)
+            outputs = await self._engine.receive(model_idx, sink, nowait=seconds == 0)
         return self._shape_outputs([outputs], True)  # type: ignore[no-any-return]
 
     def run(self, inputs: Any, model_idx: int = 0) -> Any:
@@ -653,7 +695,7 @@ def _timeout(seconds: float | None, message: str) -> Any:
         if seconds == 0:
             try:
                 yield
-            except anyio.WouldBlock:
+            except WouldBlock:
                 raise TimeoutError from None
             return
         with anyio.fail_after(seconds):

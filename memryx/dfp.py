@@ -23,8 +23,10 @@ the file (JSON and protobuf only, no pickle) and bounds every size it reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -292,14 +294,48 @@ class Dfp:
         return b"".join([prefix, head, *sections])
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the DFP to ``path`` (atomically: a temporary file, then a rename)."""
+        """Write the DFP to ``path`` atomically: readers see the old file or the whole
+        new one, never a torn one, even with several writers at once (each writes its
+        own uniquely named temporary file, then renames it over ``path``)."""
         target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, target)
+        data = self.to_bytes()
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     0o666)  # the umask applies, as for a plain open()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return target
 
     save = write
+
+
+#: The slowest modeled rate a DFP may claim (frames/s): slower would stall a run for ages.
+MIN_MODELED_FPS = 0.1
+#: The longest modeled latency a DFP may claim (ms).
+MAX_MODELED_LATENCY_MS = 60_000.0
+
+
+def _check_modeled(perf: Mapping[str, Any], mi: int) -> None:
+    """The modeled figures the simulator paces by must be sane numbers."""
+    checks = (("fps", MIN_MODELED_FPS, 1e9), ("latency_ms", 0.0, MAX_MODELED_LATENCY_MS))
+    for key, low, high in checks:
+        if key not in perf:
+            continue
+        value = perf[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not low <= value <= high:  # also refuses NaN
+            raise DfpError(f"corrupted DFP: model {mi} modeled {key} is {value!r}; it must be "
+                           f"a number from {low:g} to {high:g}")
+    depth = perf.get("pipeline_depth")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float))
+                              or not 0 <= depth <= 1e6):
+        raise DfpError(f"corrupted DFP: model {mi} modeled pipeline_depth is {depth!r}")
 
 
 def _read_bounded(path: Path) -> bytes:
@@ -423,6 +459,8 @@ def _decode(data: bytes) -> Dfp:
         # A perf nested almost to the recursion limit loads, then cannot be written back.
         if perf is not None and _json_depth(perf) > MAX_PERF_DEPTH:
             raise DfpError(f"corrupted DFP: model {mi} perf nests deeper than {MAX_PERF_DEPTH}")
+        if perf is not None:
+            _check_modeled(perf, mi)
         graph = take(raw.get("graph"), f"model {mi} graph", True)
         assert graph is not None
         models.append(ModelInfo(

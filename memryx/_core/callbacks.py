@@ -1,42 +1,50 @@
-"""User callbacks: signature checks, and turning them into async frame sources.
+"""User callbacks: signature checks, input streams that feed a lane, output delivery.
 
 A callback is classified once, at connect time:
 
-* a plain function runs on a worker thread (never on the loop thread);
-* a generator function is instantiated once and advanced on a worker thread;
-* an ``async def`` function or an async generator function runs on the loop.
+* a plain function (or generator function) runs on a persistent thread of its
+  own: one per input stream, one per output callback; never on the loop thread;
+* an ``async def`` function or async generator function runs on the loop;
+  ``functools.partial`` objects and callable objects whose ``__call__`` is
+  ``async def`` count as ``async def``.
 
 Input callbacks end their stream by returning ``None``, by raising
-``StopIteration`` (or being an exhausted generator), or by raising any other
-exception, which is also recorded for ``wait()`` to re-raise.
+``StopIteration`` (also inside an ``async def`` callback, where Python turns it
+into ``RuntimeError``), by being an exhausted generator, or by raising any other
+exception, which is also recorded for ``wait()`` to re-raise (as itself, even a
+``BaseException`` such as ``KeyboardInterrupt``).
+
+Hops of a frame from a sync input callback to a sync output callback: the
+stream's thread calls the callback and prepares the frame, the loop takes the
+ready frames in one wake-up and queues them in the lane (an append each), the
+device answers the batch with one future, the collector hands the outputs to
+the output thread in one put, and that thread reports the batch done in one
+wake-up. Both threads keep running while the loop works.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import functools
 import inspect
-import threading
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from .._exceptions import CallbackSignatureError
-from .runner import StreamedCall, run_sync, user_code
+from .._exceptions import CallbackSignatureError, UsageError
+from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
+from .lane import Frame, Lane, Meter
+from .runner import run_sync
 
-__all__ = ["END", "CallbackKind", "check_signature", "classify", "frames_from"]
+if TYPE_CHECKING:
+    from .engine import Engine
 
+__all__ = ["END", "CallbackKind", "CallbackOutput", "check_signature", "classify", "feed"]
 
-#: How long one thread hop may keep calling a fast input callback to batch its frames.
-BATCH_WINDOW_S = 0.0005
-
-
-class _End:
-    def __repr__(self) -> str:
-        return "END"
-
-
-#: Returned by a frame source when its stream ends normally.
-END: Any = _End()
+#: The most outputs handed to a sync output callback's thread in one batch.
+OUTPUT_BATCH = 64
 
 
 class CallbackKind(enum.Enum):
@@ -46,20 +54,33 @@ class CallbackKind(enum.Enum):
     ASYNC_GENERATOR = "async generator function"
 
 
-def _target(fn: Callable[..., Any]) -> Any:
-    if inspect.isfunction(fn) or inspect.ismethod(fn):
-        return fn
-    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-    return call if call is not None and not inspect.isbuiltin(fn) else fn
+def _targets(fn: Any) -> list[Any]:
+    """``fn`` and what it calls through: partials' functions, objects' ``__call__``."""
+    found: list[Any] = []
+    seen = 0
+    while fn is not None and seen < 16:
+        seen += 1
+        found.append(fn)
+        if isinstance(fn, (functools.partial, functools.partialmethod)):
+            fn = fn.func
+        elif not (inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn)
+                  or isinstance(fn, type)):
+            call = getattr(type(fn), "__call__", None)  # noqa: B004 - callable objects
+            fn = getattr(fn, "__call__", None) if call is not None else None  # noqa: B004
+            if fn is not None and fn in found:
+                break
+        else:
+            break
+    return found
 
 
 def classify(fn: Callable[..., Any]) -> CallbackKind:
-    target = _target(fn)
-    if inspect.isasyncgenfunction(target):
+    targets = _targets(fn)
+    if any(inspect.isasyncgenfunction(t) for t in targets):
         return CallbackKind.ASYNC_GENERATOR
-    if inspect.iscoroutinefunction(target):
+    if any(inspect.iscoroutinefunction(t) for t in targets):
         return CallbackKind.ASYNC
-    if inspect.isgeneratorfunction(target):
+    if any(inspect.isgeneratorfunction(t) for t in targets):
         return CallbackKind.GENERATOR
     return CallbackKind.SYNC
 
@@ -88,109 +109,300 @@ def check_signature(fn: Any, n_args: int | None, role: str) -> None:
         ) from None
 
 
-async def frames_from(fn: Callable[..., Any], args: tuple[Any, ...],
-                      prepare: Callable[[Any], Any], *, stopping: threading.Event,
-                      room: Callable[[], int] = lambda: 1, limiter: Any = None,
-                      prepare_blocks: bool = False,
-                      on_drop: Callable[[int], None] | None = None
-                      ) -> AsyncGenerator[Any, None]:
-    """Yield prepared frames from an input callback until its stream ends.
+def _not_awaited(result: Any, role: str) -> None:
+    """A callback classified as plain returned a coroutine: refuse it loudly."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise UsageError(
+            f"{role} returned an awaitable, but it was not recognised as `async def`; "
+            "make it an `async def` function (or a functools.partial of one)")
 
-    ``prepare`` turns what the callback returned into device-ready arrays (pre-
-    processing, validation, copy); for sync callbacks it runs on the same worker
-    thread, right after the callback. Exceptions from the callback or from
-    ``prepare`` propagate to the caller (after the frames produced before them),
-    which ends the stream and records them.
 
-    A sync callback is called up to ``room()`` times per thread hop (the frames
-    the pipeline has room for right now, for at most ``BATCH_WINDOW_S``), back
-    to back on one worker thread, so the hop's cost is shared; each frame is
-    handed over as soon as the callback returns it. ``stopping`` is checked
-    before each call: once it is set, no further call is made. Frames a
-    callback returns after the stream was abandoned go to ``on_drop``.
+def _stop_iteration(exc: BaseException) -> bool:
+    """``StopIteration`` raised inside a coroutine arrives as ``RuntimeError`` (PEP 479)."""
+    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration)
+
+
+# -- input ------------------------------------------------------------------------------------
+async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...],
+               stream: int, share: int, role: str) -> None:
+    """Feed ``lane`` from input callback ``fn(*args)`` until its stream ends.
+
+    Errors the callback raises are recorded for ``wait()``; this coroutine only
+    raises its own cancellation.
     """
+    meter = lane.stream_meter(stream)
     kind = classify(fn)
-    if kind is CallbackKind.SYNC or kind is CallbackKind.GENERATOR:
-        if kind is CallbackKind.GENERATOR:
-            gen = fn(*args)
-
-            def produce() -> Any:
-                item = next(gen, END)
-                return END if item is None or item is END else prepare(item)
+    try:
+        if kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
+            await _feed_from_thread(engine, lane, fn, args, stream, meter, share, kind, role)
         else:
+            await _feed_on_loop(lane, fn, args, stream, meter, share, kind, role)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we were stopped
+        engine.record(exc, role)  # raised by the callback itself
+    except BaseException as exc:
+        if not (engine.closed or exc is engine.fatal):  # else: not the callback's doing
+            engine.record(exc, role)
+    finally:
+        engine.stream_ended(lane)
 
-            def produce() -> Any:
-                try:
-                    item = fn(*args)
-                except StopIteration:
-                    return END
-                return END if item is None else prepare(item)
 
-        def produce_batch(emit: Callable[[Any], None], count: int
-                          ) -> tuple[BaseException | None, bool]:
-            """Up to ``count`` frames in one thread hop, each emitted as soon as it exists:
-            (error, ended). The hop ends once it has taken ``BATCH_WINDOW_S``."""
-            made = 0
-            deadline = time.perf_counter() + BATCH_WINDOW_S
+async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
+                            args: tuple[Any, ...], stream: int, meter: Meter, share: int,
+                            kind: CallbackKind, role: str) -> None:
+    prepare = lane.prepare
+    if kind is CallbackKind.GENERATOR:
+        gen = fn(*args)
+
+        def produce() -> Any:
+            t = time.monotonic()
+            item = next(gen, END)
+            done = time.monotonic()
+            meter.input_s += done - t
+            return END if item is None or item is END else (prepare(item), done)
+    else:
+
+        def produce() -> Any:
+            t = time.monotonic()
             try:
-                with user_code():
-                    while made < count and not stopping.is_set():
-                        if made and time.perf_counter() > deadline:
-                            break
-                        frame = produce()
-                        if frame is END:
-                            return None, True
-                        emit(frame)
-                        made += 1
-            except Exception as exc:
-                return exc, True
-            return None, stopping.is_set()
+                item = fn(*args)
+            except StopIteration:
+                return END
+            done = time.monotonic()
+            meter.input_s += done - t
+            if item is None:
+                return END
+            _not_awaited(item, role)
+            return prepare(item), done
 
-        try:
-            while True:
-                call: StreamedCall[Any, tuple[BaseException | None, bool]] = StreamedCall(
-                    produce_batch, max(1, room()), limiter=limiter, on_drop=on_drop)
-                try:
-                    async for frame in call:
-                        yield frame
-                finally:
-                    await call.aclose()
-                assert call.result is not None
-                error, ended = call.result
-                if error is not None:
-                    raise error
-                if ended:
-                    return
-        finally:
-            if kind is CallbackKind.GENERATOR and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
+    def lost() -> None:
+        """On the thread: a frame returned after the stream was abandoned (a stop)."""
+        lane.meter.frames_in += 1
+        meter.frames_in += 1
+        lane.dropped += 1
+
+    budget = lane.budget
+    producer: ThreadProducer[tuple[Frame, float]] = ThreadProducer(
+        f"memryx-input-{lane.idx}-{stream}", produce, budget.total, engine.stopping,
+        gate=engine.input_gate, on_lost=lost)
+    outstanding = 0  # units granted to the thread and not come back as frames
+    try:
+        while True:
+            if outstanding == 0:
+                got = await budget.take(share)
+            else:
+                got = budget.take_nowait(share - outstanding) if outstanding < share else 0
+            if got:
+                outstanding += got
+                producer.grant(got)
+            try:
+                batch = await producer.items.get(budget.total)
+            except ChannelClosed:
+                break
+            outstanding -= len(batch)
+            lane.put_many([(None, stream, t0) for _, t0 in batch], [f for f, _ in batch],
+                          meter)
+    finally:
+        producer.halt()
+        left = producer.items.abort()  # made after we stopped listening: never sent
+        if left:
+            lane.meter.frames_in += left
+            meter.frames_in += left
+            lane.dropped += left
+        budget.give(outstanding)  # frames left in the channel held units too
+        if kind is CallbackKind.GENERATOR and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
+            with contextlib.suppress(Exception):
                 gen.close()  # a generator still running on an abandoned thread is left to it
+    if producer.error is not None:
+        raise producer.error
 
-    async def finish(item: Any) -> Any:
-        if item is None:
-            return END
-        if prepare_blocks:
-            return await run_sync(prepare, item, limiter=limiter)
-        return prepare(item)
 
-    if kind is CallbackKind.ASYNC_GENERATOR:
-        agen = fn(*args)
-        try:
-            async for item in agen:
-                frame = await finish(item)
-                if frame is END:
-                    return
-                yield frame
-        finally:
+async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], stream: int,
+                        meter: Meter, share: int, kind: CallbackKind, role: str) -> None:
+    agen = fn(*args) if kind is CallbackKind.ASYNC_GENERATOR else None
+    budget = lane.budget
+    try:
+        while True:
+            got = await budget.take(share)
+            used = 0
+            try:
+                while used < got:
+                    t = time.monotonic()
+                    try:
+                        item = await (anext(agen) if agen is not None else fn(*args))
+                    except (StopAsyncIteration, StopIteration):
+                        return
+                    except RuntimeError as exc:
+                        if _stop_iteration(exc):
+                            return
+                        raise
+                    done = time.monotonic()
+                    meter.input_s += done - t
+                    if item is None:
+                        return
+                    frame = (await run_sync(lane.prepare, item)) if lane.prepare_blocks \
+                        else lane.prepare(item)
+                    lane.put((None, stream, done), frame, meter)
+                    used += 1
+            finally:
+                budget.give(got - used)
+    finally:
+        if agen is not None:
             await agen.aclose()
-        return
-    while True:
+
+
+# -- output -----------------------------------------------------------------------------------
+class CallbackOutput:
+    """Hands a lane's outputs to its output callback, in order.
+
+    A plain callback runs on its own persistent thread, fed in batches; an
+    ``async def`` one is awaited on the loop. After the callback raised, it is
+    not called again and later outputs are dropped (counted).
+    """
+
+    def __init__(self, engine: Engine, lane: Lane, fn: Callable[..., Any],
+                 with_stream_idx: bool) -> None:
+        self.engine = engine
+        self.lane = lane
+        self.fn = fn
+        self.kind = classify(fn)
+        self.with_stream_idx = with_stream_idx
+        self.failed = False
+        self.handed = 0
+        """Outputs handed to the callback (counted when it is called)."""
+        self.role = f"the output callback of model {lane.idx}"
+        self._consumer: ThreadConsumer[tuple[int, Frame, float, float]] | None = None
+
+    def start(self) -> None:
+        if self.kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
+            self._consumer = ThreadConsumer(
+                f"memryx-output-{self.lane.idx}", self._call_batch, self._batch_done,
+                self.lane.budget.total, self.engine.stopping, OUTPUT_BATCH)
+
+    async def deliver(self, items: list[tuple[int, Frame, float, float]]) -> None:
+        """On the loop: outputs of one device batch, in order."""
+        if self.failed or self.engine.closed:
+            self._drop(len(items))
+            return
+        if self._consumer is not None:
+            try:
+                self._consumer.items.put_many_nowait(items)  # the budget bounds it
+            except ChannelClosed:
+                self._drop(len(items))
+            return
+        lane = self.lane
+        model, meters = lane.meter, lane.streams
+        fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
+            lane.finish_blocks
+        done = 0
         try:
-            item = await fn(*args)
-        except StopAsyncIteration:
-            return
-        except StopIteration:
-            return
-        frame = await finish(item)
-        if frame is END:
-            return
-        yield frame
+            for n, item in enumerate(items):
+                if self.failed or self.engine.closed:
+                    self._drop(len(items) - n)
+                    return
+                stream, outputs, t0, ready = item
+                self.handed += 1
+                try:
+                    res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
+                    await fn(*((stream, *res) if with_idx else res))
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    self._done_one(item, exc, time.monotonic())
+                    continue
+                except BaseException as exc:
+                    self._done_one(item, exc, time.monotonic())
+                    continue
+                finished = time.monotonic()
+                meter = meters.get(stream) or lane.stream_meter(stream)
+                model.delivered(t0, ready)
+                meter.delivered(t0, ready)
+                meter.output_s += finished - ready
+                model.output_s += finished - ready
+                done += 1
+        finally:
+            if done:
+                lane.budget.give(done)
+                self.engine.lane_progress(lane)
+
+    def _call_batch(self, batch: list[tuple[int, Frame, float, float]]
+                    ) -> list[tuple[tuple[int, Frame, float, float], BaseException | None,
+                                    float]]:
+        """On the output thread: post-process and call back each output of ``batch``."""
+        report: list[tuple[tuple[int, Frame, float, float], BaseException | None, float]] = []
+        stopping = self.engine.stopping
+        fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
+        for item in batch:
+            if stopping.is_set() or self.failed:
+                break  # stopped: no callback after stop() returns
+            stream, outputs, _, _ = item
+            self.handed += 1  # from here on the frame is the callback's
+            try:
+                res = finish(outputs)
+                result = fn(*((stream, *res) if with_idx else res))
+                if result is not None:
+                    _not_awaited(result, self.role)
+            except BaseException as exc:
+                self.failed = True
+                report.append((item, exc, time.monotonic()))
+                break  # the callback raised: it is not called again
+            report.append((item, None, time.monotonic()))
+        if len(report) < len(batch):
+            report.append(((-1, [], 0.0, 0.0), None, float(len(batch) - len(report))))
+        return report
+
+    def _batch_done(self, report: list[Any]) -> None:
+        """On the loop: account for a batch the output thread finished (one wake-up)."""
+        lane = self.lane
+        model = lane.meter
+        meters = lane.streams
+        done = 0
+        for item, error, finished in report:
+            if item[0] == -1:  # not called: dropped
+                self._drop(int(finished))
+                continue
+            if error is not None:
+                self._done_one(item, error, finished)
+                continue
+            stream, _, t0, ready = item
+            meter = meters.get(stream) or lane.stream_meter(stream)
+            model.delivered(t0, ready)
+            meter.delivered(t0, ready)
+            meter.output_s += finished - ready
+            model.output_s += finished - ready
+            done += 1
+        if done:
+            lane.budget.give(done)
+            self.engine.lane_progress(lane)
+
+    def _done_one(self, item: tuple[int, Frame, float, float], error: BaseException | None,
+                  finished: float) -> None:
+        stream, _, t0, ready = item
+        lane = self.lane
+        meter = lane.stream_meter(stream)
+        lane.meter.delivered(t0, ready)
+        meter.output_s += finished - ready
+        lane.meter.output_s += finished - ready
+        lane.budget.give(1)
+        if error is None:
+            meter.delivered(t0, ready)
+        else:
+            where = self.role + (f", stream {stream}" if self.with_stream_idx else "")
+            self.failed = True
+            self.engine.record(error, where)
+            self.engine.stop_feeding(lane)
+        self.engine.lane_progress(lane)
+
+    def _drop(self, n: int) -> None:
+        self.lane.dropped += n
+        self.lane.budget.give(n)
+        self.engine.lane_progress(self.lane)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.items.abort()  # counted by the engine as in flight at the stop

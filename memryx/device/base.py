@@ -1,17 +1,25 @@
 """The async device interface every backend implements.
 
-A device runs the models of one DFP. Each model is a FIFO: frames sent to it
-come back from ``receive`` in the order they were sent. A *frame* is the list of
-arrays for all of a model's input ports (its outputs: one array per output
-port, in port order); ports of one model advance together, one frame per
-inference, so the interface moves whole frames rather than single ports.
+A device runs the models of one DFP. The core hands it *batches* of frames:
+``submit(model_idx, frames)`` returns at once with a future of the batch's
+outputs (one list of arrays per frame, in frame order). A *frame* is the list
+of arrays for all of a model's input ports; its outputs are one array per
+output port, in port order.
+
+The device does not pair outputs with their senders and applies no
+backpressure of its own: the core keeps ``(tags, future)`` in submission order
+and bounds what is in flight by the *frame budget*, computed from the device's
+:class:`Limits` (:func:`memryx._core.lane.frame_budget`). A device fault fails
+the futures of the frames in flight with :class:`~memryx.DeviceError`.
 
 The device knows nothing of callbacks, streams or threads of the core above it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from numpy.typing import NDArray
@@ -19,10 +27,25 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     from ..dfp import Dfp
 
-__all__ = ["DEVICE_ENV", "Device", "open_device"]
+__all__ = ["DEVICE_ENV", "Device", "Limits", "open_device"]
 
 #: Environment variable naming the default device (``sim`` when unset).
 DEVICE_ENV = "MEMRYX_DEVICE"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The queue depths of one model on a device, from which the core computes its
+    frame budget (``in_queue + in_chip + out_queue``, capped)."""
+
+    in_queue: int
+    """Frames the device buffers on the way in, before its chip."""
+    in_chip: int
+    """Frames inside the (modeled) chip at once."""
+    out_queue: int
+    """Outputs the device buffers on the way out, for a host that is slow to take them."""
+    batch: int
+    """The most frames the core hands over in one ``submit``."""
 
 
 @runtime_checkable
@@ -34,20 +57,19 @@ class Device(Protocol):
     async def open(self, dfp: Dfp, group_id: int) -> None:
         """Load ``dfp`` onto chip group ``group_id``; must run on the loop that uses it."""
 
-    def capacity(self, model_idx: int) -> int:
-        """How many frames of model ``model_idx`` may be in flight at once."""
+    def limits(self, model_idx: int) -> Limits:
+        """The queue depths of model ``model_idx`` (see :class:`Limits`)."""
 
-    async def send(self, model_idx: int, frame: list[NDArray[Any]]) -> None:
-        """Queue one frame; waits while the device's input buffer is full."""
-
-    async def receive(self, model_idx: int) -> list[NDArray[Any]]:
-        """The outputs of the oldest frame still in flight; raises DeviceError on a fault."""
+    def submit(self, model_idx: int, frames: list[list[NDArray[Any]]]
+               ) -> asyncio.Future[list[list[NDArray[Any]]]]:
+        """Start ``frames`` on model ``model_idx``; the future gives their outputs in order
+        (or raises DeviceError). Never blocks; the core bounds what is in flight."""
 
     def statistics(self) -> dict[str, Any]:
         """Counters of the device (per model frames in/out, ...)."""
 
     async def aclose(self) -> None:
-        """Release everything; frames in flight are dropped."""
+        """Release everything; the futures of frames in flight are cancelled."""
 
 
 def open_device(spec: str | Device | None = None, **options: Any) -> Device:

@@ -6,9 +6,14 @@ a non-blocking fd owned by this object and driven by the event loop
 (``add_reader`` for input, ``sendmsg`` with ``add_writer`` when the kernel buffer
 is full); frame data goes out as memoryviews of the arrays, without copies.
 
-Faults: when the server dies, closes the connection or sends garbage, every
-waiting ``receive`` raises :class:`DeviceError` at once, saying how many frames
-were sent and never came back; later calls raise it too. A new accelerator
+Data path: ``submit`` numbers each frame (a sequence number per connection),
+writes the frames, and keeps one future per batch; each OUTPUT event is matched
+by its sequence number to the oldest outstanding frame of its model, and a
+batch's future resolves when its last output arrived.
+
+Faults: when the server dies, closes the connection or sends garbage, the
+future of every batch in flight fails with :class:`DeviceError` at once,
+saying how many frames were sent and never came back; later calls fail too. A new accelerator
 (a new connection) may be opened once a server listens again.
 """
 
@@ -32,6 +37,7 @@ from .._core.channel import ReceiveEnd, SendEnd, get, open_channel
 from .._exceptions import ClosedError, DeviceError, MemryxError
 from .._version import __version__
 from . import protocol as p
+from .base import Limits
 
 if TYPE_CHECKING:
     from ..dfp import Dfp
@@ -52,6 +58,17 @@ def _remote_error(err: p.Error, doing: str) -> MemryxError:
     return DeviceError(f"device server error while {doing}: {err.code}: {err.message}")
 
 
+class _Batch:
+    """One ``submit``: its future and the outputs that arrived so far."""
+
+    __slots__ = ("future", "outputs", "size")
+
+    def __init__(self, future: asyncio.Future[list[list[Array]]], size: int) -> None:
+        self.future = future
+        self.size = size
+        self.outputs: list[list[Array]] = []
+
+
 class FdDevice:
     """A device server reached through a Unix socket (see the module docstring)."""
 
@@ -64,10 +81,11 @@ class FdDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn = p.Connection(p.Role.CLIENT)
         self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] | None = None
-        self._outq: list[tuple[SendEnd[p.Output], ReceiveEnd[p.Output]]] = []
-        self._sent: list[deque[int]] = []
+        self._sent: list[deque[tuple[int, _Batch]]] = []
         self._capacity: list[int] = []
         self._seq = 0
+        self._pending_writes: deque[Any] = deque()
+        self._writer: asyncio.Task[None] | None = None
         self._write_lock = anyio.Lock()
         self._fault: DeviceError | None = None
         self._closed = False
@@ -100,7 +118,6 @@ class FdDevice:
             self._shutdown()
             raise
         self._capacity = [int(m.capacity) for m in reply.models]
-        self._outq = [open_channel(c) for c in self._capacity]
         self._sent = [deque() for _ in self._capacity]
         log.debug("fd device %s opened %d model(s)", self.path, len(self._capacity))
 
@@ -141,7 +158,7 @@ class FdDevice:
         for event in events:
             if isinstance(event, p.Output):
                 self._route(event)
-            elif isinstance(event, p.Error) and self._outq:
+            elif isinstance(event, p.Error) and self._sent:
                 self._set_fault(f"device server error: {event.code}: {event.message}")
             elif isinstance(event, (p.Closed, p.Bye)):
                 self._set_fault("the device server closed the connection")
@@ -152,13 +169,16 @@ class FdDevice:
                     self._set_fault("the device server sent more replies than asked for")
 
     def _route(self, event: p.Output) -> None:
-        if not 0 <= event.model < len(self._outq) or not self._sent[event.model] or \
-                self._sent[event.model][0] != event.seq:
+        sent = self._sent[event.model] if 0 <= event.model < len(self._sent) else None
+        if not sent or sent[0][0] != event.seq:
             self._set_fault(f"the device server returned an output nobody waits for "
                             f"(model {event.model}, frame {event.seq})")
             return
-        self._sent[event.model].popleft()
-        self._outq[event.model][0].send_nowait(event)  # room: at most capacity in flight
+        _, batch = sent.popleft()
+        self.frames_out += 1
+        batch.outputs.append(list(event.arrays))
+        if len(batch.outputs) == batch.size and not batch.future.done():
+            batch.future.set_result(batch.outputs)
 
     def _set_fault(self, message: str) -> None:
         if self._fault is not None:
@@ -168,14 +188,27 @@ class FdDevice:
                                   lost_frames=lost)
         log.warning("fd device %s: %s", self.path, self._fault)
         self._shutdown()
+        self._fail_in_flight(self._fault)
+
+    def _fail_in_flight(self, exc: BaseException | None) -> None:
+        """Every batch still waiting fails with ``exc`` (None: cancelled by a close)."""
+        for sent in self._sent:
+            for _, batch in sent:
+                if not batch.future.done():
+                    if exc is None:
+                        batch.future.cancel()
+                    else:
+                        batch.future.set_exception(exc)
+            sent.clear()
 
     # -- writing ----------------------------------------------------------------------------------
-    async def _write(self, event: Any) -> None:
+    async def _write(self, *events: Any) -> None:
         if self._fault is not None:
             raise self._fault
         if self._sock is None:
             raise ClosedError("the device is closed")
-        pieces: list[Any] = [memoryview(x).cast("B") for x in self._conn.send(event)]
+        pieces: list[Any] = [memoryview(x).cast("B") for event in events
+                             for x in self._conn.send(event)]
         async with self._write_lock:
             while pieces:
                 sock = self._sock
@@ -214,29 +247,47 @@ class FdDevice:
                 self._loop.remove_writer(self._fd)
 
     # -- the Device interface -------------------------------------------------------------------
-    def capacity(self, model_idx: int) -> int:
-        return self._capacity[model_idx]
+    def limits(self, model_idx: int) -> Limits:
+        # the server admits at most its ifmap queue per model; its outputs wait in our
+        # futures, so the whole budget is what the server accepts
+        return Limits(in_queue=self._capacity[model_idx], in_chip=0, out_queue=0,
+                      batch=self._capacity[model_idx])
 
-    async def send(self, model_idx: int, frame: list[Array]) -> None:
-        seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
-        self._sent[model_idx].append(seq)
-        try:
-            await self._write(p.Frame(model_idx, seq, frame))
-        except BaseException:
-            if self._sent[model_idx] and self._sent[model_idx][-1] == seq and self._fault is None:
-                self._sent[model_idx].pop()  # never left: not in flight
-            raise
-        self.frames_in += 1
-
-    async def receive(self, model_idx: int) -> list[Array]:
+    def submit(self, model_idx: int, frames: list[list[Array]]
+               ) -> asyncio.Future[list[list[Array]]]:
+        assert self._loop is not None
+        batch = _Batch(self._loop.create_future(), len(frames))
         if self._closed:
-            raise ClosedError("the device is closed")
+            batch.future.set_exception(ClosedError("the device is closed"))
+            return batch.future
+        if self._fault is not None:
+            batch.future.set_exception(self._fault)
+            return batch.future
+        events = []
+        sent = self._sent[model_idx]
+        for frame in frames:
+            seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
+            sent.append((seq, batch))
+            events.append(p.Frame(model_idx, seq, frame))
+        self.frames_in += len(frames)
+        self._pending_writes.extend(events)
+        if self._writer is None or self._writer.done():
+            self._writer = self._loop.create_task(self._write_pending(), name="memryx-fd-write")
+        return batch.future
+
+    async def _write_pending(self) -> None:
+        """Write queued frames in order; a broken connection fails what is in flight."""
         try:
-            event = await get(self._outq[model_idx][1])
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self._fault or ClosedError("the device is closed") from None
-        self.frames_out += 1
-        return list(event.arrays)
+            while self._pending_writes:
+                events = list(self._pending_writes)
+                self._pending_writes.clear()
+                await self._write(*events)  # one sendmsg for the batch
+        except (MemryxError, OSError) as exc:
+            self._pending_writes.clear()
+            if self._fault is None:
+                self._set_fault(f"the connection to the device server broke ({exc})")
+            if not isinstance(exc, ClosedError):
+                self._fail_in_flight(self._fault)
 
     def statistics(self) -> dict[str, Any]:
         return {"device": self.name, "address": f"unix:{self.path}",
@@ -251,8 +302,6 @@ class FdDevice:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
         self._fd = -1
-        for send, _ in self._outq:
-            send.close()
         if self._control is not None:
             self._control[0].close()
         if sock is not None:
@@ -265,9 +314,11 @@ class FdDevice:
         if self._sock is not None and self._fault is None:
             with contextlib.suppress(MemryxError, OSError, p.ProtocolError):
                 await self._write(p.Close())
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
         self._shutdown()
-        for send, receive in self._outq:
-            send.close()
-            receive.close()
+        self._fail_in_flight(None)
         if self._control is not None:
             self._control[1].close()

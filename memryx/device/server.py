@@ -30,8 +30,8 @@ from typing import Any, cast
 import anyio
 from numpy.typing import NDArray
 
+from .._core.aio import TaskSet
 from .._core.channel import ReceiveEnd, SendEnd, get, open_channel
-from .._core.tasks import TaskSet
 from .._exceptions import MemryxError
 from .._version import __version__
 from ..dfp import Dfp
@@ -148,8 +148,10 @@ class Slot:
     model_idx: int
     capacity: int
     frames: tuple[SendEnd[tuple[int, list[Array]]], ReceiveEnd[tuple[int, list[Array]]]]
-    in_flight: deque[int] = field(default_factory=deque)
+    in_flight: deque[tuple[int, asyncio.Future[list[list[Array]]]]] = \
+        field(default_factory=deque)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    has_work: asyncio.Event = field(default_factory=asyncio.Event)
     frames_in: int = 0
     frames_out: int = 0
 
@@ -169,9 +171,9 @@ class Slot:
                 item: tuple[int, list[Array]] | None = first
                 while item is not None:
                     seq, arrays = item
-                    self.in_flight.append(seq)
+                    self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
                     self.drained.clear()
-                    await device.send(self.model_idx, arrays)
+                    self.has_work.set()
                     sent += 1
                     if sent >= opts.frame_limit or \
                             (time.monotonic() - started) * 1000 >= opts.time_limit_ms:
@@ -191,8 +193,13 @@ class Slot:
     async def collect(self, device: SimulatedDevice) -> None:
         """Outputs of this model back to the client, in order."""
         while True:
-            outputs = await device.receive(self.model_idx)
-            seq = self.in_flight.popleft()
+            if not self.in_flight:
+                self.has_work.clear()
+                await self.has_work.wait()
+                continue
+            seq, fut = self.in_flight[0]
+            (outputs,) = await fut
+            self.in_flight.popleft()
             self.frames_out += 1
             _metrics.recorder().frame_out(self.model_idx, self.session)
             await self.session.write(p.Output(self.model_idx, seq, outputs))

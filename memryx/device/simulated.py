@@ -1,12 +1,9 @@
-"""The in-process simulated MX3.
+"""The in-process simulated MX3: a pacer plus compute.
 
-Each model of the DFP runs its graph with onnxruntime on worker threads, several
-frames at once, and hands outputs back in the order the frames came in::
-
-    send -> [input buffer] -> dispatcher -> concurrent runs -> [in order] -> collector
-         -> [output buffer] -> receive
-
-Modes:
+``submit(model_idx, frames)`` computes the batch with onnxruntime (on the loop
+thread when the graph is cheaper than a thread hop, else on a worker thread, up
+to ``concurrency`` batches of a model at once) and resolves its future when
+the outputs are due:
 
 * ``"timed"`` (default): outputs are real, and paced like the chip would
   deliver them: frame *i* enters the modeled pipeline at
@@ -14,31 +11,36 @@ Modes:
   ``entry_i + latency`` (fps and latency from the DFP's performance model, see
   :mod:`memryx.timing`). When the host computes a frame later than the chip
   would have delivered it, the device logs a warning (once per model) and
-  counts the frame in ``statistics()["models"][i]["late_frames"]``.
+  counts the frame in ``statistics()["models"][i]["late_frames"]``. Frames go
+  in one per ``submit`` so that each is released at its own time.
 * ``"fast"``: real outputs, as fast as the host computes them.
 * ``"shapes"``: zeros of the right shapes and dtypes, nothing computed and no
   pacing: for wiring tests of models too big to run on the host.
+
+The device keeps no queues: the core's frame budget bounds what is in flight,
+from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
+as many on the way out, plus the frames inside the modeled chip).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import numpy as np
 from numpy.typing import NDArray
 
-from .._core.channel import ReceiveEnd, SendEnd, drain, get, open_channel, put
+from .._core.aio import TaskSet
 from .._core.processing import new_session
-from .._core.runner import new_limiter, run_sync
-from .._core.tasks import TaskSet
+from .._core.runner import run_sync
 from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError
+from .base import Limits
 
 if TYPE_CHECKING:
     from ..dfp import Dfp, ModelInfo
@@ -48,14 +50,16 @@ __all__ = ["MODES", "SimulatedDevice"]
 log = logging.getLogger("memryx.device.sim")
 
 Array = NDArray[Any]
-Result = list[Array] | BaseException
+Frame = list[Array]
 MODES = ("timed", "fast", "shapes")
 #: How much later than its modeled release an output may be before it counts as late.
 LATE_TOLERANCE_S = 0.002
-#: The most waiting frames of one model computed in one thread hop.
-RUN_BATCH = 16
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
+#: The most frames of one model handed over in one ``submit`` in fast/shapes mode.
+FAST_BATCH = 64
+#: The most frames of one model computed in one thread hop.
+RUN_BATCH = 16
 
 
 @dataclass
@@ -76,15 +80,21 @@ class _Pacer:
 
 
 @dataclass
+class _Job:
+    frames: list[Frame]
+    future: asyncio.Future[list[Frame]]
+    times: list[tuple[float, float]]
+
+
+@dataclass
 class _Model:
     info: ModelInfo
     session: Any
     names: list[str]
     pacer: _Pacer | None
-    inq: tuple[SendEnd[list[Array]], ReceiveEnd[list[Array]]]
-    running: tuple[SendEnd[tuple[asyncio.Task[list[Result]], list[tuple[float, float]]]],
-                   ReceiveEnd[tuple[asyncio.Task[list[Result]], list[tuple[float, float]]]]]
-    outq: tuple[SendEnd[Result], ReceiveEnd[Result]]
+    in_chip: int
+    jobs: deque[_Job] = field(default_factory=deque)
+    workers: int = 0
     frames_in: int = 0
     frames_out: int = 0
     late_frames: int = 0
@@ -92,9 +102,9 @@ class _Model:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     """Per frame: from entering the (modeled) chip to leaving the device."""
     oversleep: float = 0.0
-    """How late the loop wakes a pacing sleep, learnt as it runs (seconds)."""
+    """How late the loop wakes a timer, learnt as it runs (seconds)."""
     frame_cost: float = 1.0
-    """Running average of the host's compute time per frame (seconds)."""
+    """Running average of the host's CPU time per frame (``thread_time``, seconds)."""
     first_out: float = 0.0
     last_out: float = 0.0
     modeled: dict[str, Any] = field(default_factory=dict)
@@ -153,14 +163,15 @@ class SimulatedDevice:
     Parameters:
         mode: ``"timed"`` (default), ``"fast"`` or ``"shapes"`` (module docstring).
         groups: how many chip groups the simulated box has (``group_id`` must be below it).
-        concurrency: frames of one model computed at once (default: the host's cores).
-        queue_depth: frames each model's input and output buffers hold.
+        concurrency: batches of one model computed at once (default: the host's cores).
+        queue_depth: frames each model buffers on the way in, and outputs on the way
+            out; with the frames inside the modeled chip they make the frame budget.
     """
 
     name = "sim"
 
     def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
-                 queue_depth: int = 8) -> None:
+                 queue_depth: int = 4) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
         if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth < 1:
@@ -176,6 +187,8 @@ class SimulatedDevice:
         self.queue_depth = queue_depth
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._fault: BaseException | None = None
 
@@ -196,24 +209,25 @@ class SimulatedDevice:
                 raise DfpError(f"the DFP's graphs cannot be loaded ({exc})") from exc
             for info, session in zip(dfp.models, sessions, strict=True):
                 _check_ports(info, session)
+        self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet("sim", self._on_task_error)
-        limiter = new_limiter(self.concurrency * len(dfp.models))
         for info, session in zip(dfp.models, sessions, strict=True):
             pacer = None
             modeled: dict[str, Any] = {}
             in_chip = self.concurrency
             if self.mode == "timed":
                 modeled = _perf(info, dfp.num_chips)
-                pacer = _Pacer(1.0 / float(modeled["fps"]), float(modeled["latency_ms"]) / 1000)
-                in_chip = max(in_chip, int(modeled.get("pipeline_depth", 1)) + 1)
-            model = _Model(
-                info=info, session=session, names=[p.layer for p in info.inputs], pacer=pacer,
-                inq=open_channel(self.queue_depth), running=open_channel(max(0, in_chip - 1)),
-                outq=open_channel(self.queue_depth), modeled=modeled,
-            )
-            self._models.append(model)
-            self._tasks.spawn(self._dispatch(model, limiter), f"dispatch-{info.index}")
-            self._tasks.spawn(self._collect(model), f"collect-{info.index}")
+                fps, latency_s = float(modeled["fps"]), float(modeled["latency_ms"]) / 1000
+                if not (math.isfinite(fps) and fps > 0 and math.isfinite(latency_s)
+                        and latency_s >= 0):
+                    raise DfpError(f"model {info.index} ({info.name!r}): modeled fps {fps!r} "
+                                   f"and latency {latency_s * 1000!r} ms cannot be simulated")
+                pacer = _Pacer(1.0 / fps, latency_s)
+                # frames the modeled pipeline holds at full rate, plus the one entering
+                in_chip = max(1, min(1 << 20, math.ceil(latency_s * fps))) + 1
+            self._models.append(_Model(info=info, session=session,
+                                       names=[p.layer for p in info.inputs], pacer=pacer,
+                                       in_chip=in_chip, modeled=modeled))
         log.debug("simulated device opened %d model(s) in %s mode", len(sessions), self.mode)
 
     def _on_task_error(self, exc: BaseException) -> None:
@@ -221,7 +235,10 @@ class SimulatedDevice:
             self._fault = exc
             log.error("simulated device fault: %r", exc)
         for m in self._models:
-            m.outq[0].close()
+            for job in m.jobs:
+                if not job.future.done():
+                    job.future.set_exception(self._lost(m))
+            m.jobs.clear()
 
     def _model(self, model_idx: int) -> _Model:
         if self._closed:
@@ -230,28 +247,113 @@ class SimulatedDevice:
             raise ModelIndexError(f"model_idx {model_idx} out of range")
         return self._models[model_idx]
 
-    def capacity(self, model_idx: int) -> int:
+    def limits(self, model_idx: int) -> Limits:
         m = self._models[model_idx]
-        return 2 * self.queue_depth + int(m.running[0].statistics().max_buffer_size) + 1
+        batch = 1 if m.pacer is not None else FAST_BATCH
+        return Limits(in_queue=self.queue_depth, in_chip=m.in_chip,
+                      out_queue=self.queue_depth, batch=batch)
 
-    async def send(self, model_idx: int, frame: list[Array]) -> None:
+    def submit(self, model_idx: int, frames: list[Frame]) -> asyncio.Future[list[Frame]]:
         model = self._model(model_idx)
-        try:
-            await put(model.inq[0], frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            raise self._lost(model) from self._fault
-        model.frames_in += 1
+        assert self._loop is not None
+        fut: asyncio.Future[list[Frame]] = self._loop.create_future()
+        if self._fault is not None:
+            fut.set_exception(self._lost(model))
+            return fut
+        now = time.monotonic()
+        job = _Job(frames, fut, [model.admit(now) for _ in frames])
+        model.frames_in += len(frames)
+        if model.session is None:  # shapes mode
+            self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
+                                       for _ in frames])
+        elif model.frame_cost < INLINE_COST_S and not model.workers:
+            # A graph this cheap costs less than a thread hop: run it here, on the loop.
+            self._release(model, job, self._compute(model, frames))
+        else:
+            model.jobs.append(job)
+            if model.workers < self.concurrency:
+                model.workers += 1
+                assert self._tasks is not None
+                self._tasks.spawn(self._work(model), f"compute-{model_idx}")
+        return fut
 
-    async def receive(self, model_idx: int) -> list[Array]:
-        model = self._model(model_idx)
+    async def _work(self, model: _Model) -> None:
+        """Compute queued batches on a worker thread: what is queued goes in one hop."""
         try:
-            item = await get(model.outq[1])
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self._lost(model) from self._fault
-        if isinstance(item, BaseException):
-            raise item
-        model.frames_out += 1
-        return item
+            while model.jobs:
+                jobs: list[_Job] = []
+                frames: list[Frame] = []
+                while model.jobs and len(frames) < RUN_BATCH:
+                    job = model.jobs.popleft()
+                    jobs.append(job)
+                    frames.extend(job.frames)
+                outputs = await run_sync(self._compute, model, frames)
+                start = 0
+                for job in jobs:
+                    n = len(job.frames)
+                    self._release(model, job, outputs if isinstance(outputs, DeviceError)
+                                  else outputs[start:start + n])
+                    start += n
+        finally:
+            model.workers -= 1
+
+    @staticmethod
+    def _compute(model: _Model, frames: list[Frame]) -> list[Frame] | DeviceError:
+        start = time.thread_time()  # CPU time: waiting for the GIL is not the graph's cost
+        outputs: list[Frame] = []
+        run, names = model.session.run, model.names
+        try:
+            for frame in frames:
+                outputs.append(list(run(None, dict(zip(names, frame, strict=True)))))
+        except Exception as exc:
+            return DeviceError(f"model {model.info.index} ({model.info.name!r}) failed to "
+                               f"execute: {exc}")
+        per_frame = (time.thread_time() - start) / max(1, len(frames))
+        model.frame_cost += 0.2 * (per_frame - model.frame_cost)
+        return outputs
+
+    def _release(self, model: _Model, job: _Job, outputs: list[Frame] | DeviceError) -> None:
+        """Resolve the job's future when its last frame is due (now, unpaced)."""
+        if job.future.done():  # cancelled by a close
+            return
+        if isinstance(outputs, DeviceError):
+            job.future.set_exception(outputs)
+            return
+        if model.pacer is None:
+            self._resolve(model, job, outputs)
+            return
+        assert self._loop is not None
+        release = job.times[-1][1]
+        now = time.monotonic()
+        if release - now > 0:
+            when = self._loop.time() + (release - now) - model.oversleep
+            handle = self._loop.call_at(when, self._due, model, job, outputs, release)
+            self._timers.add(handle)
+            job.future.add_done_callback(lambda _f: self._forget(handle))
+            return
+        if now - release > LATE_TOLERANCE_S:
+            self._late(model, now - release, len(job.frames))
+        self._resolve(model, job, outputs)
+
+    def _forget(self, handle: asyncio.TimerHandle) -> None:
+        handle.cancel()
+        self._timers.discard(handle)
+
+    def _due(self, model: _Model, job: _Job, outputs: list[Frame], release: float) -> None:
+        late = time.monotonic() - release  # the loop wakes timers a little late: aim earlier
+        model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
+        self._resolve(model, job, outputs)
+
+    def _resolve(self, model: _Model, job: _Job, outputs: list[Frame]) -> None:
+        if job.future.done():
+            return
+        now = time.monotonic()
+        model.first_out = model.first_out or now
+        model.last_out = now
+        model.frames_out += len(outputs)
+        for entry, _ in job.times:
+            model.latencies.append(now - entry)
+        job.future.set_result(outputs)
 
     def _lost(self, model: _Model) -> DeviceError:
         lost = model.frames_in - model.frames_out
@@ -259,88 +361,8 @@ class SimulatedDevice:
         return DeviceError(f"simulated device failed on model {model.info.index} "
                            f"({model.info.name!r}); {lost} frame(s) lost{cause}", lost_frames=lost)
 
-    async def _dispatch(self, model: _Model, limiter: anyio.CapacityLimiter) -> None:
-        """Start computing frames as they come, at most ``concurrency`` hops at once;
-        the frames that arrive while all are busy share the next hop."""
-        assert self._tasks is not None
-        send_running, recv_in = model.running[0], model.inq[1]
-        slots = anyio.Semaphore(self.concurrency)
-        async with send_running:
-            while True:
-                try:
-                    first = await get(recv_in)
-                except anyio.EndOfStream:
-                    break
-                times = [model.admit(time.monotonic())]
-                await slots.acquire()
-                batch = [first, *drain(recv_in, RUN_BATCH - 1)]
-                now = time.monotonic()
-                times += [model.admit(now) for _ in batch[1:]]
-                task = self._tasks.spawn(self._run(model, batch, limiter, slots),
-                                         f"run-{model.info.index}")
-                await put(send_running, (task, times))
-
-    @staticmethod
-    async def _run(model: _Model, batch: list[list[Array]], limiter: anyio.CapacityLimiter,
-                   slots: anyio.Semaphore) -> list[Result]:
-        try:
-            return await SimulatedDevice._compute(model, batch, limiter)
-        finally:
-            slots.release()
-
-    @staticmethod
-    async def _compute(model: _Model, batch: list[list[Array]], limiter: anyio.CapacityLimiter
-                       ) -> list[Result]:
-        if model.session is None:  # shapes mode
-            return [[np.zeros(p.shape, p.dtype) for p in model.info.outputs] for _ in batch]
-
-        def compute() -> list[Result]:
-            results: list[Result] = []
-            start = time.thread_time()  # CPU time: waiting for the GIL is not the graph's cost
-            for frame in batch:
-                try:
-                    results.append(list(model.session.run(
-                        None, dict(zip(model.names, frame, strict=True)))))
-                except Exception as exc:  # handed to the collector, in frame order
-                    results.append(DeviceError(
-                        f"model {model.info.index} ({model.info.name!r}) failed to execute: "
-                        f"{exc}"))
-            per_frame = (time.thread_time() - start) / len(batch)
-            model.frame_cost += 0.2 * (per_frame - model.frame_cost)
-            return results
-
-        if model.frame_cost < INLINE_COST_S:
-            # A graph this cheap costs less than a thread hop: run it on the loop.
-            return compute()
-        return await run_sync(compute, limiter=limiter)
-
-    async def _collect(self, model: _Model) -> None:
-        send_out, recv_running = model.outq[0], model.running[1]
-        async with send_out:
-            while True:
-                try:
-                    task, times = await get(recv_running)
-                except anyio.EndOfStream:
-                    break
-                for (entry, release), outs in zip(times, await task, strict=True):
-                    if model.pacer is not None:
-                        delay = release - time.monotonic()
-                        if delay > 0:
-                            # the loop wakes sleepers a little late: aim that much earlier
-                            await asyncio.sleep(max(0.0, delay - model.oversleep))
-                            late = time.monotonic() - release
-                            model.oversleep = min(0.002, max(
-                                0.0, model.oversleep + 0.1 * late))
-                        elif -delay > LATE_TOLERANCE_S:
-                            self._late(model, -delay)
-                    now = time.monotonic()
-                    model.first_out = model.first_out or now
-                    model.last_out = now
-                    model.latencies.append(now - entry)
-                    await put(send_out, outs)
-
-    def _late(self, model: _Model, behind: float) -> None:
-        model.late_frames += 1
+    def _late(self, model: _Model, behind: float, n: int) -> None:
+        model.late_frames += n
         if not model.warned:
             model.warned = True
             log.warning(
@@ -360,8 +382,8 @@ class SimulatedDevice:
                 "device_latency_ms": _percentiles(m.latencies),
                 "modeled_fps": m.modeled.get("fps"),
                 "modeled_latency_ms": m.modeled.get("latency_ms"),
-                "queued_in": m.inq[0].statistics().current_buffer_used,
-                "queued_out": m.outq[0].statistics().current_buffer_used,
+                "in_chip": m.in_chip,
+                "queued": sum(len(j.frames) for j in m.jobs),
             })
         return {"device": self.name, "mode": self.mode, "models": models}
 
@@ -369,8 +391,12 @@ class SimulatedDevice:
         if self._closed:
             return
         self._closed = True
+        for handle in list(self._timers):
+            handle.cancel()
+        self._timers.clear()
+        for m in self._models:
+            for job in m.jobs:
+                job.future.cancel()
+            m.jobs.clear()
         if self._tasks is not None:
             await self._tasks.aclose()
-        for m in self._models:
-            for end in (*m.inq, *m.running, *m.outq):
-                end.close()

@@ -53,6 +53,8 @@ class Load:
         self.after_stop = Counter()
         self.stop_requested = threading.Event()
         self.stop_returned = threading.Event()
+        self._lock = threading.Lock()
+        self.active = 0  # input callbacks running right now
 
     def frame(self, model_idx: int, seq: float) -> Any:
         dfp = self.accl.dfp
@@ -61,12 +63,18 @@ class Load:
 
     def input(self, model_idx: int, with_stream: bool) -> Callable[..., Any]:
         def inp(*args: Any) -> Any:
-            if self.stop_requested.is_set():
-                return None
-            key = (model_idx, args[0] if with_stream else 0)
-            frame = self.frame(model_idx, self.produced.get(key))
-            self.produced.add(key)
-            return frame
+            with self._lock:
+                self.active += 1
+            try:
+                if self.stop_requested.is_set():
+                    return None
+                key = (model_idx, args[0] if with_stream else 0)
+                frame = self.frame(model_idx, self.produced.get(key))
+                self.produced.add(key)
+                return frame
+            finally:
+                with self._lock:
+                    self.active -= 1
         return inp
 
     def output(self, model_idx: int, with_stream: bool) -> Callable[..., Any]:
@@ -179,7 +187,8 @@ def test_stop_under_load_accounts_for_every_frame(dfps, device):
                 load = start_load(kind, dfps, device)
                 run_until(load, 200)
                 stop(load, "stop")
-                time.sleep(0.05)  # input callbacks that were running have returned by now
+                # input callbacks that were running when stop() came have returned
+                assert settle(lambda load=load: load.active == 0, 5), "a callback hangs"
                 problems += account(load, log, f"{kind} cycle {cycle}")
     assert not problems, "\n".join(problems)
 

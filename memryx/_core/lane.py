@@ -1,0 +1,346 @@
+"""The lane: ONE in-order pipeline per model.
+
+::
+
+    submitters (input streams, run / send / astream)        budget: the one in-flight bound
+        take budget units, lane.put(tags, frames)  ─►  [queued]  ─► flush (one per batch)
+                                                                     │ device.submit(frames)
+                                                                     ▼
+                                           [(tags, future), ...]  in submission order
+                                                                     │ collector awaits
+                                                                     ▼ the oldest future
+                           sinks: output callback, run / astream / receive  ─► budget back
+
+A frame is admitted once its submitter holds a unit of the lane's
+:class:`~.aio.Budget`; it is queued with its *tag* (who gets its outputs) and
+a wake-up is scheduled for the batch (a frame costs an append). The flush hands
+every queued frame to the device in one ``submit`` call per batch and keeps
+``(tags, future)`` in order; the collector awaits the oldest future and hands
+each output to its tag's sink. That is the only place outputs are paired with
+frames. The unit comes back when the output reached its receiver (a callback
+returned, a request stored it), so the budget bounds every frame between its
+admission and its delivery.
+
+**The frame budget** of a model is computed in :func:`frame_budget`, from the
+device's queue depths (:class:`~memryx.device.base.Limits`): the frames it
+buffers on the way in, those inside the chip, and the outputs it buffers on the
+way out. With a source faster than the device the budget is full, so the
+latency of a frame is about ``budget`` device frame times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .aio import Budget, TaskSet
+from .processing import PortSpec, Processor, as_array_list, conform
+from .runner import run_sync
+
+if TYPE_CHECKING:
+    from ..device.base import Device, Limits
+    from ..dfp import ModelInfo
+
+__all__ = ["MAX_FRAME_BUDGET", "Lane", "Meter", "Sink", "frame_budget"]
+
+log = logging.getLogger("memryx.core")
+Array = NDArray[Any]
+Frame = list[Array]
+
+#: The most frames one model may have in flight, whatever the device says (a DFP
+#: compiled with an absurd latency must not hold gigabytes in flight).
+MAX_FRAME_BUDGET = 256
+#: Latency samples kept per model and per stream for percentiles.
+LATENCY_SAMPLES = 4096
+
+
+def frame_budget(limits: Limits) -> int:
+    """THE in-flight bound of one model: frames between admission and delivery."""
+    total = limits.in_queue + limits.in_chip + limits.out_queue
+    return max(1, min(MAX_FRAME_BUDGET, total))
+
+
+class Sink(Protocol):
+    """Where a frame's outputs go (on the loop; must not block)."""
+
+    def deliver(self, key: int, outputs: Frame) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+#: Who gets a frame's outputs: (sink, or None for the output callback; key; admission time).
+Tag = tuple[Sink | None, int, float]
+
+
+@dataclass
+class Meter:
+    """Counters of one model or one stream."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    first_out: float = 0.0
+    last_out: float = 0.0
+    input_s: float = 0.0
+    """Time spent getting frames from the input callback."""
+    output_s: float = 0.0
+    """Time spent handing outputs over (output callback, post-processing)."""
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+    def delivered(self, t0: float, ready: float) -> None:
+        self.frames_out += 1
+        self.latencies.append(ready - t0)
+        self.first_out = self.first_out or ready
+        self.last_out = ready
+
+    def summary(self) -> dict[str, Any]:
+        span = self.last_out - self.first_out
+        lat = np.asarray(self.latencies) * 1000.0
+        return {
+            "frames_in": self.frames_in, "frames_out": self.frames_out,
+            "fps": (self.frames_out - 1) / span if span > 0 else 0.0,
+            "latency_ms": {
+                "p50": float(np.percentile(lat, 50)) if lat.size else None,
+                "p99": float(np.percentile(lat, 99)) if lat.size else None,
+                "mean": float(lat.mean()) if lat.size else None,
+            },
+            "input_callback_s": self.input_s, "output_callback_s": self.output_s,
+        }
+
+
+class Lane:
+    """The pipeline of one model (module docstring)."""
+
+    def __init__(self, model: ModelInfo, device: Device, limits: Limits,
+                 on_fault: Callable[[BaseException], None]) -> None:
+        self.model = model
+        self.idx = model.index
+        self.device = device
+        self.limits = limits
+        self.budget = Budget(frame_budget(limits))
+        self.specs = tuple(PortSpec(self.idx, p.port, p.layer, p.shape, p.dtype)
+                           for p in model.inputs)
+        self.pre: Processor | None = None
+        self.post: Processor | None = None
+        self.meter = Meter()
+        self.streams: dict[int, Meter] = {}
+        self.sinks: set[Any] = set()
+        self.dropped = 0
+        """Frames admitted and never delivered (the output callback raised, or a stop)."""
+        self.device_wait_s = 0.0
+        self.callback_sink: Any = None  # the output callback's deliverer, when connected
+        self._on_fault = on_fault
+        self._loop = asyncio.get_running_loop()
+        self._queued_tags: list[Tag] = []
+        self._queued: list[Frame] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._inflight: deque[tuple[list[Tag], asyncio.Future[list[Frame]]]] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._output_set: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def start(self, tasks: TaskSet) -> None:
+        tasks.spawn(self._collect(), f"collect-{self.idx}")
+
+    # -- numbers ---------------------------------------------------------------------------
+    @property
+    def frames_in(self) -> int:
+        return self.meter.frames_in
+
+    @property
+    def delivered(self) -> int:
+        """Frames whose outputs reached their receiver (a callback still running when the
+        accelerator stopped was handed its frame: that counts)."""
+        out = self.callback_sink
+        handed = out.handed if out is not None else 0
+        return max(self.meter.frames_out, handed)
+
+    @property
+    def in_flight(self) -> int:
+        """Frames admitted and neither delivered nor dropped."""
+        return max(0, self.meter.frames_in - self.delivered - self.dropped)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queued)
+
+    @property
+    def on_device_count(self) -> int:
+        return sum(len(tags) for tags, _ in self._inflight)
+
+    @property
+    def n_outputs(self) -> int | None:
+        return len(self.model.outputs) if self.post is None else self.post.n_outputs
+
+    def stream_meter(self, stream: int) -> Meter:
+        meter = self.streams.get(stream)
+        if meter is None:
+            meter = self.streams[stream] = Meter()
+        return meter
+
+    # -- pre- and post-processing: the one place they run ----------------------------------------
+    def user_specs(self) -> tuple[PortSpec, ...] | None:
+        """What user frames are checked against (None: a Python pre-processor decides)."""
+        return self.specs if self.pre is None else self.pre.input_specs
+
+    def check(self, data: Any) -> None:
+        """Validate one user frame without copying it (for whole batches up front)."""
+        specs = self.user_specs()
+        if specs is not None:
+            conform(data, specs, copy=False)
+
+    def prepare(self, data: Any) -> Frame:
+        """A user frame -> device-ready private arrays (pre-processing, checks, copies)."""
+        if self.pre is None:
+            return conform(data, self.specs)
+        specs = self.pre.input_specs
+        if specs is not None:
+            arrays = conform(data, specs, copy=False)
+        else:
+            arrays = as_array_list(data, len(self.specs), self.idx, "frame") \
+                if not hasattr(data, "shape") else [data]
+        return conform(self.pre(arrays), self.specs, "pre-processing output")
+
+    @property
+    def prepare_blocks(self) -> bool:
+        return self.pre is not None and self.pre.blocking
+
+    async def aprepare_many(self, items: list[Any]) -> list[Frame]:
+        """``prepare`` for several frames on the loop, or in one thread hop if it blocks."""
+        if self.prepare_blocks:
+            return await run_sync(lambda: [self.prepare(d) for d in items])
+        return [self.prepare(d) for d in items]
+
+    def finish(self, outputs: Frame) -> Frame:
+        return outputs if self.post is None else self.post(outputs)
+
+    @property
+    def finish_blocks(self) -> bool:
+        return self.post is not None and self.post.blocking
+
+    # -- frames in -----------------------------------------------------------------------------
+    def put(self, tag: Tag, frame: Frame, stream: Meter | None = None) -> None:
+        """Queue one admitted frame (its budget unit is held by the caller)."""
+        self._queued_tags.append(tag)
+        self._queued.append(frame)
+        self.meter.frames_in += 1
+        if stream is not None:
+            stream.frames_in += 1
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def put_many(self, tags: list[Tag], frames: list[Frame], stream: Meter | None = None
+                 ) -> None:
+        self._queued_tags.extend(tags)
+        self._queued.extend(frames)
+        self.meter.frames_in += len(frames)
+        if stream is not None:
+            stream.frames_in += len(frames)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand the queued frames to the device: one ``submit`` per batch."""
+        self._flush_handle = None
+        if self._closed or not self._queued:
+            return
+        tags, frames = self._queued_tags, self._queued
+        self._queued_tags, self._queued = [], []
+        limit = max(1, self.limits.batch)
+        try:
+            for i in range(0, len(frames), limit):
+                fut = self.device.submit(self.idx, frames[i:i + limit])
+                self._inflight.append((tags[i:i + limit], fut))
+        except BaseException as exc:  # a device that cannot take frames any more
+            self._on_fault(exc)
+            return
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    # -- frames out ----------------------------------------------------------------------------
+    async def _collect(self) -> None:
+        """Await the oldest batch's future, hand each output to its sink, in order."""
+        inflight = self._inflight
+        while True:
+            if not inflight:
+                self._wake = self._loop.create_future()
+                try:
+                    await self._wake
+                finally:
+                    self._wake = None
+                continue
+            tags, fut = inflight[0]
+            if not fut.done():
+                waiting = time.monotonic()
+                await asyncio.wait((fut,))  # not `await fut`: our cancellation is not its
+                self.device_wait_s += time.monotonic() - waiting
+            inflight.popleft()
+            outputs = fut.result()  # a device fault raises: the task set reports it
+            ready = time.monotonic()
+            await self._deliver(tags, outputs, ready)
+
+    async def _deliver(self, tags: list[Tag], outputs: list[Frame], ready: float) -> None:
+        callback: list[tuple[int, Frame, float, float]] = []
+        requests: list[tuple[Sink, int, float, Frame]] = []
+        for (sink, key, t0), outs in zip(tags, outputs, strict=True):
+            if sink is None:
+                callback.append((key, outs, t0, ready))
+            else:
+                requests.append((sink, key, t0, outs))
+        if requests:
+            finished: list[Frame | BaseException]
+            if self.post is not None:
+                finished = await run_sync(self._finish_all, requests) if self.finish_blocks \
+                    else self._finish_all(requests)
+            else:
+                finished = [outs for _, _, _, outs in requests]
+            meter = self.meter
+            for (sink, key, t0, _), result in zip(requests, finished, strict=True):
+                if isinstance(result, BaseException):
+                    sink.fail(result)
+                else:
+                    sink.deliver(key, result)
+                meter.delivered(t0, ready)
+            self.meter.output_s += time.monotonic() - ready
+            self.budget.give(len(requests))
+        if callback:
+            while self.callback_sink is None:  # input connected first: wait for the output
+                self._output_set = self._loop.create_future()
+                await self._output_set
+            await self.callback_sink.deliver(callback)
+
+    def set_callback_sink(self, sink: Any) -> None:
+        self.callback_sink = sink
+        if self._output_set is not None and not self._output_set.done():
+            self._output_set.set_result(None)
+
+    def _finish_all(self, requests: list[tuple[Sink, int, float, Frame]]
+                    ) -> list[Frame | BaseException]:
+        results: list[Frame | BaseException] = []
+        for _, _, _, outs in requests:
+            try:
+                results.append(self.finish(outs))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def drop_queued(self) -> int:
+        """At a stop: forget frames not yet handed over (their units are not given back)."""
+        n = len(self._queued) + sum(len(t) for t, _ in self._inflight)
+        self._queued_tags, self._queued = [], []
+        self._inflight.clear()
+        return n
+
+    def close(self) -> None:
+        self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
