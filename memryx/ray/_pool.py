@@ -195,6 +195,7 @@ class AcceleratorPool:
         error: BaseException | None = None
         for slot, ref, ok in zip(self._slots, refs, ready, strict=True):
             if not ok:
+                _forget(ref)
                 continue
             try:
                 slot.where = result(ref)
@@ -331,9 +332,12 @@ class AcceleratorPool:
         if self._closed:
             return
         self._closed = True
-        refs = [s.handle.close.remote() for s in self._slots if s.state != "dead"]
+        # a replica that is down (restarting) has no accelerator to close: kill it
+        refs = [s.handle.close.remote() for s in self._slots if s.state == "live"]
         if not _on_loop():
             ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT)
+        for ref in refs:
+            _forget(ref)
         self._kill_all()
 
     async def aclose(self) -> None:
@@ -342,7 +346,7 @@ class AcceleratorPool:
             return
         self._closed = True
         futures = [asyncio.ensure_future(s.handle.close.remote().as_future())
-                   for s in self._slots if s.state != "dead"]
+                   for s in self._slots if s.state == "live"]
         if futures:
             _done, pending = await asyncio.wait(futures, timeout=CLOSE_TIMEOUT)
             for fut in pending:
@@ -488,7 +492,9 @@ class AcceleratorPool:
         job.ref = slot.handle.infer.remote(job.frame, job.model_idx)
 
     def _release(self, job: _Job, done: bool) -> None:
-        slot, job.slot, job.ref = job.slot, None, None
+        slot, ref, job.slot, job.ref = job.slot, job.ref, None, None
+        if not done:
+            _forget(ref)
         if slot is not None:
             with self._lock:
                 slot.in_flight -= 1
@@ -579,12 +585,23 @@ class AcceleratorPool:
             return value
 
     def _kill_all(self) -> None:
+        for ref in self.__dict__.get("_starting") or []:
+            _forget(ref)
         for slot in getattr(self, "_slots", []):
             slot.state = "dead"
+            slot.probe, probe = None, slot.probe
+            _forget(probe)
             try:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:  # pragma: no cover - Ray already shut down
                 log.debug("could not kill replica %d", slot.index, exc_info=True)
+
+
+def _forget(ref: Any) -> None:
+    """Drop a call's result without Ray logging an "Unhandled error" for it later
+    (a resubmitted frame's first call, a call abandoned at close)."""
+    if ref is not None:
+        ref.future()
 
 
 def _cause(exc: ray.exceptions.RayTaskError) -> BaseException:

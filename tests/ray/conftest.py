@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import _loop_errors, fds, settle
 
 #: MX3 modules the local test "cluster" has.
 MX3_MODULES = 4
@@ -71,3 +74,37 @@ def ray_runtime() -> Iterator[Any]:
 def ray_(ray_runtime: Any) -> Any:
     """The Ray module, with the session's runtime up."""
     return ray_runtime
+
+
+
+def _fds_that_are_not_sockets() -> set[int]:
+    found = set()
+    for fd in fds():
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                found.add(fd)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(_warm_up: None) -> Iterator[None]:
+    """The root suite's leak check, narrowed for Ray: Ray's core worker keeps
+    gRPC connections to the worker processes it talked to (a restarted replica
+    is a new process, so a new connection) for as long as the runtime lives;
+    those sockets are Ray's and close at ``ray.shutdown()``. Threads, other
+    fds and loop-handler errors are checked as everywhere else."""
+    threads_before = set(threading.enumerate())
+    fds_before = _fds_that_are_not_sockets()
+    _loop_errors.clear()
+    yield
+    assert not _loop_errors, f"errors reached the loop's exception handler: {_loop_errors}"
+
+    def new_threads() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t not in threads_before and t.is_alive()]
+
+    assert settle(lambda: not new_threads()), f"threads left behind: {new_threads()}"
+    assert settle(lambda: not (_fds_that_are_not_sockets() - fds_before)), (
+        f"fds left open: {_fds_that_are_not_sockets() - fds_before}")
