@@ -45,7 +45,7 @@ from memryx.ray import AcceleratorPool
 MAX_BATCH = 8
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * MAX_BATCH)
 class Classifier:
     """One Serve replica: one accelerator replica and a batching front."""
 

@@ -178,7 +178,7 @@ class AcceleratorPool:
         if refs is None:
             return
         timeout = max(0.0, self._start_deadline - time.monotonic())
-        futures = [asyncio.ensure_future(ref.as_future()) for ref in refs]
+        futures = [asyncio.wrap_future(ref.future()) for ref in refs]
         _done, pending = await asyncio.wait(futures, timeout=timeout)
         for fut in pending:
             fut.cancel()
@@ -345,7 +345,7 @@ class AcceleratorPool:
         if self._closed:
             return
         self._closed = True
-        futures = [asyncio.ensure_future(s.handle.close.remote().as_future())
+        futures = [asyncio.wrap_future(s.handle.close.remote().future())
                    for s in self._slots if s.state == "live"]
         if futures:
             _done, pending = await asyncio.wait(futures, timeout=CLOSE_TIMEOUT)
@@ -573,7 +573,7 @@ class AcceleratorPool:
     async def _result_async(self, job: _Job, pending: collections.deque[_Job] | None) -> Any:
         while True:
             try:
-                value = await job.ref
+                value = await asyncio.wrap_future(job.ref.future())
             except ray.exceptions.RayError as exc:
                 for again in self._failed(job, exc, pending):
                     await self._submit_async(again)
