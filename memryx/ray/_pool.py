@@ -63,6 +63,8 @@ class _Slot:
     faults: int = 0
     probe: Any = None                # the ready() call of a down replica
     probe_after: float = 0.0
+    epoch: int = 0                   # +1 each time it goes down: failures of calls
+                                     # sent before that are old news
     where: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +76,7 @@ class _Job:
     model_idx: int
     stream: Hashable | None
     slot: _Slot | None = None
+    epoch: int = 0
     ref: Any = None
     attempts: int = 0
 
@@ -465,10 +468,11 @@ class AcceleratorPool:
                         slot.state = "live"
                 log.info("replica %d is back: %s", slot.index, where)
 
-    def _mark_down(self, slot: _Slot, exc: BaseException) -> None:
+    def _mark_down(self, slot: _Slot, epoch: int, exc: BaseException) -> None:
         with self._lock:
-            if slot.state != "live":
-                return
+            if slot.state != "live" or slot.epoch != epoch:
+                return   # already known (a call sent to an earlier incarnation)
+            slot.epoch += 1
             slot.state = "down"
             slot.faults += 1
             slot.probe = None
@@ -488,6 +492,7 @@ class AcceleratorPool:
             if job.attempts > 1:
                 self._resubmitted += 1
             slot.in_flight += 1
+            job.epoch = slot.epoch
         job.slot = slot
         job.ref = slot.handle.infer.remote(job.frame, job.model_idx)
 
@@ -534,7 +539,7 @@ class AcceleratorPool:
         """Classify the failure of ``job``'s call: raise a content error (or
         ClosedError), or mark the replica down and return the jobs to resubmit
         (``job`` and the unfinished jobs of ``pending`` on the same replica)."""
-        slot = job.slot
+        slot, epoch = job.slot, job.epoch
         assert slot is not None
         if isinstance(exc, ray.exceptions.RayTaskError):
             cause = _cause(exc)
@@ -544,10 +549,11 @@ class AcceleratorPool:
             exc = cause
         self._release(job, False)
         self._check_open()
-        self._mark_down(slot, exc)
+        self._mark_down(slot, epoch, exc)
         again = [job]
         if pending is not None:
-            others = [j for j in pending if j is not job and j.slot is slot]
+            others = [j for j in pending
+                      if j is not job and j.slot is slot and j.epoch == epoch]
             if others:
                 done, _ = ray.wait([j.ref for j in others], num_returns=len(others), timeout=0)
                 for other in others:
