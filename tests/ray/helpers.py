@@ -53,3 +53,18 @@ class Later(threading.Thread):
     def run(self) -> None:
         time.sleep(self._delay)
         self._fn()
+
+
+def wait_dead(ray: Any, actor: Any, seconds: float = 20.0) -> bool:
+    """Wait until Ray reports ``actor`` dead for good (``ray.kill`` is asynchronous)."""
+
+    def dead() -> bool:
+        try:
+            ray.get(actor.ready.remote(), timeout=seconds)
+        except ray.exceptions.ActorDiedError:
+            return True
+        except ray.exceptions.RayError:
+            return False
+        return False
+
+    return wait_for(dead, seconds)

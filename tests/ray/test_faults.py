@@ -13,7 +13,15 @@ pytest.importorskip("ray")
 
 import memryx as mx
 from memryx.ray import AcceleratorPool
-from tests.ray.helpers import Later, kill_pid, numbered, paced, positions, wait_for
+from tests.ray.helpers import (
+    Later,
+    kill_pid,
+    numbered,
+    paced,
+    positions,
+    wait_dead,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,6 +84,7 @@ def test_pool_with_no_live_replica_raises_device_error_quickly(
     with AcceleratorPool(identity_dfp, replicas=2, max_restarts=0) as pool:
         for actor in pool.actors:
             ray.kill(actor, no_restart=True)
+        assert all(wait_dead(ray, actor) for actor in pool.actors)
         start = time.monotonic()
         with pytest.raises(mx.DeviceError, match="dead"):
             pool.run(numbered(1)[0])
