@@ -30,7 +30,7 @@ import numpy as np
 import ray
 import ray.exceptions
 
-from memryx import DeviceError, Dfp, LoopBlockingError, UsageError
+from memryx import ClosedError, DeviceError, Dfp, LoopBlockingError, UsageError
 
 from ._replica import Replica
 from ._router import _cause, _forget, _Job, _Router, _Slot
@@ -43,6 +43,8 @@ log = logging.getLogger("memryx.ray")
 DEFAULT_RESOURCES: Mapping[str, float] = {"MX3": 1}
 #: Frames ``imap`` keeps in flight per replica by default.
 WINDOW_PER_REPLICA = 8
+#: Frames per call at most when ``run`` / ``arun`` spread a batch.
+MAX_BATCH_CHUNK = 8
 #: Seconds ``close`` waits for the replicas to close their accelerators.
 CLOSE_TIMEOUT = 5.0
 
@@ -215,10 +217,12 @@ class AcceleratorPool(_Router):
 
     def run(self, inputs: Any, model_idx: int = 0, *, stream: Hashable | None = None) -> Any:
         """The outputs of one frame, or a list with the outputs of each frame of a
-        batch (a list of frames), like ``SyncAccl.run``. Blocks the calling thread."""
+        batch (a list of frames), like ``SyncAccl.run``. Blocks the calling thread.
+        A batch is spread over the replicas in chunks of several frames per call."""
         self._check_blocking("run", "arun")
         if self._is_batch(inputs, model_idx):
-            return list(self.imap(inputs, model_idx, stream=stream))
+            return list(self.imap(inputs, model_idx, stream=stream,
+                                  chunk=self._batch_chunk(len(inputs))))
         self._finish_start_sync()
         job = _Job(inputs, model_idx, stream)
         self._submit_sync(job)
@@ -228,72 +232,92 @@ class AcceleratorPool(_Router):
                    stream: Hashable | None = None) -> Any:
         """The async twin of :meth:`run`; never blocks the event loop."""
         if self._is_batch(inputs, model_idx):
-            return [out async for out in self.aimap(inputs, model_idx, stream=stream)]
+            return [out async for out in self.aimap(inputs, model_idx, stream=stream,
+                                                    chunk=self._batch_chunk(len(inputs)))]
         await self._finish_start_async()
         job = _Job(inputs, model_idx, stream)
         await self._submit_async(job)
         return await self._result_async(job, None)
 
     def imap(self, frames: Iterable[Any], model_idx: int = 0, *, window: int | None = None,
-             stream: Hashable | None = None) -> Iterator[Any]:
+             stream: Hashable | None = None, chunk: int = 1) -> Iterator[Any]:
         """Yield the outputs of each frame of ``frames``, in order, keeping at most
         ``window`` frames in flight (spread over the replicas, or on the stream's
-        replica). ``frames`` is read only as fast as results are consumed."""
-        window = self._window_arg(window)
+        replica). ``frames`` is read only as fast as results are consumed.
+
+        ``chunk`` > 1 sends that many consecutive frames in one call to a replica,
+        which divides Ray's cost per frame; it waits for ``chunk`` frames (or the
+        end of ``frames``) before sending, so leave it at 1 for a live source."""
+        window, chunk = self._window_arg(window), self._chunk_arg(chunk)
         self._check_blocking("imap", "aimap")
-        return self._imap(iter(frames), model_idx, window, stream)
+        return self._imap(iter(frames), model_idx, window, stream, chunk)
 
     def _imap(self, frames: Iterator[Any], model_idx: int, window: int,
-              stream: Hashable | None) -> Iterator[Any]:
+              stream: Hashable | None, chunk: int) -> Iterator[Any]:
         self._finish_start_sync()
         pending: collections.deque[_Job] = collections.deque()
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < window:
-                    try:
-                        frame = next(frames)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    job = _Job(frame, model_idx, stream)
-                    self._submit_sync(job)
-                    pending.append(job)
+                while not exhausted and _frames_in(pending) < window:
+                    job, exhausted = _next_job(frames, model_idx, stream,
+                                               min(chunk, window - _frames_in(pending)))
+                    if job is not None:
+                        self._submit_sync(job)
+                        pending.append(job)
                 if not pending:
                     return
                 job = pending[0]
-                value = self._result_sync(job, pending)
+                try:
+                    value = self._result_sync(job, pending)
+                except Exception as exc:
+                    if not _split(pending, exc):
+                        raise
+                    for single in list(pending)[:job.size]:
+                        self._submit_sync(single)
+                    continue
                 pending.popleft()
-                yield value
+                if job.size:
+                    yield from value
+                else:
+                    yield value
         finally:
             self._abandon(pending)
 
     async def aimap(self, frames: Iterable[Any], model_idx: int = 0, *,
-                    window: int | None = None,
-                    stream: Hashable | None = None) -> AsyncIterator[Any]:
+                    window: int | None = None, stream: Hashable | None = None,
+                    chunk: int = 1) -> AsyncIterator[Any]:
         """The async twin of :meth:`imap` (``frames`` is a plain iterable)."""
-        window = self._window_arg(window)
+        window, chunk = self._window_arg(window), self._chunk_arg(chunk)
         await self._finish_start_async()
         it = iter(frames)
         pending: collections.deque[_Job] = collections.deque()
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < window:
-                    try:
-                        frame = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    job = _Job(frame, model_idx, stream)
-                    await self._submit_async(job)
-                    pending.append(job)
+                while not exhausted and _frames_in(pending) < window:
+                    job, exhausted = _next_job(it, model_idx, stream,
+                                               min(chunk, window - _frames_in(pending)))
+                    if job is not None:
+                        await self._submit_async(job)
+                        pending.append(job)
                 if not pending:
                     return
                 job = pending[0]
-                value = await self._result_async(job, pending)
+                try:
+                    value = await self._result_async(job, pending)
+                except Exception as exc:
+                    if not _split(pending, exc):
+                        raise
+                    for single in list(pending)[:job.size]:
+                        await self._submit_async(single)
+                    continue
                 pending.popleft()
-                yield value
+                if job.size:
+                    for out in value:
+                        yield out
+                else:
+                    yield value
         finally:
             self._abandon(pending)
 
@@ -361,6 +385,16 @@ class AcceleratorPool(_Router):
             raise ValueError(f"window must be a positive int or None, not {window!r}")
         return window
 
+    @staticmethod
+    def _chunk_arg(chunk: int) -> int:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int, not {chunk!r}")
+        return chunk
+
+    def _batch_chunk(self, frames: int) -> int:
+        """Frames per call for a batch: about two calls per replica, at most 8 frames."""
+        return max(1, min(MAX_BATCH_CHUNK, frames // (2 * len(self._slots))))
+
     def _check_blocking(self, name: str, twin: str) -> None:
         if _on_loop():
             raise LoopBlockingError(
@@ -373,3 +407,42 @@ class AcceleratorPool(_Router):
         if ports == 1:
             return True
         return bool(inputs) and all(isinstance(x, list | tuple) for x in inputs)
+
+
+def _frames_in(pending: Iterable[_Job]) -> int:
+    return sum(max(job.size, 1) for job in pending)
+
+
+def _next_job(frames: Iterator[Any], model_idx: int, stream: Hashable | None,
+              chunk: int) -> tuple[_Job | None, bool]:
+    """The next job: one frame (``chunk`` 1) or up to ``chunk`` frames; and
+    whether ``frames`` is exhausted."""
+    if chunk == 1:
+        try:
+            return _Job(next(frames), model_idx, stream), False
+        except StopIteration:
+            return None, True
+    batch: list[Any] = []
+    exhausted = False
+    while len(batch) < chunk:
+        try:
+            batch.append(next(frames))
+        except StopIteration:
+            exhausted = True
+            break
+    if not batch:
+        return None, True
+    return _Job(batch, model_idx, stream, size=len(batch)), exhausted
+
+
+def _split(pending: collections.deque[_Job], exc: Exception) -> bool:
+    """After the chunk at the head of ``pending`` failed for a frame's content,
+    replace it by one job per frame (sent again by the caller) so that the
+    frames before the bad one are delivered and the bad one raises alone."""
+    job = pending[0]
+    if job.size < 2 or isinstance(exc, DeviceError | ClosedError):
+        return False
+    pending.popleft()
+    for frame in reversed(job.frame):
+        pending.appendleft(_Job(frame, job.model_idx, job.stream))
+    return True

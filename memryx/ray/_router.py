@@ -55,9 +55,10 @@ class _Slot:
 class _Job:
     """One frame and the one call currently computing it."""
 
-    frame: Any
+    frame: Any                       # one frame, or a list of ``size`` frames
     model_idx: int
     stream: Hashable | None
+    size: int = 0                    # 0: one frame; n >= 1: a chunk of n frames (one call)
     slot: _Slot | None = None
     epoch: int = 0
     ref: Any = None

@@ -31,7 +31,7 @@ def test_a_killed_replica_moves_its_stream_and_keeps_its_order(
         home = max(pool.statistics()["replicas"], key=lambda r: r["frames"])
         victim = int(home["pid"])
         outs = list(pool.imap(paced(numbered(200), {60: lambda: kill_pid(victim)}),
-                              stream="cam0", window=8))
+                              stream="cam0", window=8, chunk=3))
         assert positions(outs) == list(range(200))
         other = pool.statistics()["replicas"][1 - home["index"]]
         assert other["frames"] > 0    # the stream moved to the other replica

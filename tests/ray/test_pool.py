@@ -66,6 +66,33 @@ def test_imap_is_ordered_and_spreads_over_replicas(pool: AcceleratorPool,
     assert all(n > 0 for n in spread), spread
 
 
+def test_imap_in_chunks(pool: AcceleratorPool, inputs: list[np.ndarray],
+                        expected: list[np.ndarray]) -> None:
+    for chunk, window in ((4, None), (3, 5), (16, 4)):
+        outs = list(pool.imap(iter(inputs[:30]), chunk=chunk, window=window))
+        assert len(outs) == 30
+        for got, want in zip(outs, expected[:30], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        pool.imap(inputs, chunk=0)
+
+
+def test_a_bad_frame_in_a_chunk_raises_at_its_position(pool: AcceleratorPool,
+                                                       inputs: list[np.ndarray],
+                                                       expected: list[np.ndarray]) -> None:
+    bad = [*inputs[:6], np.zeros(SHAPE, np.float64), *inputs[6:12]]
+    got = []
+    with pytest.raises(mx.DtypeError):
+        for out in pool.imap(bad, chunk=4):
+            got.append(out)
+    assert len(got) == 6
+    for g, want in zip(got, expected[:6], strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(mx.DtypeError):
+        pool.run(bad)      # a batch goes in chunks too
+    assert all(r["in_flight"] == 0 for r in pool.statistics()["replicas"])
+
+
 def test_imap_bounds_frames_in_flight(pool: AcceleratorPool, inputs: list[np.ndarray]) -> None:
     taken = 0
     consumed = 0
@@ -159,6 +186,12 @@ async def test_arun_concurrent_callers_get_their_own_outputs(
     got = [out async for out in pool.aimap(inputs[:12], window=4)]
     for g, want in zip(got, expected[:12], strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    got = [out async for out in pool.aimap(inputs[:13], chunk=4)]
+    for g, want in zip(got, expected[:13], strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(mx.ShapeError):
+        async for _ in pool.aimap([inputs[0], np.zeros((2,), np.float32)], chunk=2):
+            pass
     with pytest.raises(mx.ShapeError):
         await pool.arun(np.zeros((1, 3, 8, 8), np.float32))
 
