@@ -248,7 +248,8 @@ class AcceleratorPool(_Router):
         ``chunk`` > 1 sends that many consecutive frames in one call to a replica,
         which divides Ray's cost per frame; it waits for ``chunk`` frames (or the
         end of ``frames``) before sending, so leave it at 1 for a live source."""
-        window, chunk = self._window_arg(window), self._chunk_arg(chunk)
+        chunk = self._chunk_arg(chunk)
+        window = self._window_arg(window, chunk)
         self._check_blocking("imap", "aimap")
         return self._imap(iter(frames), model_idx, window, stream, chunk)
 
@@ -288,7 +289,8 @@ class AcceleratorPool(_Router):
                     window: int | None = None, stream: Hashable | None = None,
                     chunk: int = 1) -> AsyncIterator[Any]:
         """The async twin of :meth:`imap` (``frames`` is a plain iterable)."""
-        window, chunk = self._window_arg(window), self._chunk_arg(chunk)
+        chunk = self._chunk_arg(chunk)
+        window = self._window_arg(window, chunk)
         await self._finish_start_async()
         it = iter(frames)
         pending: collections.deque[_Job] = collections.deque()
@@ -378,9 +380,11 @@ class AcceleratorPool(_Router):
         return f"<AcceleratorPool {state} replicas={len(slots)}>"
 
     # -- routing -------------------------------------------------------------------------------
-    def _window_arg(self, window: int | None) -> int:
+    def _window_arg(self, window: int | None, chunk: int) -> int:
         if window is None:
-            return self._window
+            # the pool's window, or two chunks per replica (so that a replica
+            # has the next chunk already when it finishes one)
+            return max(self._window, 2 * chunk * len(self._slots))
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int or None, not {window!r}")
         return window
