@@ -46,10 +46,12 @@ def test_more_replicas_than_the_cluster_has_fails_at_once(ray_runtime: Any,
 def test_resources_held_by_another_pool_fail_within_start_timeout(
         ray_runtime: Any, identity_dfp: mx.Dfp) -> None:
     x = np.ones((1, 4), np.float32)
-    with AcceleratorPool(identity_dfp, replicas=MX3_MODULES - 1) as holder:
+    # one replica holding all the modules but one
+    with AcceleratorPool(identity_dfp, replicas=1,
+                         resources={"MX3": MX3_MODULES - 1}) as holder:
         start = time.monotonic()
         with pytest.raises(mx.DeviceError, match="only 1 of 2 replicas started"):
-            AcceleratorPool(identity_dfp, replicas=2, start_timeout=3)
+            AcceleratorPool(identity_dfp, replicas=2, start_timeout=2)
         assert time.monotonic() - start < 20
         np.testing.assert_array_equal(holder.run(x), x)
     # every replica of both pools gave its module back
