@@ -163,8 +163,10 @@ class AcceleratorPool(_Router):
                            lambda ref: results[id(ref)].result())
 
     def _finish_start(self, ready: list[bool], result: Any) -> None:
-        refs, self._starting = self._starting, None
-        assert refs is not None
+        with self._lock:
+            refs, self._starting = self._starting, None
+        if refs is None:
+            return   # another thread finished the start meanwhile
         error: BaseException | None = None
         for slot, ref, ok in zip(self._slots, refs, ready, strict=True):
             if not ok:

@@ -40,7 +40,7 @@ def test_a_killed_replica_moves_its_stream_and_keeps_its_order(
 @pytest.mark.asyncio
 async def test_cancelled_arun_and_aimap_release_their_frames(ray_runtime: Any,
                                                              identity_dfp: mx.Dfp) -> None:
-    async with AcceleratorPool(identity_dfp, replicas=2) as pool:
+    async with AcceleratorPool(identity_dfp, replicas=1) as pool:
         tasks = [asyncio.ensure_future(pool.arun(f)) for f in numbered(20)]
         await asyncio.sleep(0)
         for task in tasks[::2]:
@@ -61,7 +61,7 @@ async def test_cancelled_arun_and_aimap_release_their_frames(ray_runtime: Any,
 @pytest.mark.asyncio
 async def test_aclose_during_aimap_ends_it_with_closed_error(ray_runtime: Any,
                                                              identity_dfp: mx.Dfp) -> None:
-    pool = AcceleratorPool(identity_dfp, replicas=2)
+    pool = AcceleratorPool(identity_dfp, replicas=1)
     async with pool:
         got = []
         twenty = asyncio.Event()

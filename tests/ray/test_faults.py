@@ -131,7 +131,7 @@ def test_close_during_imap_from_another_thread(ray_runtime: Any,
 
 
 def test_close_while_a_replica_restarts(ray_runtime: Any, identity_dfp: mx.Dfp) -> None:
-    pool = AcceleratorPool(identity_dfp, replicas=2)
+    pool = AcceleratorPool(identity_dfp, replicas=1)
     kill_pid(pid_of(pool, 0))
     pool.close()
     with pytest.raises(mx.ClosedError):
