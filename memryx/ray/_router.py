@@ -162,7 +162,7 @@ class _Router:
                                   "giving up", lost_frames=1)
             if job.attempts > 1:
                 self._resubmitted += 1
-            slot.in_flight += 1
+            slot.in_flight += max(job.size, 1)
             job.epoch = slot.epoch
         job.slot = slot
         job.ref = slot.handle.infer.remote(job.frame, job.model_idx)
@@ -173,9 +173,9 @@ class _Router:
             _forget(ref)
         if slot is not None:
             with self._lock:
-                slot.in_flight -= 1
+                slot.in_flight -= max(job.size, 1)
                 if done:
-                    slot.frames += 1
+                    slot.frames += max(job.size, 1)
 
     def _abandon(self, pending: Iterable[_Job]) -> None:
         for job in pending:

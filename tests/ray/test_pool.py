@@ -69,7 +69,9 @@ def test_imap_is_ordered_and_spreads_over_replicas(pool: AcceleratorPool,
 def test_imap_in_chunks(pool: AcceleratorPool, inputs: list[np.ndarray],
                         expected: list[np.ndarray]) -> None:
     for chunk, window in ((4, None), (3, 5), (16, 4)):
+        before = sum(frame_counts(pool))
         outs = list(pool.imap(iter(inputs[:30]), chunk=chunk, window=window))
+        assert sum(frame_counts(pool)) - before == 30   # frames, not calls
         assert len(outs) == 30
         for got, want in zip(outs, expected[:30], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
