@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("ray")
 
 import memryx as mx
+from memryx import testing
 from memryx.ray import AcceleratorPool
 from tests.conftest import frames
 
@@ -245,3 +246,17 @@ async def test_async_context_manager(ray_runtime: Any, identity_dfp: mx.Dfp) -> 
     assert p.closed
     with pytest.raises(mx.ClosedError):
         await p.arun(x)
+
+
+def test_large_frames_go_through_the_object_store(ray_runtime: Any) -> None:
+    """A 588 KiB frame is above Ray's inline limit: it travels through the object
+    store (no pickled copy), and so do its outputs, which arrive read-only."""
+    shape = (1, 3, 224, 224)
+    dfp = mx.NeuralCompiler(models=testing.identity_model(shape)).run()
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with AcceleratorPool(dfp, replicas=1) as p:
+        y = p.run(x)
+        np.testing.assert_array_equal(y, x)
+        assert not y.flags.writeable     # a view on the object store, not a copy
+        outs = list(p.imap([x, x * 2], chunk=2))
+        np.testing.assert_array_equal(outs[1], x * 2)
