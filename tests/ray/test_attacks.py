@@ -89,7 +89,7 @@ async def test_aclose_during_aimap_ends_it_with_closed_error(ray_runtime: Any,
 def test_an_abandoned_pool_warns_and_gives_its_modules_back(ray_runtime: Any,
                                                             identity_dfp: mx.Dfp) -> None:
     def abandon() -> None:
-        pool = AcceleratorPool(identity_dfp, replicas=2)
+        pool = AcceleratorPool(identity_dfp, replicas=1)
         pool.run(numbered(1)[0])
         # the pool goes out of scope here, open
 

@@ -109,7 +109,7 @@ def test_lost_device_server_gives_device_error_within_the_timeout(
 
 def test_close_during_imap_from_another_thread(ray_runtime: Any,
                                                identity_dfp: mx.Dfp) -> None:
-    pool = AcceleratorPool(identity_dfp, replicas=2)
+    pool = AcceleratorPool(identity_dfp, replicas=1)
     closer = Later(0.5, pool.close)
 
     def endless() -> Any:
