@@ -1,4 +1,4 @@
-"""A real local Ray runtime for the memryx.ray tests, started once per session.
+"""A real local Ray runtime for the memryx.ray tests, started once for the package.
 
 ``ray.init(num_cpus=2)`` on this machine, with four ``MX3`` custom resources
 (the modules of a pretend host), in a temporary directory of its own so that
@@ -51,8 +51,9 @@ def ray_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_runtime() -> Iterator[Any]:
+    """One Ray runtime for tests/ray, shut down (and checked gone) when they end."""
     ray = pytest.importorskip("ray")
     # short: Ray puts Unix sockets under it
     temp_dir = tempfile.mkdtemp(prefix="mxray", dir="/tmp")
@@ -69,11 +70,6 @@ def ray_runtime() -> Iterator[Any]:
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left behind after ray.shutdown(): {left}"
 
-
-@pytest.fixture
-def ray_(ray_runtime: Any) -> Any:
-    """The Ray module, with the session's runtime up."""
-    return ray_runtime
 
 
 
