@@ -242,9 +242,11 @@ def test_crop_keeps_pre_and_post(tmp_path: Path, prep_model: onnx.ModelProto,
 
     # Files beside the DFP, and the DFP on disk keeps pre and post too.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "mobile.dfp", "mobile_post.onnx", "mobile_pre.onnx"]
-    assert onnx.load(str(tmp_path / "mobile_pre.onnx")) == pre
-    assert onnx.load(str(tmp_path / "mobile_post.onnx")) == post
+        "mobile.dfp", "model_0_mobilenet_like_post.onnx", "model_0_mobilenet_like_pre.onnx"]
+    assert onnx.load(str(tmp_path / "model_0_mobilenet_like_pre.onnx")) == pre
+    assert onnx.load(str(tmp_path / "model_0_mobilenet_like_post.onnx")) == post
+    assert nc.cropped_files == [tmp_path / "model_0_mobilenet_like_pre.onnx",
+                                tmp_path / "model_0_mobilenet_like_post.onnx"]
     on_disk = mx.Dfp(target)
     assert on_disk == dfp
     assert on_disk.model(0).pre_model == info.pre_model
@@ -328,8 +330,8 @@ def test_crop_several_models(tmp_path: Path, prep_model: onnx.ModelProto,
                            outputs=[None, ["logits"], None])
     dfp = nc.run()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "multi.dfp", "multi_model1_post.onnx", "multi_model1_pre.onnx",
-        "multi_model2_pre.onnx"]
+        "model_1_mobilenet_like_post.onnx", "model_1_mobilenet_like_pre.onnx",
+        "model_2_mobilenet_like_pre.onnx", "multi.dfp"]
     assert nc.pre_models[0] is None
     assert nc.post_models[0] is None
     assert nc.post_models[2] is None
@@ -486,9 +488,13 @@ def test_non_onnx_objects(source: Any) -> None:
 
 
 def test_missing_path_and_directory(tmp_path: Path) -> None:
-    for source in (tmp_path / "missing.onnx", str(tmp_path / "missing.onnx"), tmp_path):
+    for source in (tmp_path / "missing.onnx", str(tmp_path / "missing.onnx")):
         with pytest.raises(mx.CompilerError, match=r"no ONNX file at"):
             mx.NeuralCompiler(models=source).run()
+    with pytest.raises(mx.CompilerError, match=r"no model file or SavedModel at"):
+        mx.NeuralCompiler(models=tmp_path / "missing.h5").run()
+    with pytest.raises(mx.CompilerError, match=r"is a directory but not a TensorFlow SavedModel"):
+        mx.NeuralCompiler(models=tmp_path).run()
 
 
 @pytest.mark.parametrize("blob", [b"garbage \x00\xff bytes", b"\xff" * 64, b"",
@@ -515,7 +521,7 @@ def test_empty_model_list() -> None:
 
 
 # -- options ----------------------------------------------------------------------------
-@pytest.mark.parametrize("num_chips", [0, -1, 17, 100, True, 2.0, "4", None])
+@pytest.mark.parametrize("num_chips", [0, -1, 17, 100, True, 2.0, "four", "0", "17", None])
 def test_num_chips_out_of_range(num_chips: Any) -> None:
     with pytest.raises(mx.CompilerError, match=r"num_chips must be an integer in 1\.\.16"):
         mx.NeuralCompiler(models=testing.identity_model(), num_chips=num_chips)
