@@ -80,7 +80,7 @@ def detect(source: Any) -> str:
         return Kind.KERAS
     mod, name = _module(source), type(source).__name__
     if mod.startswith("tensorflow"):
-        if name in ("ConcreteFunction", "AtomicFunction") or hasattr(
+        if hasattr(source, "structured_input_signature") or hasattr(
                 source, "get_concrete_function"):
             return Kind.TF_FUNCTION
         if name == "GraphDef":

@@ -96,7 +96,8 @@ def _load_keras(path: Path, what: str) -> Any:
     except Exception as exc:
         raise CompilerError(
             f"{what}: cannot load Keras model {path} ({first_line(exc)}); save it with "
-            "model.save('model.keras') (or .h5) from the same Keras version"
+            "model.save('model.keras') (or .h5) from the same Keras version, or load it "
+            "yourself (keras.models.load_model) and pass the model object"
         ) from exc
 
 
