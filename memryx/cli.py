@@ -44,7 +44,7 @@ def cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
                         outputs=_names(args.outputs), autocrop=args.autocrop,
                         fps=args.fps, latency_ms=args.latency_ms)
     dfp = nc.run()
-    out.write(f"wrote {args.output}\n")
+    out.write(f"wrote {nc.dfp_fname}\n")
     _describe(dfp, out)
     return 0
 
@@ -198,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", help="compile ONNX model(s) into a DFP")
-    p.add_argument("models", nargs="+", help="ONNX file(s); several make a multi-model DFP")
+    p = sub.add_parser("compile", help="compile model(s) into a DFP")
+    p.add_argument("models", nargs="+",
+                   help="model file(s): ONNX (weights may be in a .data file beside it), "
+                        "TFLite, Keras .h5/.keras, SavedModel directory, frozen .pb (all but "
+                        "ONNX need memryx[tf]); several make a multi-model DFP")
     p.add_argument("-o", "--output", required=True, help="the DFP file to write")
     p.add_argument("--num-chips", type=int, default=4)
     p.add_argument("--inputs", help="comma-separated tensor names where the accelerated "

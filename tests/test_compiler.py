@@ -564,3 +564,73 @@ def test_run_twice_resets_pre_and_post(prep_model: onnx.ModelProto) -> None:
     second = nc.run()
     assert first == second
     assert len(nc.pre_models) == len(nc.post_models) == 1
+
+
+# -- the vendor SDK's keywords ----------------------------------------------------------------
+def test_sdk_keywords_are_accepted_and_validated(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = testing.identity_model()
+    nc = mx.NeuralCompiler(models=model, num_chips="2", chip_gen="mx3", effort="hard",
+                           no_sim_dfp=True, input_format="bf16", output_format="FP32")
+    assert (nc.num_chips, nc.chip_gen, nc.effort, nc.no_sim_dfp) == (2, "mx3", "hard", True)
+    assert (nc.input_format, nc.output_format) == ("BF16", "FP32")
+    assert nc.run().num_chips == 2
+    for gen in (3, "3", "3.1", 3.1, "MX3"):
+        assert mx.NeuralCompiler(models=model, chip_gen=gen).chip_gen == "mx3"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"chip_gen": "mx4"}, "chip_gen: this compiler targets the MX3 only"),
+        ({"chip_gen": True}, "chip_gen"),
+        ({"effort": "extreme"}, "effort must be one of 'lazy', 'normal', 'hard'"),
+        ({"effort": 2}, "effort must be one of"),
+        ({"no_sim_dfp": "yes"}, "no_sim_dfp must be True or False"),
+        ({"input_format": "RGB"}, "input_format must be one of 'FP32'"),
+        ({"output_format": None}, "output_format must be one of"),
+        ({"num_chips": " 3x"}, "num_chips must be an integer"),
+        ({"dfp_fname": 5}, "dfp_fname must be a path"),
+    ]
+    for kwargs, fragment in bad:
+        with pytest.raises(mx.CompilerError, match=re_escape(fragment)):
+            mx.NeuralCompiler(models=model, **kwargs)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(("given", "written"), [
+    ("net", "net.dfp"), ("net.dfp", "net.dfp"), ("net.v2", "net.v2.dfp"), ("NET.DFP", "NET.DFP"),
+])
+def test_dfp_fname_gets_dfp_appended(tmp_path: Path, given: str, written: str) -> None:
+    nc = mx.NeuralCompiler(models=testing.identity_model(), dfp_fname=tmp_path / given)
+    nc.run()
+    assert nc.dfp_fname == tmp_path / written
+    assert [p.name for p in tmp_path.iterdir()] == [written]
+
+
+def test_unknown_keywords_warn_and_are_ignored() -> None:
+    with pytest.warns(UserWarning, match=r"keyword 'frobnicate' ignored \(unknown\)"):
+        nc = mx.NeuralCompiler(models=testing.identity_model(), frobnicate=1)
+    nc.run()
+    with pytest.warns(UserWarning, match=r"keyword 'show_optimization' ignored \(a vendor"):
+        mx.NeuralCompiler(models=testing.identity_model(), show_optimization=True)
+
+
+# -- ONNX with its weights in a separate file (what torch.onnx.export writes) -----------------
+def test_external_weight_data_next_to_the_model(tmp_path: Path) -> None:
+    model = testing.mlp_model()
+    path = tmp_path / "mlp.onnx"
+    to_save = onnx.ModelProto()
+    to_save.CopyFrom(model)  # saving with external data rewrites the proto it is given
+    onnx.save_model(to_save, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="mlp.onnx.data", size_threshold=0)
+    assert (tmp_path / "mlp.onnx.data").stat().st_size > path.stat().st_size
+    dfp = mx.NeuralCompiler(models=path).run()
+    x = np.random.default_rng(0).standard_normal(dfp.input_ports[0].shape).astype(np.float32)
+    name = dfp.input_ports[0].layer
+    np.testing.assert_allclose(run(dfp.model(0).graph, {name: x})[0], run(model, {name: x})[0],
+                               rtol=1e-6)
+    (tmp_path / "mlp.onnx.data").unlink()
+    with pytest.raises(mx.CompilerError, match=r"mlp\.onnx\.data.*weights are in a separate file"):
+        mx.NeuralCompiler(models=path).run()
