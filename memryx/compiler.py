@@ -214,7 +214,9 @@ def _fix_batch(model: onnx.ModelProto, what: str) -> None:
             label = d.dim_param or "?"
             raise CompilerError(
                 f"{what}: input {vi.name!r} has a dynamic dimension {label!r} at axis {i}; "
-                "only the batch dimension (axis 0) may be dynamic"
+                "only the batch dimension (axis 0) may be dynamic: export the model with a "
+                "fixed input shape (torch.onnx.export without dynamic_shapes/dynamic_axes; "
+                "see docs/models.md)"
             )
 
 
