@@ -25,9 +25,21 @@ import onnx
 from onnx import helper
 
 from . import formats
+from ._compiler_options import (
+    EFFORTS,
+    IGNORED_KEYWORDS,
+    PORT_FORMATS,
+    chip_gen_value,
+    choice,
+    dfp_path,
+    num_chips_value,
+)
+from ._crop import autocrop_points as _autocrop
+from ._crop import extract as _extract
+from ._crop import graph_inputs as _graph_inputs
 from ._exceptions import CompilerError, DfpError
 from ._version import __version__
-from .dfp import MAX_CHIPS, PORT_DTYPES, Dfp, ModelInfo, PortInfo
+from .dfp import PORT_DTYPES, Dfp, ModelInfo, PortInfo
 from .timing import estimate, layer_costs
 
 __all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
@@ -43,12 +55,6 @@ ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto | Any
 CropSpec = str | Sequence[str] | None
 
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-_PRE_OPS = frozenset({"Cast", "Sub", "Div", "Mul", "Add", "Transpose", "Reshape", "Squeeze",
-                      "Unsqueeze"})
-_POST_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Transpose",
-                       "Squeeze", "Unsqueeze", "ArgMax"})
-
-
 def _load_onnx(source: Any, idx: int) -> onnx.ModelProto:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -111,89 +117,6 @@ def _per_model(spec: Any, count: int, what: str) -> list[list[str] | None]:
             f"got {spec!r}"
         )
     return [_as_names(s, f"{what}[{i}]") for i, s in enumerate(spec)]
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    names = {i.name for i in model.graph.initializer}
-    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
-    return names
-
-
-def _autocrop(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Find where the accelerated part begins and ends.
-
-    Leading chains of cheap element-wise / layout ops (Cast, Sub, Div,
-    Transpose, ...) on each input become pre-processing; trailing Softmax,
-    Sigmoid, Flatten, Reshape, ... on each output become post-processing.
-    """
-    consts = _constant_names(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
-    outputs = {o.name for o in model.graph.output}
-
-    starts = []
-    for vi in _graph_inputs(model):
-        name = vi.name
-        while True:
-            users = consumers.get(name, [])
-            if len(users) != 1 or name in outputs:
-                break
-            node = users[0]
-            dynamic = [i for i in node.input if i and i not in consts]
-            if node.op_type not in _PRE_OPS or dynamic != [name] or len(node.output) != 1:
-                break
-            if node.output[0] in outputs:
-                break  # keep the last op for the accelerator: never crop the whole graph
-            name = node.output[0]
-        starts.append(name)
-
-    ends = []
-    for out in model.graph.output:
-        name = out.name
-        while name in producer:
-            node = producer[name]
-            dynamic = [i for i in node.input if i and i not in consts]
-            if node.op_type not in _POST_OPS or len(dynamic) != 1 or dynamic[0] in starts:
-                break
-            name = dynamic[0]
-        ends.append(name)
-    return list(dict.fromkeys(starts)), list(dict.fromkeys(ends))
-
-
-def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], what: str
-             ) -> onnx.ModelProto:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        sub = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
-    except Exception as exc:
-        raise CompilerError(f"{what}: cannot cut the graph at inputs={inputs} "
-                            f"outputs={outputs} ({exc})") from exc
-    # The Extractor declares every requested input whether or not the cut needs it and
-    # silently drops tensors the cut needs but was not given: check the nodes instead.
-    known = {i.name for i in sub.graph.input} | {i.name for i in sub.graph.initializer}
-    known.update(o for n in sub.graph.node for o in n.output)
-    missing = list(dict.fromkeys(i for n in sub.graph.node for i in n.input
-                                 if i and i not in known))
-    if missing:
-        raise CompilerError(
-            f"{what}: the part between inputs={inputs} and outputs={outputs} also needs "
-            f"tensor(s) {missing}; add them to the crop points"
-        )
-    used = {i for n in sub.graph.node for i in n.input} | {o.name for o in sub.graph.output}
-    unused = [n for n in inputs if n not in used]
-    if unused:
-        raise CompilerError(f"{what}: crop input(s) {unused} do not feed outputs={outputs}")
-    return sub
 
 
 def _fix_batch(model: onnx.ModelProto, what: str) -> None:
@@ -294,50 +217,6 @@ def _per_model_number(value: Any, count: int, what: str) -> list[float | None]:
     return [float(v) if v is not None else None for v in values]
 
 
-#: ``effort`` values of the vendor's compiler (how hard its mapper searches).
-EFFORTS: Final = ("lazy", "normal", "hard")
-#: ``input_format`` / ``output_format`` values: how the real chip's ports carry data.
-PORT_FORMATS: Final = ("FP32", "FP16", "BF16", "GBF80", "UINT8", "INT8")
-#: Keywords of the vendor's ``NeuralCompiler`` accepted and ignored here (see docs/models.md).
-_IGNORED_KEYWORDS: Final = frozenset({"target", "hpoc", "hpoc_file", "extensions",
-                                      "show_optimization", "exp_auto_dp", "model_in_out",
-                                      "sim_dfp", "dfp_version"})
-
-
-def _num_chips(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHIPS:
-        raise CompilerError(f"num_chips must be an integer in 1..{MAX_CHIPS} (or such a "
-                            f"string), got {value!r}")
-    return value
-
-
-def _chip_gen(value: Any) -> str:
-    text = str(value).strip().lower() if isinstance(value, (str, int, float)) and \
-        not isinstance(value, bool) else None
-    if text not in ("mx3", "3", "3.0", "3.1"):
-        raise CompilerError(f"chip_gen: this compiler targets the MX3 only (chip_gen='mx3'), "
-                            f"got {value!r}")
-    return "mx3"
-
-
-def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
-    if not isinstance(value, str) or value.strip().lower() not in [a.lower() for a in allowed]:
-        raise CompilerError(f"{what} must be one of {', '.join(map(repr, allowed))}, "
-                            f"got {value!r}")
-    return next(a for a in allowed if a.lower() == value.strip().lower())
-
-
-def _dfp_path(value: Any) -> Path | None:
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise CompilerError(f"dfp_fname must be a path, got {value!r}")
-    path = Path(value)
-    return path if path.suffix.lower() == ".dfp" else path.with_name(path.name + ".dfp")
-
-
 class NeuralCompiler:
     """Compile models into a DFP for the MX3.
 
@@ -398,18 +277,18 @@ class NeuralCompiler:
             self._sources = [models]
         if not self._sources:
             raise CompilerError("models: expected at least one model, got an empty list")
-        self.dfp_fname = _dfp_path(dfp_fname)
-        self.num_chips = _num_chips(num_chips)
-        self.chip_gen = _chip_gen(chip_gen)
-        self.effort = _choice(effort, EFFORTS, "effort")
+        self.dfp_fname = dfp_path(dfp_fname)
+        self.num_chips = num_chips_value(num_chips)
+        self.chip_gen = chip_gen_value(chip_gen)
+        self.effort = choice(effort, EFFORTS, "effort")
         if not isinstance(no_sim_dfp, bool):
             raise CompilerError(f"no_sim_dfp must be True or False, got {no_sim_dfp!r}")
         self.no_sim_dfp = no_sim_dfp
-        self.input_format = _choice(input_format, PORT_FORMATS, "input_format")
-        self.output_format = _choice(output_format, PORT_FORMATS, "output_format")
+        self.input_format = choice(input_format, PORT_FORMATS, "input_format")
+        self.output_format = choice(output_format, PORT_FORMATS, "output_format")
         for key in kwargs:
             known = "a vendor compiler option with no meaning here" if key in \
-                _IGNORED_KEYWORDS else "unknown"
+                IGNORED_KEYWORDS else "unknown"
             warnings.warn(f"NeuralCompiler: keyword {key!r} ignored ({known})", UserWarning,
                           stacklevel=2)
         self.verbose = verbose

@@ -37,8 +37,9 @@ def host_model(source: Any, model_idx: int, role: str) -> bytes | Processor | No
         if not is_tflite(bytes(source[:8])):
             return None
         kind = Kind.TFLITE
-    elif _is_keras_model(source) or (type(source).__module__ or "").startswith("tensorflow"):
-        kind = detect(source)
+    elif _is_keras_model(source) or ((type(source).__module__ or "").startswith("tensorflow")
+                                     and not hasattr(source, "get_concrete_function")):
+        kind = detect(source)  # a plain tf.function stays a Python callable
     else:
         return None
     if kind == Kind.ONNX:
