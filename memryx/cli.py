@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from ._bench import Timeline, run_bench
-from ._exceptions import CompilerError, DfpError, MemryxError
+from ._exceptions import DfpError, MemryxError
 from ._progress import LogHandler, progress, progress_mode
 from ._version import __version__
 from .dfp import Dfp, PortInfo
@@ -115,8 +115,6 @@ def _no_leftovers(*targets: Path) -> Iterator[None]:
 
 # -- compile ----------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
-    import onnx
-
     from .compiler import NeuralCompiler
 
     target = _output_path(args.output, "-o")
@@ -124,27 +122,20 @@ def cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
         if Path(path).exists() and Path(path).resolve() == target.resolve():
             raise ValueError(f"-o {args.output}: is the input model {path}; the DFP would "
                              "overwrite it")
-    models: list[Any] = []
-    with progress(len(args.models) + 1, "compile", mode=args.progress, plain=False) as bar:
-        for idx, path in enumerate(args.models):
-            bar.step(f"reading {path}")
-            if not Path(path).is_file():
-                raise CompilerError(f"model {idx}: no ONNX file at {path}")
-            try:
-                models.append(onnx.load(path))
-            except Exception as exc:
-                raise CompilerError(f"model {idx}: cannot read ONNX model {path} ({exc})") \
-                    from exc
-        bar.step(f"compiling {len(models)} model(s)")
-        nc = NeuralCompiler(models=models if len(models) > 1 else models[0],
-                            dfp_fname=target, num_chips=args.num_chips,
+    with progress(2, "compile", mode=args.progress, plain=False) as bar:
+        bar.step(f"compiling {len(args.models)} model(s)")
+        # the compiler reads every format itself (ONNX with external weights, TFLite, Keras,
+        # SavedModel, frozen .pb) and names a missing or unreadable file
+        models: Any = args.models if len(args.models) > 1 else args.models[0]
+        nc = NeuralCompiler(models=models, dfp_fname=target, num_chips=args.num_chips,
                             verbose=args.verbose, inputs=_names(args.inputs),
                             outputs=_names(args.outputs), autocrop=args.autocrop,
                             fps=args.fps, latency_ms=args.latency_ms)
-        with _no_leftovers(target):
+        written = Path(nc.dfp_fname or target)
+        with _no_leftovers(written):
             dfp = nc.run()
-        bar.step(f"wrote {target}")
-    out.write(f"wrote {target}\n")
+        bar.step(f"wrote {written}")
+    out.write(f"wrote {written}\n")
     _describe(dfp, out)
     return 0
 
@@ -299,10 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log level of the memryx loggers (overrides -v/-q)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compile", parents=[common], help="compile ONNX model(s) into a DFP",
-                       description="Compile ONNX model(s) into a DFP for the MX3.")
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx",
-                   help="ONNX file(s); several make a multi-model DFP")
+    p = sub.add_parser("compile", parents=[common], help="compile model(s) into a DFP",
+                       description="Compile model(s) into a DFP for the MX3.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model file(s): ONNX (weights may be in a .data file beside it), "
+                        "TFLite, Keras .h5/.keras, SavedModel directory, frozen .pb (all but "
+                        "ONNX need memryx[tf]); several make a multi-model DFP")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dfp",
                    help="the DFP file to write (written atomically; *_pre.onnx / "
                         "*_post.onnx beside it when the model is cropped)")

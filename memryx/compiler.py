@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -23,9 +24,22 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import formats
+from ._compiler_options import (
+    EFFORTS,
+    IGNORED_KEYWORDS,
+    PORT_FORMATS,
+    chip_gen_value,
+    choice,
+    dfp_path,
+    num_chips_value,
+)
+from ._crop import autocrop_points as _autocrop
+from ._crop import extract as _extract
+from ._crop import graph_inputs as _graph_inputs
 from ._exceptions import CompilerError, DfpError
 from ._version import __version__
-from .dfp import MAX_CHIPS, PORT_DTYPES, Dfp, ModelInfo, PortInfo
+from .dfp import PORT_DTYPES, Dfp, ModelInfo, PortInfo
 from .timing import estimate, layer_costs
 
 __all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
@@ -35,17 +49,13 @@ log = logging.getLogger("memryx.compiler")
 #: 8-bit weight parameters one MX3 chip holds (MX3 datasheet: 10.5 MB weight memory).
 WEIGHTS_PER_CHIP: Final = 10_500_000
 
-ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+#: A model: ONNX (path, bytes, ``onnx.ModelProto``), TFLite (path, bytes), Keras (``.h5``,
+#: ``.keras``, a ``keras.Model``), a SavedModel directory or object, a frozen ``.pb``.
+ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto | Any
 CropSpec = str | Sequence[str] | None
 
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-_PRE_OPS = frozenset({"Cast", "Sub", "Div", "Mul", "Add", "Transpose", "Reshape", "Squeeze",
-                      "Unsqueeze"})
-_POST_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Transpose",
-                       "Squeeze", "Unsqueeze", "ArgMax"})
-
-
-def _load(source: Any, idx: int) -> onnx.ModelProto:
+def _load_onnx(source: Any, idx: int) -> onnx.ModelProto:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -54,20 +64,29 @@ def _load(source: Any, idx: int) -> onnx.ModelProto:
         try:
             return onnx.load_model_from_string(bytes(source))
         except Exception as exc:
-            raise CompilerError(f"model {idx}: bytes are not an ONNX model ({exc})") from exc
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise CompilerError(f"model {idx}: no ONNX file at {path}")
-        try:
-            return onnx.load(str(path))
-        except Exception as exc:
-            raise CompilerError(f"model {idx}: cannot read ONNX model {path} ({exc})") from exc
-    raise CompilerError(
-        f"model {idx}: unsupported model type {type(source).__module__}."
-        f"{type(source).__name__}; this compiler takes ONNX (a path, bytes or onnx.ModelProto)"
-        " - export Keras/PyTorch models to ONNX first"
-    )
+            raise CompilerError(f"model {idx}: bytes are not an ONNX model (nor TFLite: no "
+                                f"'TFL3' identifier) ({exc})") from exc
+    path = Path(source)
+    try:  # external weight data (model.onnx + model.onnx.data) is read from beside the file
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise CompilerError(
+            f"model {idx}: cannot read ONNX model {path} ({exc}); if its weights are in a "
+            "separate file (torch.onnx.export writes model.onnx.data), keep that file next "
+            "to it under the name the model refers to"
+        ) from exc
+
+
+def _load(source: Any, idx: int) -> tuple[onnx.ModelProto, str, bytes | None]:
+    """The model as ONNX, its format, and the TFLite flatbuffer for TFLite sources."""
+    try:
+        kind = formats.detect(source)
+    except CompilerError as exc:
+        raise CompilerError(f"model {idx}: {exc}") from exc
+    if kind == formats.Kind.ONNX:
+        return _load_onnx(source, idx), kind, None
+    converted = formats.convert(source, kind, f"model {idx} ({kind})")
+    return converted.model, kind, converted.tflite
 
 
 def _as_names(spec: CropSpec, what: str) -> list[str] | None:
@@ -100,89 +119,6 @@ def _per_model(spec: Any, count: int, what: str) -> list[list[str] | None]:
     return [_as_names(s, f"{what}[{i}]") for i, s in enumerate(spec)]
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    names = {i.name for i in model.graph.initializer}
-    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
-    return names
-
-
-def _autocrop(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Find where the accelerated part begins and ends.
-
-    Leading chains of cheap element-wise / layout ops (Cast, Sub, Div,
-    Transpose, ...) on each input become pre-processing; trailing Softmax,
-    Sigmoid, Flatten, Reshape, ... on each output become post-processing.
-    """
-    consts = _constant_names(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
-    outputs = {o.name for o in model.graph.output}
-
-    starts = []
-    for vi in _graph_inputs(model):
-        name = vi.name
-        while True:
-            users = consumers.get(name, [])
-            if len(users) != 1 or name in outputs:
-                break
-            node = users[0]
-            dynamic = [i for i in node.input if i and i not in consts]
-            if node.op_type not in _PRE_OPS or dynamic != [name] or len(node.output) != 1:
-                break
-            if node.output[0] in outputs:
-                break  # keep the last op for the accelerator: never crop the whole graph
-            name = node.output[0]
-        starts.append(name)
-
-    ends = []
-    for out in model.graph.output:
-        name = out.name
-        while name in producer:
-            node = producer[name]
-            dynamic = [i for i in node.input if i and i not in consts]
-            if node.op_type not in _POST_OPS or len(dynamic) != 1 or dynamic[0] in starts:
-                break
-            name = dynamic[0]
-        ends.append(name)
-    return list(dict.fromkeys(starts)), list(dict.fromkeys(ends))
-
-
-def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], what: str
-             ) -> onnx.ModelProto:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        sub = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
-    except Exception as exc:
-        raise CompilerError(f"{what}: cannot cut the graph at inputs={inputs} "
-                            f"outputs={outputs} ({exc})") from exc
-    # The Extractor declares every requested input whether or not the cut needs it and
-    # silently drops tensors the cut needs but was not given: check the nodes instead.
-    known = {i.name for i in sub.graph.input} | {i.name for i in sub.graph.initializer}
-    known.update(o for n in sub.graph.node for o in n.output)
-    missing = list(dict.fromkeys(i for n in sub.graph.node for i in n.input
-                                 if i and i not in known))
-    if missing:
-        raise CompilerError(
-            f"{what}: the part between inputs={inputs} and outputs={outputs} also needs "
-            f"tensor(s) {missing}; add them to the crop points"
-        )
-    used = {i for n in sub.graph.node for i in n.input} | {o.name for o in sub.graph.output}
-    unused = [n for n in inputs if n not in used]
-    if unused:
-        raise CompilerError(f"{what}: crop input(s) {unused} do not feed outputs={outputs}")
-    return sub
-
-
 def _fix_batch(model: onnx.ModelProto, what: str) -> None:
     """Pin a dynamic leading batch dimension to 1; refuse any other dynamic dimension."""
     for vi in _graph_inputs(model):
@@ -201,7 +137,9 @@ def _fix_batch(model: onnx.ModelProto, what: str) -> None:
             label = d.dim_param or "?"
             raise CompilerError(
                 f"{what}: input {vi.name!r} has a dynamic dimension {label!r} at axis {i}; "
-                "only the batch dimension (axis 0) may be dynamic"
+                "only the batch dimension (axis 0) may be dynamic: export the model with a "
+                "fixed input shape (torch.onnx.export without dynamic_shapes/dynamic_axes; "
+                "see docs/models.md)"
             )
 
 
@@ -280,58 +218,94 @@ def _per_model_number(value: Any, count: int, what: str) -> list[float | None]:
 
 
 class NeuralCompiler:
-    """Compile ONNX models into a DFP for the MX3.
+    """Compile models into a DFP for the MX3.
 
     Parameters:
-        models: an ONNX model (path, bytes or ``onnx.ModelProto``) or a list of
-            them; a list makes a multi-model DFP, ``model_idx`` in list order.
-        dfp_fname: where :meth:`run` writes the DFP (and, when cropping, the
-            ``*_pre.onnx`` / ``*_post.onnx`` models beside it). None writes nothing.
-        num_chips: MX3 chips the DFP targets (1..16); bounds the weight capacity.
+        models: a model or a list of them; a list makes a multi-model DFP,
+            ``model_idx`` in list order. ONNX (path, bytes, ``onnx.ModelProto``),
+            TFLite (``.tflite`` path or bytes), Keras (``.h5``/``.keras`` path or a
+            ``keras.Model``), a TensorFlow SavedModel (directory or loaded object
+            with one signature), a frozen graph (``.pb``) or a concrete
+            ``tf.function``. All but ONNX need ``pip install 'memryx[tf]'`` and are
+            converted with tf2onnx; inputs keep the source's layout (NHWC).
+        dfp_fname: where :meth:`run` writes the DFP (``.dfp`` is appended when
+            missing) and, when cropping, the cropped parts beside it as the
+            vendor's compiler names them: ``model_<idx>_<name>_pre.onnx`` /
+            ``_post.onnx`` (``.tflite`` for TFLite sources). None writes nothing.
+        num_chips: MX3 chips the DFP targets (1..16, an int or a string of one);
+            bounds the weight capacity.
         verbose: 0 quiet; 1 and up log progress at INFO on ``memryx.compiler``.
         inputs / outputs: tensor names where the accelerated part begins / ends;
-            for several models, a list with an entry (or None) per model.
+            for several models, a list with an entry (or None) per model. For a
+            TFLite source these are TFLite tensor names.
         autocrop: crop cheap leading/trailing ops (casts, normalisation,
             transposes / softmax, flatten, ...) to host-side models automatically.
         fps / latency_ms: override the timing model's estimate (e.g. with figures
             measured on a real MX3); a number for every model or a list per model.
+        chip_gen: ``"mx3"`` (also ``3``/``"3.1"``), the only generation there is.
+        effort: ``"lazy"``, ``"normal"`` or ``"hard"``: how long the vendor's mapper
+            searches. Validated and recorded; the modeled mapping does not search.
+        no_sim_dfp: the vendor's switch to skip its separate simulator DFP; a memryx
+            DFP is one file for device and simulator alike, so nothing changes.
+        input_format / output_format: the real chip's port data format (one of
+            :data:`PORT_FORMATS`). Validated and recorded; frames and outputs on
+            the host keep the model's own dtypes.
 
     Each model's modeled MX3 throughput and latency (:mod:`memryx.timing`) are
     stored in the DFP (``ModelInfo.perf``); the simulated device paces outputs
-    to them in its default ``"timed"`` mode.
+    to them in its default ``"timed"`` mode. Other keywords of the vendor's
+    compiler give a ``UserWarning`` naming them and are ignored.
 
     Raises:
-        CompilerError: unreadable model, dynamic dimension other than batch,
-            control flow or non-standard operator, bad crop points, or weights
-            that do not fit ``num_chips`` chips.
+        CompilerError: unreadable or unknown model format, missing ``tf`` extra,
+            dynamic dimension other than batch, control flow or non-standard
+            operator, bad crop points, bad keyword values, or weights that do
+            not fit ``num_chips`` chips.
     """
 
     def __init__(self, models: ModelSource | Sequence[ModelSource], dfp_fname: str |
-                 os.PathLike[str] | None = None, num_chips: int = 4, verbose: int = 0,
+                 os.PathLike[str] | None = None, num_chips: int | str = 4, verbose: int = 0,
                  inputs: Any = None, outputs: Any = None, autocrop: bool = False,
                  fps: float | Sequence[float | None] | None = None,
-                 latency_ms: float | Sequence[float | None] | None = None) -> None:
+                 latency_ms: float | Sequence[float | None] | None = None, *,
+                 chip_gen: str | int | float = "mx3", effort: str = "normal",
+                 no_sim_dfp: bool = False, input_format: str = "FP32",
+                 output_format: str = "FP32", **kwargs: Any) -> None:
         if isinstance(models, (list, tuple)):
             self._sources: list[Any] = list(models)
         else:
             self._sources = [models]
         if not self._sources:
             raise CompilerError("models: expected at least one model, got an empty list")
-        if isinstance(num_chips, bool) or not isinstance(num_chips, int) or \
-                not 1 <= num_chips <= MAX_CHIPS:
-            raise CompilerError(f"num_chips must be an integer in 1..{MAX_CHIPS}, "
-                                f"got {num_chips!r}")
-        self.dfp_fname = Path(dfp_fname) if dfp_fname is not None else None
-        self.num_chips = num_chips
+        self.dfp_fname = dfp_path(dfp_fname)
+        self.num_chips = num_chips_value(num_chips)
+        self.chip_gen = chip_gen_value(chip_gen)
+        self.effort = choice(effort, EFFORTS, "effort")
+        if not isinstance(no_sim_dfp, bool):
+            raise CompilerError(f"no_sim_dfp must be True or False, got {no_sim_dfp!r}")
+        self.no_sim_dfp = no_sim_dfp
+        self.input_format = choice(input_format, PORT_FORMATS, "input_format")
+        self.output_format = choice(output_format, PORT_FORMATS, "output_format")
+        for key in kwargs:
+            known = "a vendor compiler option with no meaning here" if key in \
+                IGNORED_KEYWORDS else "unknown"
+            warnings.warn(f"NeuralCompiler: keyword {key!r} ignored ({known})", UserWarning,
+                          stacklevel=2)
         self.verbose = verbose
         self.autocrop = autocrop
         self._inputs = _per_model(inputs, len(self._sources), "inputs")
         self._outputs = _per_model(outputs, len(self._sources), "outputs")
         self._fps = _per_model_number(fps, len(self._sources), "fps")
         self._latency = _per_model_number(latency_ms, len(self._sources), "latency_ms")
-        #: After :meth:`run`: the pre-/post-processing model of each model (or None).
+        #: After :meth:`run`: the pre-/post-processing model of each model (or None), as ONNX.
+        #: For a TFLite source it is the ONNX form of the cropped TFLite part, or None when
+        #: that part cannot be converted (custom operators): use the written ``.tflite``.
         self.pre_models: list[onnx.ModelProto | None] = []
         self.post_models: list[onnx.ModelProto | None] = []
+        #: After :meth:`run` with ``dfp_fname``: the cropped-part files written beside the DFP.
+        self.cropped_files: list[Path] = []
+        self._files: list[dict[str, tuple[str, bytes]]] = []
+        self._names: list[str] = []
 
     def _info(self, msg: str, *args: Any) -> None:
         if self.verbose:
@@ -339,19 +313,29 @@ class NeuralCompiler:
 
     def run(self) -> Dfp:
         """Compile, write ``dfp_fname`` if one was given, and return the DFP."""
-        self.pre_models, self.post_models = [], []
+        self.pre_models, self.post_models, self._files, self._names = [], [], [], []
+        self.cropped_files = []
         parts = []
         for idx, source in enumerate(self._sources):
-            model = _load(source, idx)
+            model, kind, tflite = _load(source, idx)
+            if kind != formats.Kind.ONNX and model.graph.name in ("", "tf2onnx"):
+                model.graph.name = formats.source_name(source, f"model{idx}")
             name = model.graph.name or f"model{idx}"
-            what = f"model {idx} ({name!r})"
+            what = f"model {idx} ({name!r})" if kind == formats.Kind.ONNX else \
+                f"model {idx} ({name!r}, {kind})"
+            if kind != formats.Kind.ONNX:
+                self._info("%s: converted to ONNX with tf2onnx", what)
+            self._names.append(formats.source_name(source, name))
             try:
                 onnx.checker.check_model(model)
             except Exception as exc:
                 raise CompilerError(f"{what}: not a valid ONNX model ({exc})") from exc
             _check_supported(model, what)
             _fix_batch(model, what)
-            core, pre, post = self._crop(model, idx, what)
+            if tflite is not None:
+                core, pre, post = self._crop_tflite(tflite, model, idx, what)
+            else:
+                core, pre, post = self._crop(model, idx, what)
             parts.append((idx, name, what, core, pre, post, count_weights(core)))
         total_weights = sum(p[-1] for p in parts)
         capacity = WEIGHTS_PER_CHIP * self.num_chips
@@ -390,15 +374,20 @@ class NeuralCompiler:
             self._write(dfp)
         return dfp
 
+    def _crop_points(self, idx: int, orig_in: list[str], orig_out: list[str],
+                     auto: Any) -> tuple[list[str], list[str]]:
+        crop_in, crop_out = self._inputs[idx], self._outputs[idx]
+        if self.autocrop and crop_in is None and crop_out is None:
+            crop_in, crop_out = auto()
+        return crop_in or orig_in, crop_out or orig_out
+
     def _crop(self, model: onnx.ModelProto, idx: int, what: str
               ) -> tuple[onnx.ModelProto, onnx.ModelProto | None, onnx.ModelProto | None]:
         orig_in = [i.name for i in _graph_inputs(model)]
         orig_out = [o.name for o in model.graph.output]
-        crop_in, crop_out = self._inputs[idx], self._outputs[idx]
-        if self.autocrop and crop_in is None and crop_out is None:
-            crop_in, crop_out = _autocrop(model)
-        crop_in = crop_in or orig_in
-        crop_out = crop_out or orig_out
+        crop_in, crop_out = self._crop_points(idx, orig_in, orig_out, lambda: _autocrop(model))
+        files: dict[str, tuple[str, bytes]] = {}
+        self._files.append(files)
         if crop_in == orig_in and crop_out == orig_out:
             return model, None, None
         tensors = set(orig_in) | {o for n in model.graph.node for o in n.output}
@@ -411,19 +400,53 @@ class NeuralCompiler:
         post = None if crop_out == orig_out else _extract(model, crop_out, orig_out,
                                                           f"{what} post-processing")
         _fix_batch(core, what)
+        for kind, part in (("pre", pre), ("post", post)):
+            if part is not None:
+                files[kind] = (".onnx", part.SerializeToString())
         self._info("%s: cropped at inputs=%s outputs=%s", what, crop_in, crop_out)
         return core, pre, post
+
+    def _crop_tflite(self, blob: bytes, model: onnx.ModelProto, idx: int, what: str
+                     ) -> tuple[onnx.ModelProto, onnx.ModelProto | None, onnx.ModelProto | None]:
+        """Crop a TFLite source on its own graph: the parts stay TFLite (written as
+        ``.tflite``); the accelerated part is converted to ONNX."""
+        from .formats import tflite
+
+        orig_in, orig_out = tflite.io_names(blob)
+        crop_in, crop_out = self._crop_points(idx, orig_in, orig_out,
+                                              lambda: tflite.autocrop(blob))
+        files: dict[str, tuple[str, bytes]] = {}
+        self._files.append(files)
+        if crop_in == orig_in and crop_out == orig_out:
+            return model, None, None
+        core_blob = tflite.crop(blob, crop_in, crop_out, f"{what} accelerated part")
+        core = tflite.to_onnx(core_blob, f"{what} accelerated part")
+        _check_supported(core, f"{what} accelerated part")
+        _fix_batch(core, what)
+        onnx_parts: dict[str, onnx.ModelProto | None] = {"pre": None, "post": None}
+        for kind, ins, outs in (("pre", orig_in, crop_in), ("post", crop_out, orig_out)):
+            if ins == outs:
+                continue
+            part = tflite.crop(blob, ins, outs, f"{what} {kind}-processing")
+            files[kind] = (".tflite", part)
+            try:
+                onnx_parts[kind] = tflite.to_onnx(part, f"{what} {kind}-processing")
+            except CompilerError as exc:  # e.g. TFLite_Detection_PostProcess: LiteRT only
+                self._info("%s: %s part stays TFLite only (%s)", what, kind, exc)
+        self._info("%s: cropped at TFLite tensors inputs=%s outputs=%s", what, crop_in,
+                   crop_out)
+        return core, onnx_parts["pre"], onnx_parts["post"]
 
     def _write(self, dfp: Dfp) -> None:
         assert self.dfp_fname is not None
         dfp.write(self.dfp_fname)
-        stem = self.dfp_fname.with_suffix("")
-        many = len(self.pre_models) > 1
-        for idx, (pre, post) in enumerate(zip(self.pre_models, self.post_models, strict=True)):
-            tag = f"_model{idx}" if many else ""
-            for kind, part in (("pre", pre), ("post", post)):
-                if part is not None:
-                    path = Path(f"{stem}{tag}_{kind}.onnx")
-                    onnx.save(part, str(path))
+        folder = self.dfp_fname.parent
+        for idx, (name, files) in enumerate(zip(self._names, self._files, strict=True)):
+            for kind in ("pre", "post"):
+                if kind in files:
+                    suffix, blob = files[kind]
+                    path = folder / f"model_{idx}_{name}_{kind}{suffix}"
+                    path.write_bytes(blob)
+                    self.cropped_files.append(path)
                     self._info("wrote %s", path)
         self._info("wrote %s", self.dfp_fname)

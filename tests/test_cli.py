@@ -28,7 +28,8 @@ def test_compile_info_bench(tmp_path, capsys):
     onnx.save(testing.mobilenet_like(preprocessing=True), str(model))
     dfp = tmp_path / "m.dfp"
     assert main(["compile", str(model), "-o", str(dfp), "--autocrop"]) == 0
-    assert (tmp_path / "m_pre.onnx").exists() and (tmp_path / "m_post.onnx").exists()
+    assert (tmp_path / "model_0_m_pre.onnx").exists()
+    assert (tmp_path / "model_0_m_post.onnx").exists()
     out = capsys.readouterr().out
     assert "wrote" in out and "'image'" in out and "modeled MX3" in out
 

@@ -242,9 +242,11 @@ def test_crop_keeps_pre_and_post(tmp_path: Path, prep_model: onnx.ModelProto,
 
     # Files beside the DFP, and the DFP on disk keeps pre and post too.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "mobile.dfp", "mobile_post.onnx", "mobile_pre.onnx"]
-    assert onnx.load(str(tmp_path / "mobile_pre.onnx")) == pre
-    assert onnx.load(str(tmp_path / "mobile_post.onnx")) == post
+        "mobile.dfp", "model_0_mobilenet_like_post.onnx", "model_0_mobilenet_like_pre.onnx"]
+    assert onnx.load(str(tmp_path / "model_0_mobilenet_like_pre.onnx")) == pre
+    assert onnx.load(str(tmp_path / "model_0_mobilenet_like_post.onnx")) == post
+    assert nc.cropped_files == [tmp_path / "model_0_mobilenet_like_pre.onnx",
+                                tmp_path / "model_0_mobilenet_like_post.onnx"]
     on_disk = mx.Dfp(target)
     assert on_disk == dfp
     assert on_disk.model(0).pre_model == info.pre_model
@@ -328,8 +330,8 @@ def test_crop_several_models(tmp_path: Path, prep_model: onnx.ModelProto,
                            outputs=[None, ["logits"], None])
     dfp = nc.run()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "multi.dfp", "multi_model1_post.onnx", "multi_model1_pre.onnx",
-        "multi_model2_pre.onnx"]
+        "model_1_mobilenet_like_post.onnx", "model_1_mobilenet_like_pre.onnx",
+        "model_2_mobilenet_like_pre.onnx", "multi.dfp"]
     assert nc.pre_models[0] is None
     assert nc.post_models[0] is None
     assert nc.post_models[2] is None
@@ -486,9 +488,13 @@ def test_non_onnx_objects(source: Any) -> None:
 
 
 def test_missing_path_and_directory(tmp_path: Path) -> None:
-    for source in (tmp_path / "missing.onnx", str(tmp_path / "missing.onnx"), tmp_path):
+    for source in (tmp_path / "missing.onnx", str(tmp_path / "missing.onnx")):
         with pytest.raises(mx.CompilerError, match=r"no ONNX file at"):
             mx.NeuralCompiler(models=source).run()
+    with pytest.raises(mx.CompilerError, match=r"no model file or SavedModel at"):
+        mx.NeuralCompiler(models=tmp_path / "missing.h5").run()
+    with pytest.raises(mx.CompilerError, match=r"is a directory but not a TensorFlow SavedModel"):
+        mx.NeuralCompiler(models=tmp_path).run()
 
 
 @pytest.mark.parametrize("blob", [b"garbage \x00\xff bytes", b"\xff" * 64, b"",
@@ -515,7 +521,7 @@ def test_empty_model_list() -> None:
 
 
 # -- options ----------------------------------------------------------------------------
-@pytest.mark.parametrize("num_chips", [0, -1, 17, 100, True, 2.0, "4", None])
+@pytest.mark.parametrize("num_chips", [0, -1, 17, 100, True, 2.0, "four", "0", "17", None])
 def test_num_chips_out_of_range(num_chips: Any) -> None:
     with pytest.raises(mx.CompilerError, match=r"num_chips must be an integer in 1\.\.16"):
         mx.NeuralCompiler(models=testing.identity_model(), num_chips=num_chips)
@@ -558,3 +564,73 @@ def test_run_twice_resets_pre_and_post(prep_model: onnx.ModelProto) -> None:
     second = nc.run()
     assert first == second
     assert len(nc.pre_models) == len(nc.post_models) == 1
+
+
+# -- the vendor SDK's keywords ----------------------------------------------------------------
+def test_sdk_keywords_are_accepted_and_validated(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = testing.identity_model()
+    nc = mx.NeuralCompiler(models=model, num_chips="2", chip_gen="mx3", effort="hard",
+                           no_sim_dfp=True, input_format="bf16", output_format="FP32")
+    assert (nc.num_chips, nc.chip_gen, nc.effort, nc.no_sim_dfp) == (2, "mx3", "hard", True)
+    assert (nc.input_format, nc.output_format) == ("BF16", "FP32")
+    assert nc.run().num_chips == 2
+    for gen in (3, "3", "3.1", 3.1, "MX3"):
+        assert mx.NeuralCompiler(models=model, chip_gen=gen).chip_gen == "mx3"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"chip_gen": "mx4"}, "chip_gen: this compiler targets the MX3 only"),
+        ({"chip_gen": True}, "chip_gen"),
+        ({"effort": "extreme"}, "effort must be one of 'lazy', 'normal', 'hard'"),
+        ({"effort": 2}, "effort must be one of"),
+        ({"no_sim_dfp": "yes"}, "no_sim_dfp must be True or False"),
+        ({"input_format": "RGB"}, "input_format must be one of 'FP32'"),
+        ({"output_format": None}, "output_format must be one of"),
+        ({"num_chips": " 3x"}, "num_chips must be an integer"),
+        ({"dfp_fname": 5}, "dfp_fname must be a path"),
+    ]
+    for kwargs, fragment in bad:
+        with pytest.raises(mx.CompilerError, match=re_escape(fragment)):
+            mx.NeuralCompiler(models=model, **kwargs)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(("given", "written"), [
+    ("net", "net.dfp"), ("net.dfp", "net.dfp"), ("net.v2", "net.v2.dfp"), ("NET.DFP", "NET.DFP"),
+])
+def test_dfp_fname_gets_dfp_appended(tmp_path: Path, given: str, written: str) -> None:
+    nc = mx.NeuralCompiler(models=testing.identity_model(), dfp_fname=tmp_path / given)
+    nc.run()
+    assert nc.dfp_fname == tmp_path / written
+    assert [p.name for p in tmp_path.iterdir()] == [written]
+
+
+def test_unknown_keywords_warn_and_are_ignored() -> None:
+    with pytest.warns(UserWarning, match=r"keyword 'frobnicate' ignored \(unknown\)"):
+        nc = mx.NeuralCompiler(models=testing.identity_model(), frobnicate=1)
+    nc.run()
+    with pytest.warns(UserWarning, match=r"keyword 'show_optimization' ignored \(a vendor"):
+        mx.NeuralCompiler(models=testing.identity_model(), show_optimization=True)
+
+
+# -- ONNX with its weights in a separate file (what torch.onnx.export writes) -----------------
+def test_external_weight_data_next_to_the_model(tmp_path: Path) -> None:
+    model = testing.mlp_model()
+    path = tmp_path / "mlp.onnx"
+    to_save = onnx.ModelProto()
+    to_save.CopyFrom(model)  # saving with external data rewrites the proto it is given
+    onnx.save_model(to_save, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="mlp.onnx.data", size_threshold=0)
+    assert (tmp_path / "mlp.onnx.data").stat().st_size > path.stat().st_size
+    dfp = mx.NeuralCompiler(models=path).run()
+    x = np.random.default_rng(0).standard_normal(dfp.input_ports[0].shape).astype(np.float32)
+    name = dfp.input_ports[0].layer
+    np.testing.assert_allclose(run(dfp.model(0).graph, {name: x})[0], run(model, {name: x})[0],
+                               rtol=1e-6)
+    (tmp_path / "mlp.onnx.data").unlink()
+    with pytest.raises(mx.CompilerError, match=r"mlp\.onnx\.data.*weights are in a separate file"):
+        mx.NeuralCompiler(models=path).run()

@@ -114,7 +114,18 @@ def _onnx_processor(model: bytes, model_idx: int, role: str, source: str) -> Onn
 
 
 def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
-    """A processor from an ONNX path / ``onnx.ModelProto`` / bytes, or a Python callable."""
+    """A processor from an ONNX path / ``onnx.ModelProto`` / bytes, or a Python callable.
+
+    TFLite, Keras and TensorFlow models (paths or objects) go through
+    :func:`memryx.formats.host.host_model` first (needs ``memryx[tf]``).
+    """
+    from ..formats.host import host_model
+
+    converted = host_model(model_or_path, model_idx, role)
+    if isinstance(converted, Processor):
+        return converted
+    if converted is not None:
+        return _onnx_processor(converted, model_idx, role, "converted to ONNX")
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         if not path.is_file():

@@ -325,7 +325,7 @@ def test_preprocessing_and_postprocessing_models(tmp_path):
            for i in range(8)]
     got = []
     accl = mx.AsyncAccl(dfp)
-    accl.set_preprocessing_model(tmp_path / "m_pre.onnx")
+    accl.set_preprocessing_model(tmp_path / "model_0_mobilenet_like_pre.onnx")
     accl.set_postprocessing_model(nc.post_models[0])
     it = iter(raw)
     accl.connect_input(lambda: next(it, None))
