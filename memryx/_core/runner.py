@@ -5,9 +5,9 @@ the channels they use live in :mod:`.aio`).
   is installed) and an anyio ``BlockingPortal``; sync facades call into the
   core through it and block their own thread only.
 * :func:`run_sync` runs a blocking function (an onnxruntime session setup, a
-  blocking pre/post-processing step) on a worker thread and awaits it without blocking the loop. If the
-  awaiting task is cancelled, the worker is abandoned: the call returns at once
-  and whatever the function returns later is dropped.
+  blocking pre/post-processing step) on a worker thread and awaits it without
+  blocking the loop. If the awaiting task is cancelled, the worker is abandoned:
+  the call returns at once and whatever the function returns later is dropped.
 * :func:`check_not_on_loop` refuses a blocking call from a thread that runs an
   event loop (it would deadlock or stall that loop).
 """
