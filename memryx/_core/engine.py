@@ -213,6 +213,9 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         await self.device.open(self.dfp, self.group_id)
+        if self.closed:  # closed while the device opened: release it, start nothing
+            await self.device.aclose()
+            raise ClosedError("the accelerator was closed while it started")
         self.loop = asyncio.get_running_loop()
         self._tasks = TaskSet("memryx", self._on_fault)
         self._feeders = TaskSet("memryx-feed", self._on_fault)
