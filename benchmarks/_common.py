@@ -396,29 +396,35 @@ class PacedDevice:
 
     async def open(self, dfp: Any, group_id: int) -> None:
         for _ in dfp.models:
-            self._models.append({"slots": asyncio.Semaphore(self.depth),
-                                 "out": asyncio.Queue(), "next": 0.0, "in": 0, "outn": 0})
+            self._models.append({"next": 0.0, "in": 0, "outn": 0, "timers": set()})
 
-    def capacity(self, model_idx: int) -> int:
-        return 2 * self.depth + 1
+    def limits(self, model_idx: int) -> Any:
+        from memryx.device.base import Limits
 
-    async def send(self, model_idx: int, frame: list[np.ndarray]) -> None:
+        return Limits(in_queue=self.depth, in_chip=1, out_queue=self.depth, batch=1)
+
+    def submit(self, model_idx: int, frames: list[list[np.ndarray]]) -> Any:
+        loop = asyncio.get_running_loop()
         m = self._models[model_idx]
-        await m["slots"].acquire()
-        now = time.perf_counter()
-        start = max(now, m["next"])
-        m["next"] = start + self.period_s
-        m["out"].put_nowait((start + max(self.latency_s, self.period_s), frame))
-        m["in"] += 1
+        fut = loop.create_future()
+        done = 0.0
+        for _ in frames:
+            now = time.perf_counter()
+            start = max(now, m["next"])
+            m["next"] = start + self.period_s
+            done = start + max(self.latency_s, self.period_s)
+        m["in"] += len(frames)
+        outputs = [[np.array(a, copy=True) for a in f] for f in frames]
 
-    async def receive(self, model_idx: int) -> list[np.ndarray]:
-        m = self._models[model_idx]
-        done, frame = await m["out"].get()
-        while (delay := done - time.perf_counter()) > 0:  # noqa: ASYNC110 - a deadline, not an event
-            await asyncio.sleep(delay)
-        m["slots"].release()
-        m["outn"] += 1
-        return [np.array(a, copy=True) for a in frame]
+        def resolve() -> None:
+            m["timers"].discard(handle)
+            if not fut.done():
+                m["outn"] += len(frames)
+                fut.set_result(outputs)
+
+        handle = loop.call_later(max(0.0, done - time.perf_counter()), resolve)
+        m["timers"].add(handle)
+        return fut
 
     def statistics(self) -> dict[str, Any]:
         return {"device": self.name, "mode": "paced",
@@ -426,4 +432,7 @@ class PacedDevice:
                            for i, m in enumerate(self._models)]}
 
     async def aclose(self) -> None:
+        for m in self._models:
+            for handle in m["timers"]:
+                handle.cancel()
         self._models.clear()

@@ -173,7 +173,11 @@ class _Accelerator:
             self._engine = self._make_engine()
             self._state = _State.NEW
         self._check_open()
-        await self._engine.start()
+        engine = self._engine
+        await engine.start()
+        if self._stopping or self._state is _State.CLOSED or engine.closed:
+            await engine.aclose()  # closed while it started: stay closed
+            raise ClosedError(f"this {type(self).__name__} was closed while it started")
         self._loop = loop
         self._state = _State.ASYNC
 

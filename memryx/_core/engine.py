@@ -213,6 +213,9 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         await self.device.open(self.dfp, self.group_id)
+        if self.closed:  # closed while the device opened: release it, start nothing
+            await self.device.aclose()
+            raise ClosedError("the accelerator was closed while it started")
         self.loop = asyncio.get_running_loop()
         self._tasks = TaskSet("memryx", self._on_fault)
         self._feeders = TaskSet("memryx-feed", self._on_fault)
@@ -444,14 +447,22 @@ class Engine:
             while i < len(frames):
                 self.check_open()
                 got = await lane.budget.take(len(frames) - i)
+                done = 0
                 try:
-                    prepared = await lane.aprepare_many(list(frames[i:i + got]))
-                    self.check_open()
+                    if lane.prepare_blocks:  # one hop per frame: the device starts at once
+                        for k in range(i, i + got):
+                            (frame,) = await lane.aprepare_many([frames[k]])
+                            self.check_open()
+                            lane.put((sink, k, time.monotonic()), frame)
+                            done += 1
+                    else:
+                        prepared = [lane.prepare(d) for d in frames[i:i + got]]
+                        now = time.monotonic()
+                        lane.put_many([(sink, i + k, now) for k in range(got)], prepared)
+                        done = got
                 except BaseException:
-                    lane.budget.give(got)
+                    lane.budget.give(got - done)
                     raise
-                now = time.monotonic()
-                lane.put_many([(sink, i + k, now) for k in range(got)], prepared)
                 i += got
             return await sink.wait()
         finally:

@@ -1,12 +1,13 @@
-"""The only module that touches threads.
+"""The runner thread and the one-off thread hops (the persistent callback threads and
+the channels they use live in :mod:`.aio`).
 
 * :class:`Runner` owns one named thread with its own event loop (uvloop when it
   is installed) and an anyio ``BlockingPortal``; sync facades call into the
   core through it and block their own thread only.
-* :func:`run_sync` runs a blocking function (a user callback, an onnxruntime
-  session) on a worker thread and awaits it without blocking the loop. If the
-  awaiting task is cancelled, the worker is abandoned: the call returns at once
-  and whatever the function returns later is dropped.
+* :func:`run_sync` runs a blocking function (an onnxruntime session setup, a
+  blocking pre/post-processing step) on a worker thread and awaits it without
+  blocking the loop. If the awaiting task is cancelled, the worker is abandoned:
+  the call returns at once and whatever the function returns later is dropped.
 * :func:`check_not_on_loop` refuses a blocking call from a thread that runs an
   event loop (it would deadlock or stall that loop).
 """
@@ -19,10 +20,9 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -33,16 +33,13 @@ from .._exceptions import ClosedError, LoopBlockingError
 __all__ = [
     "HAVE_UVLOOP",
     "Runner",
-    "StreamedCall",
     "await_future",
     "call_in_loop",
     "check_not_on_loop",
     "in_user_code",
     "loop_running",
-    "new_limiter",
     "on_loop_thread",
     "run_sync",
-    "stop_flag",
     "user_code",
 ]
 
@@ -86,16 +83,6 @@ def user_code() -> Iterator[None]:
 def in_user_code() -> bool:
     """Whether the calling thread is running one of the runtime's user callbacks."""
     return bool(getattr(_callback_thread, "active", False))
-
-
-def stop_flag() -> threading.Event:
-    """A flag that worker threads check before calling user code again."""
-    return threading.Event()
-
-
-def new_limiter(tokens: int) -> anyio.CapacityLimiter:
-    """A limit on how many worker threads one accelerator's callbacks may hold."""
-    return anyio.CapacityLimiter(max(1, tokens))
 
 
 async def run_sync(fn: Callable[..., T], *args: Any,
@@ -183,70 +170,3 @@ def loop_running() -> bool:
 
 def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     return _running_loop() is loop
-
-
-class StreamedCall(Generic[T, R]):
-    """``fn(emit, *args)`` on a worker thread, its emitted items handed to the loop at once.
-
-    ``async for item in call`` yields each item as soon as the worker emits it
-    (one ``call_soon_threadsafe`` per item), while the worker goes on; after
-    the loop ends, ``result`` holds what ``fn`` returned. Leaving the loop early
-    (or cancelling it) abandons the worker like :func:`run_sync`; items it emits
-    afterwards are dropped and reported to ``on_drop``. The hand-off buffer holds
-    at most what one call emits (the caller bounds that: an input callback is
-    asked for no more frames than the pipeline has room for), so it adds no
-    unbounded queue to the pipeline.
-    """
-
-    def __init__(self, fn: Callable[..., R], *args: Any, limiter: anyio.CapacityLimiter | None,
-                 on_drop: Callable[[int], None] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._items: deque[T] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._closed = False
-        self._on_drop = on_drop
-        self._task = self._loop.create_task(run_sync(fn, self._emit, *args, limiter=limiter))
-        self._task.add_done_callback(lambda _: self._wake())
-        self.result: R | None = None
-
-    def _emit(self, item: T) -> None:  # on the worker thread
-        self._loop.call_soon_threadsafe(self._push, item)
-
-    def _push(self, item: T) -> None:  # on the loop
-        if self._closed:
-            if self._on_drop is not None:
-                self._on_drop(1)
-            return
-        self._items.append(item)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    def __aiter__(self) -> StreamedCall[T, R]:
-        return self
-
-    async def __anext__(self) -> T:
-        while True:
-            if self._items:
-                return self._items.popleft()
-            if self._task.done():  # every emit was queued before the call finished
-                self.result = self._task.result()
-                raise StopAsyncIteration
-            self._wakeup = self._loop.create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
-
-    async def aclose(self) -> None:
-        """Stop listening: the worker is abandoned if it still runs; later items are dropped."""
-        self._closed = True
-        if self._items and self._on_drop is not None:
-            self._on_drop(len(self._items))
-        self._items.clear()
-        if not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

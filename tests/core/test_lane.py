@@ -1,0 +1,134 @@
+"""Unit tests of the lane: batching into submit(), in-order pairing, the frame budget."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memryx._core.aio import TaskSet
+from memryx._core.lane import MAX_FRAME_BUDGET, Lane, frame_budget
+from memryx.device.base import Limits
+
+pytestmark = pytest.mark.asyncio
+
+
+class FakeDevice:
+    """Answers every submit with a future the test resolves by hand."""
+
+    name = "fake"
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.submits: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+
+    def limits(self, model_idx: int) -> Limits:
+        return Limits(in_queue=2, in_chip=1, out_queue=1, batch=self.batch)
+
+    def submit(self, model_idx: int, frames: list[Any]) -> asyncio.Future[list[Any]]:
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.submits.append((frames, fut))
+        return fut
+
+    def answer(self, i: int) -> None:
+        frames, fut = self.submits[i]
+        fut.set_result([[f[0] * 10] for f in frames])
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Any]] = []
+        self.failed: list[BaseException] = []
+
+    def deliver(self, key: int, outputs: Any) -> None:
+        self.got.append((key, int(outputs[0][0, 0])))
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed.append(exc)
+
+
+def frame(i: int) -> list[np.ndarray]:
+    return [np.full((1, 4), i, np.float32)]
+
+
+async def make(identity_dfp: Any, batch: int = 8
+               ) -> tuple[Lane, FakeDevice, TaskSet, list[BaseException]]:
+    device = FakeDevice(batch)
+    faults: list[BaseException] = []
+    lane = Lane(identity_dfp.models[0], device, device.limits(0), faults.append)  # type: ignore[arg-type]
+    tasks = TaskSet("test", faults.append)
+    lane.start(tasks)
+    return lane, device, tasks, faults
+
+
+async def test_the_frame_budget_is_the_sum_of_the_queue_depths_capped():
+    assert frame_budget(Limits(16, 0, 21, 1)) == 37
+    assert frame_budget(Limits(4, 100_001, 4, 1)) == MAX_FRAME_BUDGET
+    assert frame_budget(Limits(0, 0, 0, 1)) == 1
+
+
+async def test_frames_queued_together_go_in_one_submit(identity_dfp):
+    lane, device, tasks, _ = await make(identity_dfp, batch=8)
+    sink = Collect()
+    assert lane.budget.total == 4
+    for i in range(3):
+        assert lane.budget.take_nowait(1) == 1
+        lane.put((sink, i, 0.0), frame(i))
+    await asyncio.sleep(0)
+    assert [len(f) for f, _ in device.submits] == [3]  # one wake-up, one submit
+    await tasks.aclose()
+
+
+async def test_a_batch_larger_than_the_device_takes_is_split(identity_dfp):
+    lane, device, tasks, _ = await make(identity_dfp, batch=2)
+    sink = Collect()
+    lane.put_many([(sink, i, 0.0) for i in range(4)], [frame(i) for i in range(4)])
+    await asyncio.sleep(0)
+    assert [len(f) for f, _ in device.submits] == [2, 2]
+    await tasks.aclose()
+
+
+async def test_outputs_are_paired_in_submission_order_even_if_answered_out_of_order(
+        identity_dfp):
+    lane, device, tasks, _ = await make(identity_dfp, batch=1)
+    a, b = Collect(), Collect()
+    assert lane.budget.take_nowait(4) == 4
+    for i, sink in enumerate([a, b, a, b]):
+        lane.put((sink, i, 0.0), frame(i))
+    await asyncio.sleep(0)
+    assert len(device.submits) == 4
+    for i in (3, 1, 2):  # later frames done first: nothing may be delivered yet
+        device.answer(i)
+    await asyncio.sleep(0.01)
+    assert a.got == b.got == []
+    device.answer(0)
+    await asyncio.sleep(0.01)
+    assert a.got == [(0, 0), (2, 20)] and b.got == [(1, 10), (3, 30)]
+    assert lane.budget.free == 4  # every unit came back with its output
+    assert lane.in_flight == 0
+    await tasks.aclose()
+
+
+async def test_a_failed_batch_is_a_fault_of_the_lane(identity_dfp):
+    lane, device, tasks, faults = await make(identity_dfp)
+    lane.put((Collect(), 0, 0.0), frame(0))
+    await asyncio.sleep(0)
+    device.submits[0][1].set_exception(RuntimeError("chip on fire"))
+    await asyncio.sleep(0.01)
+    assert [str(f) for f in faults] == ["chip on fire"]
+    await tasks.aclose()
+
+
+async def test_a_device_that_refuses_a_submit_is_a_fault(identity_dfp):
+    lane, device, tasks, faults = await make(identity_dfp)
+
+    def refuse(model_idx: int, frames: list[Any]) -> Any:
+        raise RuntimeError("closed")
+
+    device.submit = refuse  # type: ignore[method-assign]
+    lane.put((Collect(), 0, 0.0), frame(0))
+    await asyncio.sleep(0)
+    assert [str(f) for f in faults] == ["closed"]
+    await tasks.aclose()
