@@ -5,7 +5,7 @@ Examples::
     memryx compile model.onnx -o model.dfp --autocrop
     memryx info model.dfp
     memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|fast|shapes] [--json]
-    memryx serve --socket /run/memryx.sock
+    memryx serve --socket /run/memryx.sock [--tcp 127.0.0.1:10000 --token-file PATH]
 
 This module writes to stdout/stderr because it is the command-line front end;
 the library itself only logs.
@@ -183,11 +183,38 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .device.server import SchedulerOptions, serve
+    import os
+
+    from .device._auth import TOKEN_ENV, read_token_file
+    from .device.server import (
+        SchedulerOptions,
+        ServerLimits,
+        ServerRunningError,
+        serve,
+        tls_server_context,
+    )
 
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
                                ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
-    serve(args.socket, mode=args.mode, options=options)
+    uids = frozenset(int(u) for u in args.allow_uid.split(",") if u) if args.allow_uid else None
+    limits = ServerLimits(
+        max_connections=args.max_connections,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        max_buffered_bytes=int(args.max_buffered_mb * 1024 * 1024),
+        handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
+        stall_timeout=args.stall_timeout,
+        **({"allowed_uids": uids} if uids is not None else {}))
+    token = read_token_file(args.token_file) if args.token_file else (
+        os.environ.get(TOKEN_ENV, "").strip() or None)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = tls_server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        serve(args.socket, mode=args.mode, options=options, limits=limits, tcp=args.tcp,
+              token=token, insecure=args.insecure, tls=tls)
+    except ServerRunningError as exc:
+        sys.stderr.write(f"memryx serve: error: {exc}\n")
+        return 3
     return 0
 
 
@@ -226,9 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="share one simulated MX3 among processes over a socket")
+    p = sub.add_parser("serve", help="share one simulated MX3 among processes (Unix socket "
+                                      "and/or TCP)")
     p.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR/memryx.sock "
-                                    "or /tmp/memryx-UID.sock)")
+                                    "or /tmp/memryx-UID/memryx.sock; none when only --tcp)")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="also (or only) listen on TCP; needs --token-file or MEMRYX_TOKEN")
+    p.add_argument("--token-file", help="file holding the shared secret of TCP clients")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow TCP without a token (trusted networks only)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: TCP clients connect with tcps://")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--allow-uid", help="comma-separated uids that may use the Unix socket "
+                                       "(default: the server's own)")
     p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"])
     p.add_argument("--frame-limit", type=int, default=20,
                    help="frames a model may send per turn on the chip")
@@ -238,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames a client may have in flight per model")
     p.add_argument("--ofmap-queue", type=int, default=21,
                    help="outputs buffered per model for a slow client")
+    p.add_argument("--max-connections", type=int, default=64, help="clients at once")
+    p.add_argument("--max-message-mb", type=float, default=256.0,
+                   help="largest DFP or frame a client may send, in MiB (below 4096)")
+    p.add_argument("--max-buffered-mb", type=float, default=64.0,
+                   help="frame MiB one client may have queued before the server stops "
+                        "reading it")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds a client has from connect to OPEN")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds a client with nothing in flight may stay silent")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds a client may leave its outputs unread before it is cut off")
     p.set_defaults(func=cmd_serve)
     return parser
 

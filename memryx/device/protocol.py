@@ -36,7 +36,8 @@ Messages
 kind                    sender  payload
 ======================  ======  =================================================
 HELLO                   client  JSON ``{"protocol": 1, "client": str, "pid": int}``
-WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int}``
+WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int,
+                                "idle_timeout": float}`` (idle_timeout optional)
 OPEN                    client  32-byte sha256 of the DFP bytes, u32 group_id
 NEED_DFP                server  empty: the server has no cached copy of that DFP
 DFP                     client  the DFP bytes (their sha256 must equal OPEN's)
@@ -276,10 +277,16 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Server → client, answer to HELLO; ``max_payload`` bounds what the client may send."""
+    """Server → client, answer to HELLO; ``max_payload`` bounds what the client may send.
+
+    ``idle_timeout``: seconds of silence after which the server drops a
+    connection with nothing in flight (0: never); clients send STATS to keep
+    an idle connection alive.
+    """
 
     server: str
     max_payload: int
+    idle_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +588,13 @@ def _int(value: Any, what: str, lo: int = 0, hi: int = _U32_MAX) -> int:
     return value
 
 
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value <= 1e9):
+        _fail(f"{what}: expected a number of seconds in [0, 1e9], got {value!r:.80}")
+    return float(value)
+
+
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         _fail(f"{what}: expected a string, got {type(value).__name__}")
@@ -623,7 +637,8 @@ def _decode(kind: Kind, model: int, seq: int, payload: bytearray) -> Event:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
         return Welcome(_str(obj.get("server"), "WELCOME.server"),
-                       _int(obj.get("max_payload"), "WELCOME.max_payload", 1))
+                       _int(obj.get("max_payload"), "WELCOME.max_payload", 1),
+                       _seconds(obj.get("idle_timeout", 0.0), "WELCOME.idle_timeout"))
     if kind is Kind.OPEN:
         dfp_hash, group_id = _OPEN.unpack(payload)
         return Open(dfp_hash, group_id)
@@ -855,9 +870,12 @@ class Connection:
                                         "pid": _int(event.pid, "HELLO.pid")}, kind))
         elif isinstance(event, Welcome):
             limit = _int(event.max_payload, "WELCOME.max_payload", 1, self.max_payload)
-            pieces.append(_encode_json({"protocol": PROTOCOL_VERSION,
-                                        "server": _str(event.server, "WELCOME.server"),
-                                        "max_payload": limit}, kind))
+            welcome: dict[str, Any] = {"protocol": PROTOCOL_VERSION,
+                                       "server": _str(event.server, "WELCOME.server"),
+                                       "max_payload": limit}
+            if event.idle_timeout:
+                welcome["idle_timeout"] = _seconds(event.idle_timeout, "WELCOME.idle_timeout")
+            pieces.append(_encode_json(welcome, kind))
         elif isinstance(event, Open):
             if not isinstance(event.dfp_hash, bytes) or len(event.dfp_hash) != _HASH_SIZE:
                 _fail(f"OPEN.dfp_hash: expected {_HASH_SIZE} bytes (a sha256 digest)")
@@ -945,8 +963,9 @@ class Connection:
         elif kind is Kind.BYE:
             if not self._close_seen:
                 _fail(f"{name} before CLOSE: BYE answers the client's CLOSE")
-        elif (kind is Kind.DFP and isinstance(event, DfpData)
+        elif (kind is Kind.DFP and isinstance(event, DfpData) and sender is self._peer
               and dfp_digest(event.data) != self._dfp_hash):
+            # checked on receipt only: the sender named the hash it computed itself
             _fail(f"{name}: the sha256 of the {memoryview(event.data).nbytes} DFP bytes "
                       "does not match the hash named by OPEN")
 
