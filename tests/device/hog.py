@@ -1,0 +1,90 @@
+"""Hostile device-server clients, run as their own processes by tests and benchmarks.
+
+    python tests/device/hog.py MODE ADDRESS [SHAPE]
+
+MODE:
+  flood      open an identity DFP of SHAPE (default 1x256x256x3 float32), send frames
+             as fast as the server takes them, never read an output
+  sleep      the same, but stop after the capacity's worth of frames and sleep
+  slowloris  drip a HELLO one byte per second, forever
+  idle       connect and say nothing
+
+Prints one line when the server hangs up (``cut off after N frames: ...``), then
+exits 0; anything else it prints is a failure to set up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+import memryx as mx
+from memryx import testing
+from memryx.device import protocol as p
+from memryx.device._auth import client_token, preamble
+
+
+def dial(address: str) -> socket.socket:
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address[5:])
+        return sock
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(preamble(client_token()))
+    return sock
+
+
+def open_dfp(sock: socket.socket, conn: p.Connection, shape: tuple[int, ...]) -> int:
+    def roundtrip(event: p.Event) -> p.Event:
+        sock.sendall(b"".join(bytes(b) for b in conn.send(event)))
+        while True:
+            events = conn.receive_data(sock.recv(1 << 20))
+            if events:
+                return events[0]
+
+    roundtrip(p.Hello("hog", os.getpid()))
+    data = mx.NeuralCompiler(models=testing.identity_model(shape)).run().to_bytes()
+    reply = roundtrip(p.Open(p.dfp_digest(data), 0))
+    if isinstance(reply, p.NeedDfp):
+        reply = roundtrip(p.DfpData(data))
+    assert isinstance(reply, p.Opened), reply
+    return reply.models[0].capacity
+
+
+def main() -> None:
+    mode, address = sys.argv[1], sys.argv[2]
+    shape = tuple(int(d) for d in sys.argv[3].split("x")) if len(sys.argv) > 3 else (1, 256, 256, 3)
+    sock = dial(address)
+    sent = 0
+    try:
+        if mode == "slowloris":
+            hello = p.Connection(p.Role.CLIENT).send_bytes(p.Hello("slow", os.getpid()))
+            for byte in hello:
+                sock.sendall(bytes([byte]))
+                time.sleep(1)
+        elif mode == "idle":
+            sock.recv(1)  # until the server hangs up
+        else:
+            conn = p.Connection(p.Role.CLIENT, max_payload=0xFFFFFFFF)
+            cap = open_dfp(sock, conn, shape)
+            frame = [np.ones(shape, np.float32)]
+            print(f"opened, capacity {cap}", flush=True)
+            limit = cap if mode == "sleep" else 1 << 30
+            while sent < limit:
+                sock.sendall(b"".join(bytes(b) for b in conn.send(p.Frame(0, sent, frame))))
+                sent += 1
+            print(f"sent {sent} frames, now reading nothing", flush=True)
+            time.sleep(3600)
+    except OSError as exc:
+        print(f"cut off after {sent} frames: {exc!r}", flush=True)
+        return
+    print(f"cut off after {sent} frames: the server closed the connection", flush=True)
+
+
+if __name__ == "__main__":
+    main()
