@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outputs buffered per model for a slow client")
     p.add_argument("--max-connections", type=int, default=64, help="clients at once")
     p.add_argument("--max-message-mb", type=float, default=256.0,
-                   help="largest DFP or frame a client may send, in MiB (below 4096)")
+                   help="largest DFP or frame a client may send, in MiB (any size: it "
+                        "travels in chunks)")
     p.add_argument("--max-buffered-mb", type=float, default=64.0,
                    help="frame MiB one client may have queued before the server stops "
                         "reading it")

@@ -20,8 +20,10 @@ class ServerLimits:
     """Per-connection and per-server limits of a device server.
 
     max_connections: clients connected at once; one more is refused with a reason.
-    max_message_bytes: largest message (a DFP or a frame) the server accepts, and
-        the largest it announces to clients (``--max-message-mb``).
+    max_message_bytes: largest message (a DFP or a frame, however many chunks
+        it travels in) the server accepts and announces to clients
+        (``--max-message-mb``); the server holds at most one such partial
+        message per connection.
     max_buffered_bytes: frame bytes one connection may have queued in the
         server, not yet on the chip; beyond it the server stops reading that
         connection until the chip catches up (backpressure, nobody is cut off).
@@ -55,6 +57,6 @@ class ServerLimits:
         if not isinstance(self.max_connections, int) or not isinstance(
                 self.max_message_bytes, int) or not isinstance(self.max_buffered_bytes, int):
             raise TypeError("max_connections, max_message_bytes and max_buffered_bytes are ints")
-        if self.max_message_bytes > 0xFFFFFFFF:
-            raise ValueError(f"max_message_bytes must be below 4 GiB (the wire's u32 length), "
-                             f"got {self.max_message_bytes}")
+        if self.max_message_bytes > 1 << 50:
+            raise ValueError(f"max_message_bytes must be at most 2**50, got "
+                             f"{self.max_message_bytes}")

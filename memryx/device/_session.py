@@ -290,7 +290,7 @@ class Session(asyncio.Protocol):
                 raise p.ProtocolError("DFP sent before OPEN")
             # the protocol checked the bytes against OPEN's sha256 (the one hash of this open)
             dfp = Dfp(event.data)
-            self.server.remember(opening.dfp_hash, dfp)
+            self.server.remember(opening.dfp_hash, dfp, len(event.data))
             self.tasks.spawn(self._open(dfp, opening.group_id), "open")
         elif isinstance(event, p.Frame):
             self._frame(event)

@@ -93,7 +93,7 @@ class FdDevice:
         self._pings: set[int] = set()
         self._ping_task: asyncio.Task[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
-        self._conn = p.Connection(p.Role.CLIENT, max_payload=0xFFFFFFFF)
+        self._conn = p.Connection(p.Role.CLIENT, max_payload=p.MAX_MESSAGE)
         self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] | None = None
         self._outq: list[tuple[SendEnd[p.Output], ReceiveEnd[p.Output]]] = []
         self._sent: list[deque[int]] = []

@@ -39,8 +39,9 @@ __all__ = ["DeviceServer", "SchedulerOptions", "ServerLimits", "ServerRunningErr
 
 log = logging.getLogger("memryx.server")
 
-#: DFPs the server keeps in memory for clients that open them again.
+#: DFPs the server keeps in memory for clients that open them again (count and bytes).
 DFP_CACHE = 8
+DFP_CACHE_BYTES = 512 * 1024 * 1024
 #: Seconds between two checks of the connections' timeouts.
 TICK = 0.25
 
@@ -90,7 +91,7 @@ class DeviceServer:
         self.scheduler = ChipScheduler(options or SchedulerOptions())
         self.sessions: set[Session] = set()
         self.tcp_address: tuple[str, int] | None = None
-        self._dfps: OrderedDict[bytes, Dfp] = OrderedDict()
+        self._dfps: OrderedDict[bytes, tuple[Dfp, int]] = OrderedDict()
         self._claim: SocketClaim | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks = TaskSet("server", lambda exc: log.error("server task failed: %r", exc))
@@ -103,14 +104,16 @@ class DeviceServer:
         self._tasks.spawn(coro, name)
 
     def cached(self, digest: bytes) -> Dfp | None:
-        dfp = self._dfps.get(digest)
-        if dfp is not None:
-            self._dfps.move_to_end(digest)
-        return dfp
+        entry = self._dfps.get(digest)
+        if entry is None:
+            return None
+        self._dfps.move_to_end(digest)
+        return entry[0]
 
-    def remember(self, digest: bytes, dfp: Dfp) -> None:
-        self._dfps[digest] = dfp
-        while len(self._dfps) > DFP_CACHE:
+    def remember(self, digest: bytes, dfp: Dfp, nbytes: int) -> None:
+        self._dfps[digest] = (dfp, nbytes)
+        while len(self._dfps) > 1 and (len(self._dfps) > DFP_CACHE or sum(
+                n for _, n in self._dfps.values()) > DFP_CACHE_BYTES):
             self._dfps.popitem(last=False)
 
     def scheduler_stats(self) -> dict[str, Any]:
