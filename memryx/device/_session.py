@@ -9,7 +9,8 @@ beyond one scheduler turn:
   its own buffer, and from then on its models get no turn on the chip until it
   reads (backpressure). Left unread for ``stall_timeout`` it is cut off;
 * frame bytes queued in the server beyond ``max_buffered_bytes`` stop the server
-  reading that connection until the chip catches up;
+  reading that connection until the chip catches up, and so does a full output
+  buffer (a client asking for STATS replies it never reads gets nowhere);
 * a connection must say HELLO and OPEN within ``handshake_timeout`` and may not
   stay silent with nothing in flight beyond ``idle_timeout``.
 
@@ -146,7 +147,7 @@ class Session(asyncio.Protocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._paused_since: float | None = None
-        self._reading_paused = False
+        self._read_blockers: set[str] = set()  # "buffered", "unread": why reading is paused
         self._closing = False
         self._closing_since = 0.0
 
@@ -232,10 +233,24 @@ class Session(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._can_write.clear()
         self._paused_since = time.monotonic()
+        self._block_reading("unread")
 
     def resume_writing(self) -> None:
         self._can_write.set()
         self._paused_since = None
+        self._unblock_reading("unread")
+
+    def _block_reading(self, why: str) -> None:
+        if not self._read_blockers and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._read_blockers.add(why)
+
+    def _unblock_reading(self, why: str) -> None:
+        if why not in self._read_blockers:
+            return
+        self._read_blockers.discard(why)
+        if not self._read_blockers and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
 
     # -- flow control ---------------------------------------------------------------------
     def can_write(self) -> bool:
@@ -247,10 +262,8 @@ class Session(asyncio.Protocol):
     def dequeued(self, nbytes: int) -> None:
         """Frame bytes left the server's queue for the chip."""
         self.queued_bytes -= nbytes
-        if self._reading_paused and self.queued_bytes <= self.limits.max_buffered_bytes // 2 \
-                and self.transport is not None and not self._closing:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        if self.queued_bytes <= self.limits.max_buffered_bytes // 2:
+            self._unblock_reading("buffered")
 
     def tick(self, now: float) -> None:
         """Enforce the timeouts (called about every quarter second by the server)."""
@@ -321,10 +334,8 @@ class Session(asyncio.Protocol):
         slot.unanswered += 1
         slot.frames_in += 1
         self.queued_bytes += nbytes
-        if self.queued_bytes > self.limits.max_buffered_bytes and not self._reading_paused \
-                and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if self.queued_bytes > self.limits.max_buffered_bytes:
+            self._block_reading("buffered")
 
     async def _open(self, dfp: Dfp, group_id: int) -> None:
         if self.device is not None:

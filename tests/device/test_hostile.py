@@ -39,14 +39,17 @@ def test_a_client_that_never_reads_does_not_stall_the_others(tmp_path, mlp_dfp):
     sleeper = hog("sleep", srv.address)
     try:
         wait_line(flood, "opened")
-        wait_line(sleeper, "now reading nothing")
+        wait_line(sleeper, "opened")
         with mx.SyncAccl(mlp_dfp, device=srv.address, timeout=10) as accl:
             times = _batches(accl, 30)
         # a turn is 250 ms; the stall of the bug report was 23 s and counting
         assert max(times) < 5.0, times
-        # the hogs lose their own connections only, each with a reason
-        assert srv.wait_for("frames in flight for model 0")   # the flooder
-        assert srv.wait_for("outputs left unread for 3 s")     # the sleeper
+        # the hogs lose their own connections only, each with a reason: their output
+        # buffers filled, the server stopped reading them, and 3 s later cut them off
+        assert srv.wait_for("hog pid %d (uid %d): stalled error: outputs left unread for 3 s"
+                            % (flood.pid, os.getuid()))
+        assert srv.wait_for("hog pid %d (uid %d): stalled error: outputs left unread for 3 s"
+                            % (sleeper.pid, os.getuid()))
         assert "cut off after" in wait_line(flood, "cut off after")
     finally:
         end(flood)
@@ -60,12 +63,14 @@ def test_backpressure_costs_the_reader_nothing_and_the_server_bounded_memory(tmp
     sleepers = [hog("sleep", srv.address) for _ in range(3)]
     try:
         for s in sleepers:
-            wait_line(s, "now reading nothing")
+            wait_line(s, "opened")
+        time.sleep(1)  # let them fill their buffers
+        rss = _rss_mb(srv.proc.pid)
         with mx.SyncAccl(mlp_dfp, device=srv.address, timeout=10) as accl:
             assert max(_batches(accl, 10)) < 5.0
-            stats = accl.statistics() if hasattr(accl, "statistics") else None
-        del stats
         assert "stalled" not in srv.text()  # 30 s not reached: throttled, not yet cut off
+        # each holds at most ~1 MiB of unread outputs plus what it has in flight
+        assert _rss_mb(srv.proc.pid) - rss < 64
     finally:
         for s in sleepers:
             end(s)
@@ -227,5 +232,47 @@ def test_a_huge_length_claim_allocates_nothing_and_is_refused(tmp_path, mlp_dfp)
         assert b"exceeds max_payload" in reply
         with mx.SyncAccl(mlp_dfp, device=srv.address) as accl:
             assert len(accl.run(frames(3, (1, 16)))) == 3
+    finally:
+        srv.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_asking_for_replies_it_never_reads_is_backpressured(tmp_path, mlp_dfp):
+    """(regression) STATS requests without reading used to grow the server's write buffer
+    without bound; now a full output buffer stops the server reading that client."""
+    srv = Server(tmp_path, "--stall-timeout", "5")
+    try:
+        sock = raw_unix(srv.path)
+        try:
+            conn = p.Connection(p.Role.CLIENT)
+            sock.sendall(conn.send_bytes(p.Hello("stats-flood", os.getpid())))
+            conn.receive_data(sock.recv(4096))
+            data = mlp_dfp.to_bytes()
+            sock.sendall(conn.send_bytes(p.Open(p.dfp_digest(data), 0)))
+            if isinstance(conn.receive_data(sock.recv(4096))[0], p.NeedDfp):
+                sock.sendall(conn.send_bytes(p.DfpData(data)))
+                conn.receive_data(sock.recv(4096))
+            before = _rss_mb(srv.proc.pid)
+            batch = b"".join(p.HEADER.pack(b"MX", 1, p.Kind.STATS, 0, i, 0)
+                             for i in range(1, 1001))
+            sock.settimeout(3)
+            sent = 0
+            with pytest.raises((TimeoutError, BrokenPipeError, ConnectionResetError)):
+                for _ in range(2000):  # 2M requests would be ~600 MB of replies
+                    sock.sendall(batch)
+                    sent += 1000
+            grown = _rss_mb(srv.proc.pid) - before
+            assert grown < 64, f"server grew by {grown:.0f} MB after {sent} unread requests"
+        finally:
+            sock.close()
+        with mx.SyncAccl(mlp_dfp, device=srv.address, timeout=10) as accl:
+            assert len(accl.run(frames(5, (1, 16)))) == 5
     finally:
         srv.stop()
