@@ -136,8 +136,10 @@ class DeviceServer:
                 os.chmod(self.path, 0o600)
                 log.info("memryx device server listening on %s (%s mode)", self.path, self.mode)
             if self.tcp is not None:
+                tls_opts: dict[str, Any] = ({"ssl": self.tls, "ssl_handshake_timeout":
+                                             self.limits.handshake_timeout} if self.tls else {})
                 server = await loop.create_server(lambda: Session(self, "tcp"), *self.tcp,
-                                                  ssl=self.tls, reuse_address=True)
+                                                  reuse_address=True, **tls_opts)
                 self._servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
                 self.tcp_address = (host, port)
@@ -166,6 +168,10 @@ class DeviceServer:
                 session.transport.abort()
         for server in servers:
             await server.wait_closed()
+        for _ in range(200):  # aborted transports report connection_lost on a later turn
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.005)
         await asyncio.sleep(0)
         await self._tasks.aclose()
         if self._claim is not None:

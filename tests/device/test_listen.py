@@ -164,3 +164,34 @@ def test_errors_cross_the_wire_with_their_type(code, cls):
     exc = _remote_error(p.Error(code, "what went wrong", True), "opening the DFP")
     assert type(exc) is cls
     assert "what went wrong" in str(exc)
+
+
+@pytest.mark.asyncio
+async def test_one_sha256_per_dfp_open(tmp_path, mlp_dfp, monkeypatch):
+    """The client hashes the DFP once to name it; the server hashes what it receives once.
+    (It used to be four times per open.)"""
+    import hashlib
+
+    from memryx.device.fd import FdDevice
+    from memryx.device.server import DeviceServer
+
+    calls: list[int] = []
+    real = hashlib.sha256
+
+    def counting(data: bytes = b"") -> object:
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    server = DeviceServer(tmp_path / "memryx.sock", mode="shapes")
+    await server.start()
+    try:
+        size = len(mlp_dfp.to_bytes())
+        for expected in ([size, size], [size]):  # first open uploads; the second is cached
+            calls.clear()
+            device = FdDevice(server.path, timeout=10)
+            await device.open(mlp_dfp, 0)
+            await device.aclose()
+            assert calls == expected
+    finally:
+        await server.aclose()
