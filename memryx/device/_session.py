@@ -83,6 +83,8 @@ class Slot:
             except anyio.EndOfStream:
                 return
             await session.writable()
+            if session.closing:
+                return  # its client is gone: no more turns
             await scheduler.acquire(self)
             try:
                 started = time.monotonic()
@@ -253,6 +255,10 @@ class Session(asyncio.Protocol):
             self.transport.resume_reading()
 
     # -- flow control ---------------------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def can_write(self) -> bool:
         return self._can_write.is_set()
 
