@@ -46,10 +46,9 @@ def test_a_client_that_never_reads_does_not_stall_the_others(tmp_path, mlp_dfp):
         assert max(times) < 5.0, times
         # the hogs lose their own connections only, each with a reason: their output
         # buffers filled, the server stopped reading them, and 3 s later cut them off
-        assert srv.wait_for("hog pid %d (uid %d): stalled error: outputs left unread for 3 s"
-                            % (flood.pid, os.getuid()))
-        assert srv.wait_for("hog pid %d (uid %d): stalled error: outputs left unread for 3 s"
-                            % (sleeper.pid, os.getuid()))
+        for h in (flood, sleeper):
+            assert srv.wait_for(f"hog pid {h.pid} (uid {os.getuid()}): stalled error: "
+                                "outputs left unread for 3 s")
         assert "cut off after" in wait_line(flood, "cut off after")
     finally:
         end(flood)
