@@ -79,9 +79,9 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
 
         unknown = sorted(set(options) - {"timeout", "token", "tls"})
         if unknown:
-            raise TypeError(f"the fd device takes no options but timeout, token and tls; got "
-                            f"{unknown} (set the mode and scheduler on the server: memryx "
-                            "serve --help)")
+            raise TypeError(f"the fd device takes no options; got {unknown} (only timeout=, "
+                            "token= and tls=; set the mode and scheduler on the server: "
+                            "memryx serve --help)")
         return FdDevice(text, **options)
     raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' (the simulated "
                      "MX3), 'unix:/path/to/socket', 'tcp://HOST:PORT' or 'tcps://HOST:PORT' "
