@@ -194,3 +194,34 @@ def test_plain_tcp_client_against_a_tls_server_fails_within_the_deadline(tls_ser
 
 def test_preamble_bytes_are_what_the_docs_say():
     assert preamble("ab") == b"MXTK\x02\x00ab"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_stopped_tcp_server_is_a_device_error_within_the_deadline(tmp_path, token_file,
+                                                                     certificate, mlp_dfp, tls):
+    import signal
+
+    cert, key = certificate
+    extra = ["--tls-cert", str(cert), "--tls-key", str(key)] if tls else []
+    srv = Server(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file), *extra,
+                 unix=False)
+    ctx = ssl.create_default_context(cafile=str(cert)) if tls else None
+    try:
+        accl = mx.SyncAccl(mlp_dfp, device=srv.tcp, token="s3cret-of-the-box", tls=ctx,
+                           timeout=2)
+        assert len(accl.run(frames(3, (1, 16)))) == 3
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(mx.DeviceError, match="has not answered for"):
+            accl.run(frames(10, (1, 16)))
+        assert time.monotonic() - t0 < 2 + 3
+        t0 = time.monotonic()
+        accl.close()
+        assert time.monotonic() - t0 < 2
+        t0 = time.monotonic()  # and a new connection to the stopped server
+        with pytest.raises(mx.DeviceError, match="no answer within|did not answer|not answered"):
+            mx.SyncAccl(mlp_dfp, device=srv.tcp, token="s3cret-of-the-box", tls=ctx, timeout=2)
+        assert time.monotonic() - t0 < 2 + 3
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.stop()
