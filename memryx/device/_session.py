@@ -149,6 +149,7 @@ class Session(asyncio.Protocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._paused_since: float | None = None
+        self._paused_size = 0  # write buffer size when last checked while paused
         self._read_blockers: set[str] = set()  # "buffered", "unread": why reading is paused
         self._closing = False
         self._closing_since = 0.0
@@ -235,6 +236,7 @@ class Session(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._can_write.clear()
         self._paused_since = time.monotonic()
+        self._paused_size = self.transport.get_write_buffer_size() if self.transport else 0
         self._block_reading("unread")
 
     def resume_writing(self) -> None:
@@ -283,11 +285,22 @@ class Session(asyncio.Protocol):
         elif not self.opened and now - self.born > lim.handshake_timeout:
             self._fail("timeout", f"no DFP opened within {lim.handshake_timeout:g} s of "
                                   "connecting (memryx serve --handshake-timeout)")
-        elif self._paused_since is not None and now - self._paused_since > lim.stall_timeout:
+        elif self._paused_since is not None and self._stalled(now):
             self._fail("stalled", f"outputs left unread for {lim.stall_timeout:g} s "
                                   "(memryx serve --stall-timeout)", abort=True)
         elif now - self.last_rx > lim.idle_timeout and not any(s.unanswered for s in self.slots):
             self._fail("idle", f"idle for {lim.idle_timeout:g} s (memryx serve --idle-timeout)")
+
+    def _stalled(self, now: float) -> bool:
+        """No byte of the paused output buffer taken for ``stall_timeout`` (a slow reader
+        of a large output makes progress and is never cut off)."""
+        assert self._paused_since is not None
+        assert self.transport is not None
+        size = self.transport.get_write_buffer_size()
+        if size < self._paused_size:
+            self._paused_since = now
+        self._paused_size = size
+        return now - self._paused_since > self.limits.stall_timeout
 
     # -- events -------------------------------------------------------------------------------
     def _handle(self, event: Any) -> None:

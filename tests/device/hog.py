@@ -8,6 +8,7 @@ MODE:
   sleep      the same, but stop after the capacity's worth of frames and sleep
   slowloris  drip a HELLO one byte per second, forever
   idle       connect and say nothing
+  trickle    send one frame of SHAPE and read its output at about 1 MB/s
 
 A ``+`` after the mode (``flood+``) connects again each time it is cut off,
 until killed. Prints one line each time the server hangs up (``cut off after N
@@ -84,6 +85,22 @@ def once(mode: str, address: str, shape: tuple[int, ...]) -> None:
                 time.sleep(1)
         elif mode == "idle":
             sock.recv(1)  # until the server hangs up
+        elif mode == "trickle":  # one frame, then read its output at about 1 MB/s
+            conn = p.Connection(p.Role.CLIENT, max_payload=1 << 40)
+            open_dfp(sock, conn, shape)
+            sock.sendall(b"".join(bytes(b) for b in conn.send(p.Frame(0, 0, [
+                np.ones(shape, np.float32)]))))
+            sent, got, events = 1, 0, []
+            while not events:
+                data = sock.recv(100_000)
+                if not data:
+                    break
+                got += len(data)
+                events = conn.receive_data(data)
+                time.sleep(0.1)
+            print(f"trickled {got} bytes: {type(events[0]).__name__ if events else 'nothing'}",
+                  flush=True)
+            return
         else:
             conn = p.Connection(p.Role.CLIENT, max_payload=0xFFFFFFFF)
             cap = open_dfp(sock, conn, shape)

@@ -275,3 +275,18 @@ def test_a_client_asking_for_replies_it_never_reads_is_backpressured(tmp_path, m
             assert len(accl.run(frames(5, (1, 16)))) == 5
     finally:
         srv.stop()
+
+
+def test_a_slow_reader_of_a_large_output_is_not_cut_off(tmp_path):
+    """(regression) The stall deadline counted from the moment the output buffer filled,
+    so a client reading an 8 MB output at 1 MB/s was cut off after --stall-timeout; now it
+    counts time without progress."""
+    srv = Server(tmp_path, "--stall-timeout", "2", "--mode", "fast")
+    slow = hog("trickle", srv.address, "1x2000000")
+    try:
+        line = wait_line(slow, "trickled", 60)
+        assert "Output" in line, line  # the whole output arrived, in ~8 s
+        assert "stalled" not in srv.text()
+    finally:
+        end(slow)
+        srv.stop()
