@@ -127,6 +127,7 @@ class FdDevice:
                 reply = await self._reply(p.Opened, "opening the DFP")
         except BaseException:
             self._shutdown()
+            self._control[1].close()
             raise
         self._capacity = [int(m.capacity) for m in reply.models]
         self._outq = [open_channel(c) for c in self._capacity]
@@ -165,6 +166,8 @@ class FdDevice:
             with anyio.fail_after(self.timeout):
                 event = await get(self._control[1])
         except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._closed and self._fault is None:
+                raise ClosedError(f"the device was closed while {doing}") from None
             raise self._fault or DeviceError(f"connection lost while {doing}") from None
         except TimeoutError:
             raise DeviceError(f"the device server did not answer within {self.timeout:g} s "
