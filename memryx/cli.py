@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="seconds a client with nothing in flight may stay silent")
     p.add_argument("--stall-timeout", type=float, default=30.0,
-                   help="seconds a client may leave its outputs unread before it is cut off")
+                   help="seconds a client may take none of its waiting outputs before it is "
+                        "cut off")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -31,8 +31,8 @@ class ServerLimits:
         this (a slowloris dripping bytes) is cut off.
     idle_timeout: seconds a connection may send nothing while it has nothing in
         flight; clients keep their connection alive by themselves.
-    stall_timeout: seconds a client may leave its outputs unread while the
-        server has bytes waiting for it; then it is cut off.
+    stall_timeout: seconds a client may take not one byte of the outputs waiting
+        for it (its buffer full); then it is cut off. Reading slowly is progress.
     allowed_uids: user ids that may connect over the Unix socket (``SO_PEERCRED``);
         default: only the server's own user.
     """
