@@ -6,6 +6,7 @@ Examples::
     memryx info model.dfp
     memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|fast|shapes] [--json]
     memryx bench model.dfp --plot bench.png --html bench.html --trace bench.json
+    memryx serve --socket /run/memryx.sock [--tcp 127.0.0.1:10000 --token-file PATH]
     memryx serve --socket /run/memryx.sock --metrics 127.0.0.1:9464
 
 This module writes to stdout/stderr because it is the command-line front end;
@@ -250,10 +251,32 @@ def _report(result: dict[str, Any], out: TextIO) -> None:
 
 # -- serve ------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
-    from .device.server import SchedulerOptions, serve
+    import os
+
+    from .device._auth import TOKEN_ENV, read_token_file
+    from .device.server import (
+        SchedulerOptions,
+        ServerLimits,
+        ServerRunningError,
+        serve,
+        tls_server_context,
+    )
 
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
                                ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
+    uids = frozenset(int(u) for u in args.allow_uid.split(",") if u) if args.allow_uid else None
+    limits = ServerLimits(
+        max_connections=args.max_connections,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        max_buffered_bytes=int(args.max_buffered_mb * 1024 * 1024),
+        handshake_timeout=args.handshake_timeout, idle_timeout=args.idle_timeout,
+        stall_timeout=args.stall_timeout,
+        **({"allowed_uids": uids} if uids is not None else {}))
+    token = read_token_file(args.token_file) if args.token_file else (
+        os.environ.get(TOKEN_ENV, "").strip() or None)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = tls_server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     exporter = None
     if args.metrics is not None:
         from .device import _metrics
@@ -266,7 +289,11 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"metrics on http://{exporter.host_for_url}:{exporter.port}/metrics\n")
         out.flush()
     try:
-        serve(args.socket, mode=args.mode, options=options)
+        serve(args.socket, mode=args.mode, options=options, limits=limits, tcp=args.tcp,
+              token=token, insecure=args.insecure, tls=tls)
+    except ServerRunningError as exc:
+        sys.stderr.write(f"memryx serve: error: {exc}\n")
+        return 3
     finally:
         if exporter is not None:
             exporter.close()
@@ -354,12 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", parents=[common],
-                       help="share one simulated MX3 among processes over a socket",
+                       help="share one simulated MX3 among processes (Unix socket and/or TCP)",
                        description="Run a device server: one simulated MX3 shared by the "
-                                   "processes that connect to its Unix socket. Stop it with "
-                                   "Ctrl-C or SIGTERM.")
+                                   "processes that connect to its Unix socket or TCP address. "
+                                   "Stop it with Ctrl-C or SIGTERM.")
     p.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR/memryx.sock "
-                                    "or /tmp/memryx-UID.sock)")
+                                    "or /tmp/memryx-UID/memryx.sock; none when only --tcp)")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="also (or only) listen on TCP; needs --token-file or MEMRYX_TOKEN")
+    p.add_argument("--token-file", help="file holding the shared secret of TCP clients")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow TCP without a token (trusted networks only)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: TCP clients connect with tcps://")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--allow-uid", help="comma-separated uids that may use the Unix socket "
+                                       "(default: the server's own)")
     p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"],
                    help="how the shared device computes (default: timed)")
     p.add_argument("--frame-limit", type=int, default=20,
@@ -373,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                         "(needs memryx[metrics]; port 0 picks a free one)")
+    p.add_argument("--max-connections", type=int, default=64, help="clients at once")
+    p.add_argument("--max-message-mb", type=float, default=256.0,
+                   help="largest DFP or frame a client may send, in MiB (any size: it "
+                        "travels in chunks)")
+    p.add_argument("--max-buffered-mb", type=float, default=64.0,
+                   help="frame MiB one client may have queued before the server stops "
+                        "reading it")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds a client has from connect to OPEN")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds a client with nothing in flight may stay silent")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds a client may take none of its waiting outputs before it is "
+                        "cut off")
     p.set_defaults(func=cmd_serve)
     return parser
 

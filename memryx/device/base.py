@@ -77,8 +77,12 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
 
     ``"sim"`` (or ``"sim:fast"``, ``"sim:shapes"``): the in-process simulated MX3;
     ``"unix:/run/memryx.sock"``: a device server (``memryx serve``) reached over
-    that Unix socket. ``None`` reads ``$MEMRYX_DEVICE`` and falls back to
-    ``"sim"``. A :class:`Device` instance is used as it is.
+    that Unix socket; ``"tcp://HOST:PORT"`` / ``"tcps://HOST:PORT"``: one reached
+    over TCP / TLS (the shared secret from ``token=`` or ``$MEMRYX_TOKEN``). The
+    server devices take ``timeout=`` (seconds, see :mod:`memryx.device.fd`),
+    ``token=`` and ``tls=`` (an ``ssl.SSLContext``). ``None`` reads
+    ``$MEMRYX_DEVICE`` and falls back to ``"sim"``. A :class:`Device` instance is
+    used as it is.
     """
     if spec is not None and not isinstance(spec, str):
         if isinstance(spec, Device):
@@ -92,12 +96,15 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
         if arg:
             options.setdefault("mode", arg)
         return SimulatedDevice(**options)
-    if kind == "unix" and arg:
+    if (kind == "unix" and arg) or (kind in ("tcp", "tcps") and arg.startswith("//")):
         from .fd import FdDevice
 
-        if options:
-            raise TypeError(f"the fd device takes no options; got {sorted(options)} (set the "
-                            "mode and scheduler on the server: memryx serve --help)")
-        return FdDevice(arg)
+        unknown = sorted(set(options) - {"timeout", "token", "tls"})
+        if unknown:
+            raise TypeError(f"the fd device takes no options; got {unknown} (only timeout=, "
+                            "token= and tls=; set the mode and scheduler on the server: "
+                            "memryx serve --help)")
+        return FdDevice(text, **options)
     raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' (the simulated "
-                     "MX3) or 'unix:/path/to/socket' (a device server)")
+                     "MX3), 'unix:/path/to/socket', 'tcp://HOST:PORT' or 'tcps://HOST:PORT' "
+                     "(a device server)")

@@ -1,7 +1,9 @@
 """The fd device: an accelerator reached through a file descriptor.
 
 ``FdDevice("/run/memryx.sock")`` connects to a device server (``memryx serve``)
-over a Unix socket and speaks :mod:`memryx.device.protocol` on it. The socket is
+over a Unix socket (or ``FdDevice("tcp://HOST:PORT")`` over TCP, ``tcps://``
+with TLS; see :mod:`._transport`) and speaks :mod:`memryx.device.protocol` on
+it. The socket is
 a non-blocking fd owned by this object and driven by the event loop
 (``add_reader`` for input, ``sendmsg`` with ``add_writer`` when the kernel buffer
 is full); frame data goes out as memoryviews of the arrays, without copies.
@@ -15,6 +17,12 @@ Faults: when the server dies, closes the connection or sends garbage, the
 future of every batch in flight fails with :class:`DeviceError` at once,
 saying how many frames were sent and never came back; later calls fail too. A new accelerator
 (a new connection) may be opened once a server listens again.
+
+Deadlines: every wait on the server -- connect, handshake, replies, outputs of
+frames in flight, a blocked write -- ends with :class:`DeviceError` once the
+server has moved no byte for ``timeout`` seconds (argument, else
+``$MEMRYX_DEVICE_TIMEOUT``, else 30), so a stopped, overloaded or vanished
+server never hangs the client; ``aclose`` never waits on the server.
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import socket
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +45,8 @@ from .._core.channel import ReceiveEnd, SendEnd, get, open_channel
 from .._exceptions import ClosedError, DeviceError, MemryxError
 from .._version import __version__
 from . import protocol as p
+from ._auth import client_token, preamble
+from ._transport import Address, PlainIO, TlsIO, Watchdog, connect, resolve_timeout
 from .base import Limits
 
 if TYPE_CHECKING:
@@ -46,15 +56,19 @@ __all__ = ["FdDevice"]
 
 log = logging.getLogger("memryx.device.fd")
 Array = NDArray[Any]
-#: Seconds to wait for the server to answer during open / close.
-REPLY_TIMEOUT = 10.0
+#: Error codes that travel as the builtin exception of that name.
+_BUILTIN_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError}
 
 
-def _remote_error(err: p.Error, doing: str) -> MemryxError:
+def _remote_error(err: p.Error, doing: str) -> Exception:
     """The server's error as the exception the in-process device would have raised."""
     cls = getattr(_exceptions, err.code, None)
     if isinstance(cls, type) and issubclass(cls, MemryxError) and cls is not DeviceError:
         return cls(err.message)
+    if err.code in _BUILTIN_ERRORS:
+        return _BUILTIN_ERRORS[err.code](err.message)
+    if err.code == "refused":
+        return DeviceError(f"the device server refused the connection: {err.message}")
     return DeviceError(f"device server error while {doing}: {err.code}: {err.message}")
 
 
@@ -70,16 +84,33 @@ class _Batch:
 
 
 class FdDevice:
-    """A device server reached through a Unix socket (see the module docstring)."""
+    """A device server reached through a Unix socket or TCP (see the module docstring).
+
+    ``address``: a socket path, ``unix:PATH``, ``tcp://HOST:PORT`` or
+    ``tcps://HOST:PORT``. ``timeout``: the deadline of every wait, in seconds.
+    ``token``: the TCP shared secret (default ``$MEMRYX_TOKEN``). ``tls``: the
+    client context for ``tcps`` (default: the system's trusted CAs).
+    """
 
     name = "fd"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, address: str | os.PathLike[str], *, timeout: float | None = None,
+                 token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.address = Address.parse(os.fspath(address))
+        self.path = self.address.path or str(self.address)
+        self.timeout = resolve_timeout(timeout)
+        self._token = client_token(token)
+        self._tls = tls
         self._sock: socket.socket | None = None
+        self._io: PlainIO | TlsIO | None = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._conn = p.Connection(p.Role.CLIENT)
+        self._watchdog: Watchdog | None = None
+        self._awaiting = 0
+        self._pings: set[int] = set()
+        self._ping_task: asyncio.Task[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._conn = p.Connection(p.Role.CLIENT, max_payload=p.MAX_MESSAGE)
         self._control: tuple[SendEnd[Any], ReceiveEnd[Any]] | None = None
         self._sent: list[deque[tuple[int, _Batch]]] = []
         self._capacity: list[int] = []
@@ -95,41 +126,71 @@ class FdDevice:
     # -- connection ---------------------------------------------------------------------------
     async def open(self, dfp: Dfp, group_id: int) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, self.path), REPLY_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            raise DeviceError(f"cannot reach the device server at {self.path}: {exc}") from exc
-        self._sock, self._fd, self._loop = sock, sock.fileno(), loop
+        sock, io = await connect(self.address, self.timeout, self._tls)
+        self._sock, self._io, self._fd, self._loop = sock, io, sock.fileno(), loop
         self._control = open_channel(8)
+        self._watchdog = Watchdog(loop, self.timeout, self._busy, self._expired, self._keepalive)
         loop.add_reader(self._fd, self._on_readable)
         try:
+            if self.address.scheme != "unix":
+                await self._write_raw(preamble(self._token))
             await self._write(p.Hello(f"memryx {__version__}", os.getpid()))
-            await self._reply(p.Welcome, "connecting")
+            welcome = await self._reply(p.Welcome, "connecting")
+            self._watchdog.keepalive_every = welcome.idle_timeout / 3
             data = dfp.to_bytes()
-            await self._write(p.Open(hashlib.sha256(data).digest(), group_id))
+            await self._write(p.Open(p.dfp_digest(data), group_id))  # the one hash of this open
             reply = await self._reply((p.NeedDfp, p.Opened), "opening the DFP")
             if isinstance(reply, p.NeedDfp):
                 await self._write(p.DfpData(data))
                 reply = await self._reply(p.Opened, "opening the DFP")
         except BaseException:
             self._shutdown()
+            self._control[1].close()
             raise
         self._capacity = [int(m.capacity) for m in reply.models]
         self._sent = [deque() for _ in self._capacity]
         log.debug("fd device %s opened %d model(s)", self.path, len(self._capacity))
 
+    # -- deadlines and keep-alive (see _transport.Watchdog) --------------------------------------
+    def _busy(self) -> bool:
+        """Whether we wait on the server: a reply, outputs in flight, a blocked write."""
+        return bool(self._awaiting or self._write_lock.locked() or any(self._sent))
+
+    def _expired(self, silent: float) -> None:
+        self._set_fault(f"the device server at {self.address} has not answered for "
+                        f"{silent:.1f} s (stopped, overloaded or gone; the deadline is "
+                        f"timeout={self.timeout:g} s, also $MEMRYX_DEVICE_TIMEOUT)")
+
+    def _keepalive(self) -> None:
+        if self._ping_task is None and self._fault is None and self._loop is not None \
+                and self._conn.state is p.State.OPEN:
+            self._ping_task = self._loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        seq = (max(self._pings, default=0) + 1) & 0xFFFFFFFF
+        self._pings.add(seq)
+        try:
+            await self._write(p.Stats(seq))
+        except (MemryxError, OSError, p.ProtocolError):
+            pass  # the fault, if any, is already recorded
+        finally:
+            self._ping_task = None
+
     async def _reply(self, kinds: Any, doing: str) -> Any:
         assert self._control is not None
+        self._awaiting += 1
         try:
-            with anyio.fail_after(REPLY_TIMEOUT):
+            with anyio.fail_after(self.timeout):
                 event = await get(self._control[1])
         except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._closed and self._fault is None:
+                raise ClosedError(f"the device was closed while {doing}") from None
             raise self._fault or DeviceError(f"connection lost while {doing}") from None
         except TimeoutError:
-            raise DeviceError(f"the device server did not answer while {doing}") from None
+            raise DeviceError(f"the device server did not answer within {self.timeout:g} s "
+                              f"while {doing}") from None
+        finally:
+            self._awaiting -= 1
         if isinstance(event, p.Error):
             raise _remote_error(event, doing)
         if not isinstance(event, kinds):
@@ -138,15 +199,19 @@ class FdDevice:
 
     # -- reading (loop callback) -----------------------------------------------------------------
     def _on_readable(self) -> None:
-        if self._sock is None:
+        if self._io is None:
             return
         try:
-            data = self._sock.recv(1 << 20)
+            data = self._io.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             self._set_fault(f"the connection to the device server broke ({exc})")
             return
+        if data is None:
+            return  # TLS records without application data
+        if self._watchdog is not None:
+            self._watchdog.received()
         if not data:
             self._set_fault("the device server closed the connection")
             return
@@ -160,8 +225,13 @@ class FdDevice:
                 self._route(event)
             elif isinstance(event, p.Error) and self._sent:
                 self._set_fault(f"device server error: {event.code}: {event.message}")
+            elif isinstance(event, p.Error) and event.fatal and not self._awaiting:
+                self._set_fault(f"the device server closed the connection: {event.code}: "
+                                f"{event.message}")
             elif isinstance(event, (p.Closed, p.Bye)):
                 self._set_fault("the device server closed the connection")
+            elif isinstance(event, p.StatsReply) and event.seq in self._pings:
+                self._pings.discard(event.seq)  # a keep-alive answered
             elif self._control is not None:
                 try:
                     self._control[0].send_nowait(event)
@@ -186,7 +256,7 @@ class FdDevice:
         lost = sum(len(s) for s in self._sent)
         self._fault = DeviceError(f"{message}; {lost} frame(s) sent and never returned",
                                   lost_frames=lost)
-        log.warning("fd device %s: %s", self.path, self._fault)
+        log.warning("fd device %s: %s", self.address, self._fault)
         self._shutdown()
         self._fail_in_flight(self._fault)
 
@@ -207,23 +277,37 @@ class FdDevice:
             raise self._fault
         if self._sock is None:
             raise ClosedError("the device is closed")
-        pieces: list[Any] = [memoryview(x).cast("B") for event in events
-                             for x in self._conn.send(event)]
+        try:
+            raw = [x for event in events for x in self._conn.send(event)]
+        except p.ProtocolError as exc:
+            if "exceeds the limit" not in str(exc):
+                raise
+            raise DeviceError(f"{exc}: the device server takes messages up to "
+                              f"{self._conn.send_limit} bytes (raise it with memryx serve "
+                              "--max-message-mb)") from None
+        await self._write_raw(*raw)
+
+    async def _write_raw(self, *data: bytes | memoryview) -> None:
+        if self._fault is not None:
+            raise self._fault
+        pieces: list[Any] = [memoryview(x).cast("B") for x in data]
         async with self._write_lock:
-            while pieces:
-                sock = self._sock
-                if sock is None:
+            while pieces or (self._io is not None and self._io.pending):
+                io = self._io
+                if io is None:
                     raise self._fault or ClosedError("the device is closed")
                 try:
-                    sent = sock.sendmsg(pieces)
+                    sent = io.sendmsg(pieces)
                 except (BlockingIOError, InterruptedError):
                     await self._writable()
                     continue
-                except OSError as exc:
+                except (OSError, ssl.SSLError) as exc:
                     if exc.errno == errno.EBADF:
                         raise ClosedError("the device is closed") from None
                     self._set_fault(f"the connection to the device server broke ({exc})")
                     raise self._fault or DeviceError(str(exc)) from exc
+                if sent and self._watchdog is not None:
+                    self._watchdog.sent()
                 while sent and pieces:
                     if sent >= len(pieces[0]):
                         sent -= len(pieces.pop(0))
@@ -239,10 +323,14 @@ class FdDevice:
             if not fut.done():
                 fut.set_result(None)
 
+        if self._fd < 0:
+            return  # shut down: the caller sees it
+        self._write_waiter = fut
         self._loop.add_writer(self._fd, ready)
         try:
             await fut
         finally:
+            self._write_waiter = None
             if self._fd >= 0:
                 self._loop.remove_writer(self._fd)
 
@@ -290,18 +378,22 @@ class FdDevice:
                 self._fail_in_flight(self._fault)
 
     def statistics(self) -> dict[str, Any]:
-        return {"device": self.name, "address": f"unix:{self.path}",
+        return {"device": self.name, "address": str(self.address),
                 "frames_in": self.frames_in, "frames_out": self.frames_out,
                 "in_flight": sum(len(s) for s in self._sent),
                 "fault": str(self._fault) if self._fault else None}
 
     def _shutdown(self) -> None:
         """Stop reading, close the fd, wake every waiter (they see the fault or ClosedError)."""
-        sock, self._sock = self._sock, None
+        sock, self._sock, self._io = self._sock, None, None
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
         self._fd = -1
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)  # the writer wakes up and sees the fd gone
         if self._control is not None:
             self._control[0].close()
         if sock is not None:
@@ -311,14 +403,20 @@ class FdDevice:
         if self._closed:
             return
         self._closed = True
-        if self._sock is not None and self._fault is None:
-            with contextlib.suppress(MemryxError, OSError, p.ProtocolError):
-                await self._write(p.Close())
+        if self._sock is not None and self._fault is None and not self._write_lock.locked():
+            # a courtesy only: the server treats end of file the same; never wait on it
+            with contextlib.suppress(MemryxError, OSError, p.ProtocolError, TimeoutError):
+                with anyio.fail_after(min(1.0, self.timeout)):
+                    await self._write(p.Close())
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
         self._shutdown()
         self._fail_in_flight(None)
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._ping_task
         if self._control is not None:
             self._control[1].close()

@@ -23,9 +23,10 @@ integers are little-endian (``struct`` format ``"<2sBBIII"``)::
     12      4     length (u32): payload bytes that follow
 
 A reader rejects a bad magic, an unknown version, an unknown kind, a length
-above its ``max_payload``, or a length the kind cannot have (CLOSE carries no
-payload, OPEN exactly 36 bytes, JSON at most :data:`MAX_JSON_BYTES`) as soon
-as the header bytes arrive, before it buffers any payload. The payload buffer
+(or, for a chunked message, a running total) above its ``max_payload``, or a
+length the kind cannot have (CLOSE carries no payload, OPEN exactly 36 bytes,
+JSON at most :data:`MAX_JSON_BYTES`) as soon as the header bytes arrive, before
+it buffers any payload. The payload buffer
 then grows only with the bytes actually received: a peer's claim allocates
 nothing.
 
@@ -36,7 +37,8 @@ Messages
 kind                    sender  payload
 ======================  ======  =================================================
 HELLO                   client  JSON ``{"protocol": 1, "client": str, "pid": int}``
-WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int}``
+WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int,
+                                "idle_timeout": float}`` (idle_timeout optional)
 OPEN                    client  32-byte sha256 of the DFP bytes, u32 group_id
 NEED_DFP                server  empty: the server has no cached copy of that DFP
 DFP                     client  the DFP bytes (their sha256 must equal OPEN's)
@@ -48,7 +50,21 @@ STATS_REPLY (seq)       server  JSON object; seq echoes the request's
 ERROR (model, seq)      both    JSON ``{"code": str, "message": str, "fatal": bool}``
 CLOSE                   client  empty: the client sends nothing more
 BYE                     server  empty: the answer to CLOSE, the server's last message
+CHUNK (model=kind)      both    the first bytes of a DFP, FRAME or OUTPUT payload
 ======================  ======  =================================================
+
+Chunks
+------
+
+A DFP, FRAME or OUTPUT payload larger than the sender's ``chunk_size`` travels
+as CHUNK messages followed by the message itself: each CHUNK's ``model`` field
+holds the kind of the message it belongs to (its ``seq`` is 0, its payload is
+not empty), and the final message carries the last bytes with its own header.
+The receiver checks at the first CHUNK header that the peer may send that
+kind now, and at every header that the running total stays within its
+``max_payload``; no other message may come between. So payloads of any size
+(beyond the u32 length of one header) pass, and ``max_payload`` bounds the
+whole message, not a piece of it.
 
 JSON payloads are UTF-8, decode to an object, nest at most
 :data:`MAX_JSON_DEPTH` containers deep and contain no NaN / Infinity. Header
@@ -110,6 +126,7 @@ from .._exceptions import ProtocolError
 from ..dfp import MAX_MODELS
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_PAYLOAD",
     "DTYPE_CODES",
     "HEADER",
@@ -118,6 +135,7 @@ __all__ = [
     "MAX_ARRAYS",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_MESSAGE",
     "MAX_NDIM",
     "MAX_PENDING_STATS",
     "PROTOCOL_VERSION",
@@ -152,8 +170,12 @@ MAGIC: Final = b"MX"
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct("<2sBBIII")
 HEADER_SIZE: Final = HEADER.size
-#: Default limit of one message's payload, for both directions.
+#: Default limit of one message's payload (chunks included), for both directions.
 DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+#: Payloads above this many bytes are sent in CHUNKs of this size (see *Chunks*).
+DEFAULT_CHUNK_SIZE: Final = 16 * 1024 * 1024
+#: Largest ``max_payload`` a connection may have (a chunked message's total).
+MAX_MESSAGE: Final = 1 << 50
 #: Limit of a JSON payload (control messages are small), on top of ``max_payload``.
 MAX_JSON_BYTES: Final = 1024 * 1024
 #: Deepest container nesting a JSON payload may have (``{}`` is 1, ``{"a": []}`` 2).
@@ -204,6 +226,7 @@ class Kind(enum.IntEnum):
     ERROR = 11
     CLOSE = 12
     BYE = 13
+    CHUNK = 14
 
 
 class Role(enum.Enum):
@@ -233,6 +256,7 @@ class State(enum.Enum):
 
 
 _KIND_VALUES: Final = frozenset(int(k) for k in Kind)
+_CHUNKABLE: Final = frozenset({Kind.DFP, Kind.FRAME, Kind.OUTPUT})
 _SENDS: Final[Mapping[Role, frozenset[Kind]]] = MappingProxyType({
     Role.CLIENT: frozenset({Kind.HELLO, Kind.OPEN, Kind.DFP, Kind.FRAME, Kind.STATS,
                             Kind.ERROR, Kind.CLOSE}),
@@ -276,10 +300,16 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Server → client, answer to HELLO; ``max_payload`` bounds what the client may send."""
+    """Server → client, answer to HELLO; ``max_payload`` bounds what the client may send.
+
+    ``idle_timeout``: seconds of silence after which the server drops a
+    connection with nothing in flight (0: never); clients send STATS to keep
+    an idle connection alive.
+    """
 
     server: str
     max_payload: int
+    idle_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +611,13 @@ def _int(value: Any, what: str, lo: int = 0, hi: int = _U32_MAX) -> int:
     return value
 
 
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value <= 1e9):
+        _fail(f"{what}: expected a number of seconds in [0, 1e9], got {value!r:.80}")
+    return float(value)
+
+
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         _fail(f"{what}: expected a string, got {type(value).__name__}")
@@ -623,7 +660,8 @@ def _decode(kind: Kind, model: int, seq: int, payload: bytearray) -> Event:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
         return Welcome(_str(obj.get("server"), "WELCOME.server"),
-                       _int(obj.get("max_payload"), "WELCOME.max_payload", 1))
+                       _int(obj.get("max_payload"), "WELCOME.max_payload", 1, MAX_MESSAGE),
+                       _seconds(obj.get("idle_timeout", 0.0), "WELCOME.idle_timeout"))
     if kind is Kind.OPEN:
         dfp_hash, group_id = _OPEN.unpack(payload)
         return Open(dfp_hash, group_id)
@@ -661,15 +699,21 @@ class Connection:
     Not thread-safe: one owner drives it, typically the task that owns the socket.
     """
 
-    def __init__(self, role: Role, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, role: Role, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, got {role!r:.80}")
         if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not (
-                1 <= max_payload <= _U32_MAX):
-            raise ValueError(f"max_payload must be an integer in [1, {_U32_MAX}], "
+                1 <= max_payload <= MAX_MESSAGE):
+            raise ValueError(f"max_payload must be an integer in [1, {MAX_MESSAGE}], "
                              f"got {max_payload!r:.80}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not (
+                1 <= chunk_size <= _U32_MAX):
+            raise ValueError(f"chunk_size must be an integer in [1, {_U32_MAX}], "
+                             f"got {chunk_size!r:.80}")
         self.role: Final = role
         self.max_payload: Final = max_payload
+        self.chunk_size: Final = chunk_size
         self._peer: Final = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._state = State.AWAIT_HELLO
         self._done: dict[Role, str | None] = {Role.CLIENT: None, Role.SERVER: None}
@@ -683,7 +727,9 @@ class Connection:
         # receive side: a partial header, or a parsed header and the payload so far
         self._head = bytearray()
         self._header: tuple[Kind, int, int, int] | None = None
-        self._payload = bytearray()
+        self._payload = bytearray()  # the message's payload so far, chunks included
+        self._msg_end = 0  # len(self._payload) once the current header's bytes are in
+        self._chunking: Kind | None = None  # the kind whose CHUNKs are arriving
 
     # -- inspection -----------------------------------------------------------------------
     @property
@@ -747,10 +793,10 @@ class Connection:
             raise
 
     def _end_of_file(self) -> Closed:
-        if self._header is not None:
-            kind, _, _, length = self._header
+        if self._header is not None or self._chunking is not None:
+            kind = self._chunking or (self._header[0] if self._header else Kind.CHUNK)
             _fail(f"connection closed mid-message: truncated {kind.name}, "
-                  f"{len(self._payload)} of {length} payload bytes received")
+                  f"{len(self._payload)} of {self._msg_end} payload bytes received")
         if self._head:
             _fail(f"connection closed mid-message: truncated header, "
                   f"{len(self._head)} of {HEADER_SIZE} bytes received")
@@ -771,11 +817,13 @@ class Connection:
                 self._header = self._parse_header()
                 self._head.clear()
             else:
-                take = min(self._header[3] - len(self._payload), end - pos)
+                take = min(self._msg_end - len(self._payload), end - pos)
                 self._payload += view[pos: pos + take]
                 pos += take
-            if len(self._payload) == self._header[3]:
-                events.append(self._complete())
+            if len(self._payload) == self._msg_end:
+                event = self._complete()
+                if event is not None:
+                    events.append(event)
         return events
 
     def _check_header_prefix(self) -> None:
@@ -792,21 +840,50 @@ class Connection:
     def _parse_header(self) -> tuple[Kind, int, int, int]:
         _, _, raw_kind, model, seq, length = HEADER.unpack(self._head)
         kind = Kind(raw_kind)
-        if length > self.max_payload:
-            _fail(f"{kind.name} payload length {length} exceeds max_payload {self.max_payload}")
+        base = len(self._payload)  # bytes of earlier CHUNKs of the same message
+        if kind is Kind.CHUNK:
+            return self._parse_chunk(model, seq, length, base)
+        if self._chunking is not None and kind is not self._chunking:
+            _fail(f"{kind.name} in the middle of a chunked {self._chunking.name}")
+        if base + length > self.max_payload:
+            _fail(f"{kind.name} payload length {base + length} exceeds max_payload "
+                  f"{self.max_payload}")
         self._check(self._peer, kind, model, seq, None)
         fixed = _FIXED_LENGTH.get(kind)
         if fixed is not None and length != fixed:
             _fail(f"{kind.name} payload length {length}, must be {fixed}")
         if kind in _JSON_KINDS and length > MAX_JSON_BYTES:
             _fail(f"{kind.name} payload length {length} exceeds the JSON limit {MAX_JSON_BYTES}")
+        self._msg_end = base + length
         return kind, model, seq, length
 
-    def _complete(self) -> Event:
+    def _parse_chunk(self, model: int, seq: int, length: int, base: int
+                     ) -> tuple[Kind, int, int, int]:
+        if model not in _KIND_VALUES or Kind(model) not in _CHUNKABLE:
+            _fail(f"CHUNK of kind {model}: only {', '.join(k.name for k in _CHUNKABLE)} "
+                  "payloads are chunked")
+        final = Kind(model)
+        if self._chunking is not None and final is not self._chunking:
+            _fail(f"CHUNK of {final.name} in the middle of a chunked {self._chunking.name}")
+        if seq or not length:
+            _fail("CHUNK header seq must be 0 and its payload not empty")
+        if base + length > self.max_payload:
+            _fail(f"chunked {final.name} payload length {base + length} exceeds max_payload "
+                  f"{self.max_payload}")
+        if self._chunking is None:
+            self._check(self._peer, final, 0, 0, None)  # may the peer send it now?
+        self._chunking = final
+        self._msg_end = base + length
+        return Kind.CHUNK, model, seq, length
+
+    def _complete(self) -> Event | None:
         assert self._header is not None
         kind, model, seq, _ = self._header
-        payload = self._payload
         self._header = None
+        if kind is Kind.CHUNK:
+            return None  # the payload goes on accumulating
+        self._chunking = None
+        payload = self._payload
         self._payload = bytearray()  # the event's arrays keep the old buffer
         event = _decode(kind, model, seq, payload)
         self._check(self._peer, kind, model, seq, event)
@@ -834,12 +911,38 @@ class Connection:
                   f"limit of {self.send_limit}")
         self._check(self.role, kind, model, seq, event)
         self._commit(self.role, kind, event)
+        if length > self.chunk_size and kind in _CHUNKABLE:
+            return self._chunked(kind, model, seq, pieces, length)
         header = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, model, seq, length)
         if pieces and isinstance(pieces[0], bytes):
             pieces[0] = header + pieces[0]
         else:
             pieces.insert(0, header)
         return pieces
+
+    def _chunked(self, kind: Kind, model: int, seq: int, pieces: list[bytes | memoryview],
+                 length: int) -> list[bytes | memoryview]:
+        """``pieces`` as CHUNK messages then the final ``kind`` message (no copies)."""
+        views = [_bytes_view(piece) for piece in pieces]
+        out: list[bytes | memoryview] = []
+        index = offset = 0
+        remaining = length
+        while remaining:
+            size = min(self.chunk_size, remaining)
+            remaining -= size
+            if remaining:
+                out.append(HEADER.pack(MAGIC, PROTOCOL_VERSION, Kind.CHUNK, kind, 0, size))
+            else:
+                out.append(HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, model, seq, size))
+            while size:
+                view = views[index]
+                part = view[offset: offset + size]
+                out.append(part)
+                size -= len(part)
+                offset += len(part)
+                if offset == len(view):
+                    index, offset = index + 1, 0
+        return out
 
     def send_bytes(self, event: Event) -> bytes:
         """:meth:`send`, joined into one ``bytes`` (copies; for tests and small messages)."""
@@ -855,9 +958,12 @@ class Connection:
                                         "pid": _int(event.pid, "HELLO.pid")}, kind))
         elif isinstance(event, Welcome):
             limit = _int(event.max_payload, "WELCOME.max_payload", 1, self.max_payload)
-            pieces.append(_encode_json({"protocol": PROTOCOL_VERSION,
-                                        "server": _str(event.server, "WELCOME.server"),
-                                        "max_payload": limit}, kind))
+            welcome: dict[str, Any] = {"protocol": PROTOCOL_VERSION,
+                                       "server": _str(event.server, "WELCOME.server"),
+                                       "max_payload": limit}
+            if event.idle_timeout:
+                welcome["idle_timeout"] = _seconds(event.idle_timeout, "WELCOME.idle_timeout")
+            pieces.append(_encode_json(welcome, kind))
         elif isinstance(event, Open):
             if not isinstance(event.dfp_hash, bytes) or len(event.dfp_hash) != _HASH_SIZE:
                 _fail(f"OPEN.dfp_hash: expected {_HASH_SIZE} bytes (a sha256 digest)")
@@ -945,8 +1051,9 @@ class Connection:
         elif kind is Kind.BYE:
             if not self._close_seen:
                 _fail(f"{name} before CLOSE: BYE answers the client's CLOSE")
-        elif (kind is Kind.DFP and isinstance(event, DfpData)
+        elif (kind is Kind.DFP and isinstance(event, DfpData) and sender is self._peer
               and dfp_digest(event.data) != self._dfp_hash):
+            # checked on receipt only: the sender named the hash it computed itself
             _fail(f"{name}: the sha256 of the {memoryview(event.data).nbytes} DFP bytes "
                       "does not match the hash named by OPEN")
 

@@ -134,14 +134,16 @@ def test_client_killed_mid_run_frees_its_resources(server, mlp_dfp):
         assert accl.run(np.zeros((1, 16), np.float32)).shape == (1, 10)
     # the server logged the killed client's disconnect, and its count ends at zero once
     # this test's second client has gone too (wait for those lines, not a fixed time)
-    killed = f"pid {proc.pid} disconnected"
+    def killed_gone(lines: list[str]) -> bool:
+        return any(f"pid {proc.pid} " in line and "disconnected" in line for line in lines)
+
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         lines = [line for line in server.log.read_text().splitlines() if "connected (" in line]
-        if any(killed in line for line in lines) and "(0 connected)" in lines[-1]:
+        if killed_gone(lines) and "(0 connected)" in lines[-1]:
             break
         time.sleep(0.05)
-    assert any(killed in line for line in lines), lines
+    assert killed_gone(lines), lines
     assert "disconnected (0 connected)" in lines[-1], lines
 
 
