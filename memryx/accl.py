@@ -30,7 +30,9 @@ import contextlib
 import enum
 import logging
 import os
+import sys
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -60,6 +62,7 @@ from ._exceptions import (
     ShapeError,
     UsageError,
 )
+from ._lifecycle import register as register_for_exit
 from .device.base import Device, open_device
 from .dfp import Dfp
 
@@ -118,6 +121,7 @@ class _Accelerator:
         self._receivers: dict[int, ChannelSink] = {}
         self._close_lock = threading.RLock()
         self._stopping = False
+        register_for_exit(self)
         if not loop_running():
             self._start_sync()
 
@@ -311,14 +315,44 @@ class _Accelerator:
             await self._aclose_after(exc)
 
     def __del__(self) -> None:
+        # Never blocks: the close is only scheduled on the accelerator's own loop.
         state = getattr(self, "_state", _State.CLOSED)
-        if state in (_State.SYNC, _State.ASYNC):
+        if state not in (_State.SYNC, _State.ASYNC) or sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):
             warnings.warn(f"unclosed {type(self).__name__}; use `with` or call close()",
                           ResourceWarning, stacklevel=2)
+        self._stopping = True
+        if state is _State.SYNC and self._runner is not None:
+            self._runner.close_soon(self._engine.aclose)
+        elif state is _State.ASYNC and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs on it
+                self._loop.call_soon_threadsafe(_spawn_close, self._engine)
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """Called by the exit hook (memryx._lifecycle): stop, waiting at most until ``deadline``."""
+        if not self._close_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return
+        try:
+            state = self._state
+            if state is _State.CLOSED:
+                return
+            self._stopping = True
             if state is _State.SYNC and self._runner is not None:
+                stopped = self._runner.close_soon(self._engine.aclose)
                 with contextlib.suppress(Exception):
-                    self._runner.call(self._engine.aclose)
-                    self._runner.close()
+                    stopped.result(max(0.0, deadline - time.monotonic()))
+                self._runner.join(max(0.0, deadline - time.monotonic()))
+            elif state is _State.ASYNC and self._loop is not None and self._loop.is_running() \
+                    and not on_loop_thread(self._loop):
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(self._engine.aclose(), self._loop).result(
+                        max(0.0, deadline - time.monotonic()))
+            self._state = _State.CLOSED
+            for sink in self._receivers.values():
+                sink.close()
+        finally:
+            self._close_lock.release()
 
     # -- models and ports -------------------------------------------------------------------
     @property
@@ -452,6 +486,16 @@ class _Accelerator:
                 await self._aclose_after(exc)
             raise
         await self.aclose()
+
+
+def _spawn_close(engine: Engine) -> None:
+    """On the engine's loop: start closing it (for ``__del__``, which may not wait)."""
+    task = asyncio.get_running_loop().create_task(engine.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
 
 
 def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: str) -> None:

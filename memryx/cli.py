@@ -253,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemryxError, OSError, ValueError, TypeError) as exc:
         sys.stderr.write(f"memryx {args.command}: error: {exc}\n")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the accelerator is stopped already (its `finally`)
+        sys.stderr.write(f"\nmemryx {args.command}: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
