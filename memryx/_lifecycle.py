@@ -23,15 +23,18 @@ handles each:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 __all__ = [
     "EXIT_TIMEOUT_S",
     "GuardedSession",
+    "native_call",
     "register",
     "runs_in_progress",
     "terminate_runs",
@@ -99,11 +102,43 @@ def exiting() -> bool:
 # -- onnxruntime runs -------------------------------------------------------------------
 
 
+class _Native:
+    """Marks native work in progress that cannot be interrupted (a session being built)."""
+
+
+@contextlib.contextmanager
+def native_call() -> Iterator[None]:
+    """Count the native call in this block, so that the exit hook waits for it."""
+    token = _Native()
+    with _lock:
+        if _exiting:
+            raise RuntimeError("the process is exiting; no new onnxruntime work")
+        _runs.add(token)
+    try:
+        yield
+    finally:
+        with _lock:
+            _runs.discard(token)
+            if not _runs:
+                _idle.notify_all()
+
+
 class GuardedSession:
-    """An onnxruntime session whose runs can be terminated from another thread."""
+    """An onnxruntime session whose runs can be terminated from another thread.
+
+    Build it with :meth:`create` so that the exit hook also waits for a session
+    still being built (native code, like a run).
+    """
 
     def __init__(self, session: Any) -> None:
         self._session = session
+
+    @classmethod
+    def create(cls, *args: Any, **kwargs: Any) -> GuardedSession:
+        import onnxruntime as ort
+
+        with native_call():
+            return cls(ort.InferenceSession(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -134,7 +169,8 @@ def terminate_runs() -> None:
     """Ask every onnxruntime run in progress to stop (it raises in its own thread)."""
     with _lock:
         for options in _runs:
-            options.terminate = True
+            if not isinstance(options, _Native):
+                options.terminate = True
 
 
 def wait_runs(timeout: float) -> bool:

@@ -46,7 +46,7 @@ def new_session(model: bytes, threads: int = 1) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     # guarded: the exit hook can end its runs (see memryx._lifecycle)
-    return GuardedSession(ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]))
+    return GuardedSession.create(model, opts, providers=["CPUExecutionProvider"])
 
 
 class Processor:
