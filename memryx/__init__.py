@@ -19,6 +19,8 @@ from ._exceptions import NotConnectedError as NotConnectedError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ShapeError as ShapeError
 from ._exceptions import UsageError as UsageError
+from ._options import ClientOptions as ClientOptions
+from ._options import SchedulerOptions as SchedulerOptions
 from ._version import __version__ as __version__
 from .accl import AsyncAccl as AsyncAccl
 from .accl import MultiStreamAsyncAccl as MultiStreamAsyncAccl
@@ -31,6 +33,7 @@ from .dfp import PortInfo as PortInfo
 __all__ = [
     "AsyncAccl",
     "CallbackSignatureError",
+    "ClientOptions",
     "ClosedError",
     "CompilerError",
     "DeviceError",
@@ -47,6 +50,7 @@ __all__ = [
     "NotConnectedError",
     "PortInfo",
     "ProtocolError",
+    "SchedulerOptions",
     "ShapeError",
     "SyncAccl",
     "UsageError",

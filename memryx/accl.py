@@ -34,13 +34,21 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import anyio
 import numpy as np
 from numpy.typing import NDArray
 
+from ._compat import CompatMixin
 from ._core.callbacks import check_signature
 from ._core.engine import ChannelSink, Engine, Frame
 from ._core.processing import make_processor
@@ -63,6 +71,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._lifecycle import register as register_for_exit
+from ._options import ClientOptions, SchedulerOptions, resolve
 from .device.base import Device, open_device
 from .dfp import Dfp
 
@@ -98,22 +107,29 @@ def _ms_timeout(timeout: float | None) -> float | None:
     return timeout / 1000.0
 
 
-class _Accelerator:
+class _Accelerator(CompatMixin):
     """What the three classes share: lifecycle, loop binding, models, pre/post."""
 
-    def __init__(self, dfp: DfpLike, group_id: int = 0, *, device: str | Device | None = None,
-                 stream_workers: int | None = None, **device_options: Any) -> None:
+    def __init__(self, dfp: DfpLike, device_ids: int | Sequence[int] | None = None,
+                 use_model_shape: bool | tuple[bool, bool] = (True, True),
+                 local_mode: bool = False, scheduler_options: SchedulerOptions | None = None,
+                 client_options: ClientOptions | None = None, manager_addr: str | None = None,
+                 manager_port: int | None = None, ignore_manager: bool = False, *,
+                 group_id: int | None = None, device: str | Device | None = None,
+                 stream_workers: int | None = None, **kwargs: Any) -> None:
         self._dfp = Dfp(dfp)
-        if isinstance(group_id, bool) or not isinstance(group_id, int):
-            raise TypeError(f"group_id must be an int, got {type(group_id).__name__}")
-        if group_id < 0:
-            raise ModelIndexError(f"group_id must be >= 0, got {group_id}")
-        if stream_workers is not None and (
-                isinstance(stream_workers, bool) or not isinstance(stream_workers, int)
-                or stream_workers < 1):
-            raise ValueError(f"stream_workers must be a positive int or None, got "
-                             f"{stream_workers!r}")
-        self._engine_args = (group_id, device, stream_workers, device_options)
+        resolved = resolve(type(self).__name__, device_ids=device_ids,
+                           use_model_shape=use_model_shape, local_mode=local_mode,
+                           scheduler_options=scheduler_options, client_options=client_options,
+                           manager_addr=manager_addr, manager_port=manager_port,
+                           ignore_manager=ignore_manager, group_id=group_id, device=device,
+                           stream_workers=stream_workers, kwargs=kwargs)
+        if resolved.group_id < 0:
+            raise ModelIndexError(f"group_id must be >= 0, got {resolved.group_id}")
+        self._compat_init(resolved)
+        self._post_outputs: dict[int, int | None] = {}
+        self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
+                             resolved.device_options)
         self._engine = self._make_engine()
         self._state = _State.NEW
         self._runner: Runner | None = None
@@ -240,6 +256,7 @@ class _Accelerator:
             if self._state is _State.CLOSED:
                 return
             self._stopping = True
+            self._compat_stop.set()  # pacing / smoothing waits end
             if self._state is _State.ASYNC:
                 assert self._loop is not None
                 if on_loop_thread(self._loop):
@@ -268,6 +285,7 @@ class _Accelerator:
         if self._state is _State.CLOSED:
             return
         self._stopping = True
+        self._compat_stop.set()  # pacing / smoothing waits end
         if self._state in (_State.ASYNC, _State.NEW):
             await self._engine.aclose()  # NEW: never started, but its device may hold resources
         elif self._runner is not None:
@@ -323,6 +341,7 @@ class _Accelerator:
             warnings.warn(f"unclosed {type(self).__name__}; use `with` or call close()",
                           ResourceWarning, stacklevel=2)
         self._stopping = True
+        self._compat_stop.set()  # pacing / smoothing waits end
         if state is _State.SYNC and self._runner is not None:
             self._runner.close_soon(self._engine.aclose)
         elif state is _State.ASYNC and self._loop is not None:
@@ -338,6 +357,7 @@ class _Accelerator:
             if state is _State.CLOSED:
                 return
             self._stopping = True
+            self._compat_stop.set()  # pacing / smoothing waits end
             if state is _State.SYNC and self._runner is not None:
                 stopped = self._runner.close_soon(self._engine.aclose)
                 with contextlib.suppress(Exception):
@@ -379,6 +399,7 @@ class _Accelerator:
         self._dfp.model(model_idx)
         proc = make_processor(model_or_path, model_idx, "pre-processing")
         self._engine.set_processor(model_idx, "pre", proc)
+        self._pre_set.add(model_idx)
 
     def set_postprocessing_model(self, model_or_path: Any, model_idx: int = 0) -> None:
         """Run ``model_or_path`` on each output of ``model_idx``; callbacks and ``run``
@@ -387,6 +408,14 @@ class _Accelerator:
         self._dfp.model(model_idx)
         proc = make_processor(model_or_path, model_idx, "post-processing")
         self._engine.set_processor(model_idx, "post", proc)
+        self._post_set.add(model_idx)
+        self._post_outputs[model_idx] = proc.n_outputs
+
+    def _n_outputs(self, model_idx: int) -> int | None:
+        """How many arrays the output callback of ``model_idx`` gets (None: unknown)."""
+        if model_idx in self._post_outputs:
+            return self._post_outputs[model_idx]
+        return len(self._dfp.model(model_idx).outputs)
 
     def statistics(self) -> dict[str, Any]:
         """Counters per model and per stream (frames in/out, in flight, fps)."""
@@ -422,9 +451,9 @@ class _Accelerator:
         gets exactly its own outputs. Cancelling the awaiting task drops the
         frames it had in flight and nothing else.
         """
-        frames, single = self._frames(inputs, model_idx)
+        frames, single = self._frames(self._inputs_to_model(inputs, model_idx), model_idx)
         results = await self._acall(self._engine.run, model_idx, frames)
-        return self._shape_outputs(results, single)
+        return self._outputs_to_chip(self._shape_outputs(results, single), model_idx, single)
 
     async def astream(self, frames: Iterable[Any] | AsyncIterable[Any], model_idx: int = 0, *,
                       window: int = ASTREAM_WINDOW) -> AsyncIterator[Any]:
@@ -513,11 +542,24 @@ def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: s
 class AsyncAccl(_Accelerator):
     """Run models with callbacks that feed and drain the accelerator, pipelined.
 
-    Parameters:
+    Parameters (the vendor SDK's 1.x and 2.x forms both work; ``docs/migrating.md``):
         dfp: path to a DFP, its bytes (``bytes`` / ``bytearray``), or a :class:`Dfp`.
-        group_id: index of the chip group to use.
+        device_ids: the device to run on, an int or a one-element list (SDK 2.x; also
+            positional). In simulation each id is a simulated device of its own.
+        use_model_shape: ``(inputs, outputs)``; ``False`` means frames in (or outputs
+            out) in the chip layout ``[row, col, z, ch]``.
+        local_mode, ignore_manager: own the device in this process (the in-process
+            simulated MX3), never a device server.
+        scheduler_options: a :class:`SchedulerOptions` (validated; a device server
+            schedules with its own).
+        client_options: a :class:`ClientOptions`: ``fps_target`` paces input callbacks,
+            ``smoothing`` evens out output delivery.
+        manager_addr, manager_port: the device server (``memryx serve``) to use: a Unix
+            socket path, or a host and TCP port.
+        group_id: index of the chip group to use (SDK 1.x; keyword).
         device: ``"sim"`` (default, or ``$MEMRYX_DEVICE``) or a :class:`~memryx.device.Device`.
-        **device_options: passed to the device (e.g. ``concurrency`` for ``"sim"``).
+        **kwargs: device options (``mode``, ``concurrency``, ``queue_depth``, ``groups``
+            for ``"sim"``); any other keyword is ignored with a ``UserWarning``.
     """
 
     def connect_input(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
@@ -539,6 +581,7 @@ class AsyncAccl(_Accelerator):
             check_signature(callback, 0, f"the input callback of model {model_idx}")
         except CallbackSignatureError as exc:
             raise CallbackSignatureError(f"{exc}; input callbacks take no parameters") from None
+        callback = self._wrap_input(callback, model_idx)
         self._apply(self._engine.connect_input, model_idx, callback, None)
 
     def connect_output(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
@@ -549,6 +592,7 @@ class AsyncAccl(_Accelerator):
         callback's to keep. May be an ``async def`` function.
         """
         self._dfp.model(model_idx)
+        callback = self._wrap_output(callback, model_idx, False, self._n_outputs(model_idx))
         self._apply(self._engine.connect_output, model_idx, callback, False)
 
     def wait(self) -> None:
@@ -578,9 +622,16 @@ class MultiStreamAsyncAccl(_Accelerator):
         Other parameters as :class:`AsyncAccl`.
     """
 
-    def __init__(self, dfp: DfpLike, group_id: int = 0, stream_workers: int | None = None,
+    def __init__(self, dfp: DfpLike, device_ids: int | Sequence[int] | None = None,
+                 stream_workers: int | None = None,
+                 use_model_shape: bool | tuple[bool, bool] = (True, True),
+                 local_mode: bool = False, scheduler_options: SchedulerOptions | None = None,
+                 client_options: ClientOptions | None = None, manager_addr: str | None = None,
+                 manager_port: int | None = None, ignore_manager: bool = False,
                  **kwargs: Any) -> None:
-        super().__init__(dfp, group_id, stream_workers=stream_workers, **kwargs)
+        super().__init__(dfp, device_ids, use_model_shape, local_mode, scheduler_options,
+                         client_options, manager_addr, manager_port, ignore_manager,
+                         stream_workers=stream_workers, **kwargs)
 
     def connect_streams(self, input_callback: Callable[[int], Any],
                         output_callback: Callable[..., Any], stream_count: int,
@@ -592,10 +643,15 @@ class MultiStreamAsyncAccl(_Accelerator):
         outputs, in that stream's order.
         """
         self._dfp.model(model_idx)
-        if isinstance(stream_count, bool) or not isinstance(stream_count, int) or \
-                stream_count < 1:
+        if isinstance(stream_count, bool) or not isinstance(stream_count, int):
+            raise TypeError(f"stream_count must be an int, got {type(stream_count).__name__} "
+                            f"({stream_count!r})")
+        if stream_count < 1:
             raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
+        output_callback = self._wrap_output(output_callback, model_idx, True,
+                                            self._n_outputs(model_idx))
+        input_callback = self._wrap_stream_input(input_callback, model_idx)
         self._apply(self._engine.connect_output, model_idx, output_callback, True)
         self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
 
@@ -632,6 +688,7 @@ class SyncAccl(_Accelerator):
         """
         self._dfp.model(model_idx)
         seconds = _ms_timeout(timeout)
+        data = self._inputs_to_model(data, model_idx)
         self._blocking("send()", "await accl.asend(...)", self._send, data, model_idx, seconds)
 
     def receive(self, model_idx: int = 0, timeout: float | None = None) -> Outputs:
@@ -643,21 +700,24 @@ class SyncAccl(_Accelerator):
         """
         self._dfp.model(model_idx)
         seconds = _ms_timeout(timeout)
-        return self._blocking("receive()", "await accl.areceive(...)", self._receive,
-                              model_idx, seconds)
+        out = self._blocking("receive()", "await accl.areceive(...)", self._receive,
+                             model_idx, seconds)
+        return self._outputs_to_chip(out, model_idx, True)  # type: ignore[no-any-return]
 
     # ``timeout`` mirrors send()/receive() (milliseconds), hence the noqa.
     async def asend(self, data: Any, model_idx: int = 0,
                     timeout: float | None = None) -> None:  # noqa: ASYNC109
         """The async twin of :meth:`send`."""
         self._dfp.model(model_idx)
+        data = self._inputs_to_model(data, model_idx)
         await self._acall(self._send, data, model_idx, _ms_timeout(timeout))
 
     async def areceive(self, model_idx: int = 0,
                        timeout: float | None = None) -> Outputs:  # noqa: ASYNC109
         """The async twin of :meth:`receive`."""
         self._dfp.model(model_idx)
-        return await self._acall(self._receive, model_idx, _ms_timeout(timeout))
+        out = await self._acall(self._receive, model_idx, _ms_timeout(timeout))
+        return self._outputs_to_chip(out, model_idx, True)  # type: ignore[no-any-return]
 
     async def _send(self, data: Any, model_idx: int, seconds: float | None) -> None:
         sink = self._receiver(model_idx)
@@ -681,10 +741,10 @@ class SyncAccl(_Accelerator):
         multi-output model); for a batch, a list of those. Stacking frames into
         one array is refused with a ``ShapeError``.
         """
-        frames, single = self._frames(inputs, model_idx)
+        frames, single = self._frames(self._inputs_to_model(inputs, model_idx), model_idx)
         results = self._blocking("run()", "await accl.arun(...)", self._engine.run, model_idx,
                                  frames)
-        return self._shape_outputs(results, single)
+        return self._outputs_to_chip(self._shape_outputs(results, single), model_idx, single)
 
 
 @contextlib.contextmanager
