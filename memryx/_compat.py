@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,14 @@ from ._options import ClientOptions, Resolved, SchedulerOptions
 if TYPE_CHECKING:
     from .dfp import Dfp, ModelInfo, PortInfo
 
-__all__ = ["CHIP_GEN", "CompatMixin", "TelemetryModel", "to_chip", "to_model"]
+__all__ = [
+    "CHIP_GEN",
+    "CompatMixin",
+    "TelemetryModel",
+    "stream_router",
+    "to_chip",
+    "to_model",
+]
 
 Array = NDArray[Any]
 
@@ -510,3 +518,29 @@ class CompatMixin:
                 return await per_stream(*args)
             return aper_stream
         return per_stream
+
+
+def stream_router(groups: list[tuple[int, int, Callable[..., Any]]], first: Callable[..., Any]
+                  ) -> Callable[..., Any]:
+    """One output callback for a model's streams that hands each stream's outputs to the
+    callback its ``connect_streams`` call gave (``groups``: first stream, count, callback;
+    appended to as streams are added)."""
+
+    def pick(stream: int) -> Callable[..., Any]:
+        for start, count, fn in groups:
+            if start <= stream < start + count:
+                return fn
+        return first  # pragma: no cover - every stream belongs to a group
+
+    if classify(first) is CallbackKind.ASYNC:
+        async def aroute(stream: int, *outputs: Any) -> Any:
+            fn = pick(stream)
+            result = fn(stream, *outputs)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        return aroute
+
+    def route(stream: int, *outputs: Any) -> Any:
+        return pick(stream)(stream, *outputs)
+    return route

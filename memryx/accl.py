@@ -48,8 +48,8 @@ import anyio
 import numpy as np
 from numpy.typing import NDArray
 
-from ._compat import CompatMixin
-from ._core.callbacks import check_signature
+from ._compat import CompatMixin, stream_router
+from ._core.callbacks import CallbackKind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, Frame
 from ._core.processing import make_processor
 from ._core.runner import (
@@ -128,6 +128,7 @@ class _Accelerator(CompatMixin):
             raise ModelIndexError(f"group_id must be >= 0, got {resolved.group_id}")
         self._compat_init(resolved)
         self._post_outputs: dict[int, int | None] = {}
+        self._stream_groups: dict[int, list[tuple[int, int, Callable[..., Any]]]] = {}
         self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
                              resolved.device_options)
         self._engine = self._make_engine()
@@ -649,11 +650,27 @@ class MultiStreamAsyncAccl(_Accelerator):
         if stream_count < 1:
             raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
-        output_callback = self._wrap_output(output_callback, model_idx, True,
-                                            self._n_outputs(model_idx))
+        n_out = self._n_outputs(model_idx)
+        if n_out is not None:
+            check_signature(output_callback, n_out + 1,
+                            f"the output callback of model {model_idx}")
+        output_callback = self._wrap_output(output_callback, model_idx, True, n_out)
         input_callback = self._wrap_stream_input(input_callback, model_idx)
-        self._apply(self._engine.connect_output, model_idx, output_callback, True)
-        self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
+        groups = self._stream_groups.get(model_idx)
+        if groups is None:  # the first call: a router sends each stream to its own callback
+            groups = self._stream_groups[model_idx] = [(0, stream_count, output_callback)]
+            self._apply(self._engine.connect_output, model_idx,
+                        stream_router(groups, output_callback), True)
+            self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
+            return
+        # called again: more streams, numbered after the existing ones
+        first = groups[-1][0] + groups[-1][1]
+        if classify(output_callback) is not classify(groups[0][2]) and \
+                CallbackKind.ASYNC in (classify(output_callback), classify(groups[0][2])):
+            raise UsageError("connect_streams called again: the output callbacks of one model "
+                             "must all be `async def` or all plain functions")
+        self._apply(self._engine.add_streams, model_idx, input_callback, first, stream_count)
+        groups.append((first, stream_count, output_callback))
 
     def wait(self) -> None:
         """Block until every stream has ended and every output was delivered.

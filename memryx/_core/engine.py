@@ -584,6 +584,33 @@ class Engine:
             lane.feeders.append(task)
         lane.in_send.close()
 
+    def add_streams(self, model_idx: int, fn: Callable[..., Any], first: int, count: int
+                    ) -> None:
+        """Feed streams ``first .. first+count-1`` of ``model_idx`` from ``fn(stream_idx)``,
+        beside the streams already connected (``connect_streams`` called again)."""
+        lane = self.lane(model_idx)
+        if not lane.streams:
+            raise UsageError(f"model {model_idx} has no streams to add to")
+        assert self._feeders is not None
+        source = None
+        for end in lane.feeder_ends:
+            try:
+                source = end.clone()
+                break
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                continue
+        if source is None:
+            raise UsageError(f"every stream of model {model_idx} has ended; its input is "
+                             "closed, so no stream can be added (use a new accelerator)")
+        with source:
+            for stream in range(first, first + count):
+                lane.streams[stream] = Meter()
+                end = source.clone()
+                lane.feeder_ends.append(end)
+                task = self._feeders.spawn(self._feed(lane, fn, (stream,), stream, end),
+                                           f"feed-{model_idx}-{stream}")
+                lane.feeders.append(task)
+
     def connect_output(self, model_idx: int, fn: Callable[..., Any], with_stream_idx: bool
                        ) -> None:
         lane = self.lane(model_idx)

@@ -333,3 +333,40 @@ def test_chip_layout_out_in_callbacks(split_dfp: mx.Dfp) -> None:
     accl.connect_output(lambda a, b: got.append(a.shape + b.shape))
     accl.wait()
     assert len(got) == 2 and all(len(g) == 8 and g[2] == 1 for g in got), got
+
+
+def test_connect_streams_again_adds_streams(identity_dfp: mx.Dfp) -> None:
+    """Streams of a second call are numbered after the first call's, with their own callbacks."""
+    first: dict[int, list[float]] = {}
+    second: dict[int, list[float]] = {}
+    gate = threading.Event()
+
+    def source(n: int, wait: bool) -> Any:
+        sent: dict[int, int] = {}
+
+        def src(i: int) -> Any:
+            if wait:
+                gate.wait(10)  # the first streams stay alive until the second call is made
+            sent[i] = sent.get(i, 0) + 1
+            return np.full((1, 4), i * 100 + sent[i], np.float32) if sent[i] <= n else None
+        return src
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source(4, True), lambda i, y: first.setdefault(i, []).append(
+        float(y[0, 0])), 2)
+    accl.connect_streams(source(3, False), lambda i, y: second.setdefault(i, []).append(
+        float(y[0, 0])), 3)
+    gate.set()
+    accl.wait()
+    assert first == {0: [1, 2, 3, 4], 1: [101, 102, 103, 104]}
+    assert second == {2: [201, 202, 203], 3: [301, 302, 303], 4: [401, 402, 403]}
+    assert sorted(accl.statistics()["models"][0]["streams"]) == [0, 1, 2, 3, 4]
+
+
+def test_connect_streams_after_all_ended(identity_dfp: mx.Dfp) -> None:
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(lambda i: None, lambda i, y: None, 1)
+    time.sleep(0.3)
+    with pytest.raises(mx.UsageError, match="every stream of model 0 has ended"):
+        accl.connect_streams(lambda i: None, lambda i, y: None, 1)
+    accl.close()
