@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from ._core.callbacks import CallbackKind, classify
 from ._exceptions import ModelIndexError, ShapeError
 from ._options import ClientOptions, Resolved, SchedulerOptions
+from .dfp import CHIP_GEN
 
 if TYPE_CHECKING:
     from .dfp import Dfp, ModelInfo, PortInfo
@@ -40,8 +41,6 @@ __all__ = [
 
 Array = NDArray[Any]
 
-#: The chip generation the SDK reports for an MX3.
-CHIP_GEN = 3.1
 
 
 # -- chip layout ------------------------------------------------------------------------------
