@@ -25,6 +25,7 @@ from ._version import __version__ as __version__
 from .accl import AsyncAccl as AsyncAccl
 from .accl import MultiStreamAsyncAccl as MultiStreamAsyncAccl
 from .accl import SyncAccl as SyncAccl
+from .benchmark import Benchmark as Benchmark
 from .compiler import NeuralCompiler as NeuralCompiler
 from .dfp import Dfp as Dfp
 from .dfp import ModelInfo as ModelInfo
@@ -32,6 +33,7 @@ from .dfp import PortInfo as PortInfo
 
 __all__ = [
     "AsyncAccl",
+    "Benchmark",
     "CallbackSignatureError",
     "ClientOptions",
     "ClosedError",
