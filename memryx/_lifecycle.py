@@ -92,6 +92,51 @@ def _at_exit() -> None:
     terminate_runs()
     if not wait_runs(max(0.0, deadline - time.monotonic()) + 1.0):
         log.warning("onnxruntime runs still in progress at exit")
+    _release_stuck_callbacks()
+
+
+# -- threads stuck in user callbacks ------------------------------------------------------
+
+_in_user_code: dict[threading.Thread, int] = {}
+
+
+def enter_user_code(thread: threading.Thread) -> None:
+    with _lock:
+        _in_user_code[thread] = _in_user_code.get(thread, 0) + 1
+
+
+def leave_user_code(thread: threading.Thread) -> None:
+    with _lock:
+        n = _in_user_code.get(thread, 0) - 1
+        if n > 0:
+            _in_user_code[thread] = n
+        else:
+            _in_user_code.pop(thread, None)
+
+
+def _release_stuck_callbacks() -> None:
+    """Let the interpreter exit without joining worker threads still inside a user
+    callback (the accelerators are stopped: nobody waits for those callbacks).
+
+    Worker threads of a sync program are daemon threads already; those of an
+    async app's loop (onnxruntime and user callbacks run on its default worker
+    threads) are not, and one blocked forever in user code would hold the
+    process at exit. CPython joins non-daemon threads through their state locks
+    in ``threading._shutdown_locks``; a stuck callback's thread is taken out of
+    that set, which makes it behave as a daemon thread from here on.
+    """
+    with _lock:
+        stuck = [t for t in _in_user_code if t.is_alive() and not t.daemon]
+    locks = getattr(threading, "_shutdown_locks", None)
+    guard = getattr(threading, "_shutdown_locks_lock", None)
+    if not stuck or locks is None or guard is None:
+        return
+    with guard:
+        for thread in stuck:
+            tstate = getattr(thread, "_tstate_lock", None)
+            if tstate is not None:
+                locks.discard(tstate)
+                log.debug("not waiting at exit for %s, stuck in a callback", thread.name)
 
 
 def exiting() -> bool:

@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal
 
+from .. import _lifecycle as lifecycle
 from .._exceptions import ClosedError, LoopBlockingError
 
 __all__ = [
@@ -74,12 +75,19 @@ _callback_thread = threading.local()
 
 @contextlib.contextmanager
 def user_code() -> Iterator[None]:
-    """Mark the current worker thread as running user callbacks (see :func:`in_user_code`)."""
+    """Mark the current worker thread as running user callbacks (see :func:`in_user_code`).
+
+    The thread is also known to the exit hook (:mod:`memryx._lifecycle`) for that
+    time, so that a callback stuck in user code does not keep the process alive.
+    """
     _callback_thread.active = True
+    me = threading.current_thread()
+    lifecycle.enter_user_code(me)
     try:
         yield
     finally:
         _callback_thread.active = False
+        lifecycle.leave_user_code(me)
 
 
 def in_user_code() -> bool:

@@ -255,3 +255,94 @@ def test_sigint_in_bench(tmp_path: Path, heavy_dfp: Path) -> None:
     assert "Traceback" not in res.err and "interrupted" in res.err
     assert res.exit_s < SIGINT_BOUND_S
     del sys
+
+
+def test_async_app_with_a_stuck_callback_exits(tmp_path: Path, light_dfp: Path) -> None:
+    """An asyncio app whose sync callback never returns: the loop's worker thread
+    (not a daemon) must not hold the process at exit."""
+    res = run_script(tmp_path, f"""
+        import asyncio, time
+        from memryx import AsyncAccl
+
+        async def main():
+            async with AsyncAccl({str(light_dfp)!r}) as accl:
+                accl.connect_input(lambda: time.sleep(3600))
+                accl.connect_output(lambda *o: None)
+                await asyncio.sleep(0.3)
+            # and one never closed, bound to the loop that is about to end
+            accl2 = AsyncAccl({str(light_dfp)!r})
+            await accl2.arun(__import__("numpy").zeros((1, 3, 64, 64), "float32"))
+
+        asyncio.run(main())
+        print("END", time.time())
+    """)
+    res.check_clean()
+    assert res.rc == 0, res.err
+    assert res.exit_s < EXIT_BOUND_S / 2
+
+
+def test_sigint_in_blocked_send(tmp_path: Path, light_dfp: Path) -> None:
+    res = run_script(tmp_path, f"""
+        import numpy as np
+        from memryx import SyncAccl
+        accl = SyncAccl({str(light_dfp)!r})
+        x = np.zeros(accl.dfp.input_shapes[0], np.float32)
+        print("READY", flush=True)
+        while True:
+            accl.send(x)  # nobody receives: send blocks once the buffers are full
+    """, sigint_on="READY", sigint_delay=1.0)
+    _interrupted(res, "accl.send(x)")
+
+
+def test_sigint_twice(tmp_path: Path, heavy_dfp: Path) -> None:
+    """A second Ctrl-C while the first one is stopping the pipeline still ends cleanly."""
+    import signal as sig
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "script.py"
+    script.write_text(f"""
+import numpy as np
+from memryx import AsyncAccl
+accl = AsyncAccl({str(heavy_dfp)!r}, device="sim:fast")
+x = np.ones(accl.dfp.input_shapes[0], np.float32)
+n = [0]
+def out(*o):
+    n[0] += 1
+    if n[0] == 1:
+        print("READY", flush=True)
+accl.connect_input(lambda: x)
+accl.connect_output(out)
+accl.wait()
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL))
+    try:
+        assert proc.stdout is not None
+        assert "READY" in proc.stdout.readline()
+        proc.send_signal(sig.SIGINT)
+        time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(sig.SIGINT)
+        _, err = proc.communicate(timeout=EXIT_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "terminate called" not in err and proc.returncode in INTERRUPTED, (proc.returncode,
+                                                                               err)
+
+
+def test_sigint_in_mx_bench(tmp_path: Path, heavy_dfp: Path) -> None:
+    res = run_script(tmp_path, f"""
+        import sys
+        from memryx._tools import mx_bench
+        print("READY", flush=True)
+        sys.exit(mx_bench(["-d", {str(heavy_dfp)!r}, "-f", "100000"]))
+    """, sigint_on="READY", sigint_delay=2.0)
+    res.check_clean()
+    assert res.rc == 130, (res.rc, res.err)
+    assert "Traceback" not in res.err and "mx_bench: interrupted" in res.err
+    assert res.exit_s < SIGINT_BOUND_S
