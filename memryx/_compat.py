@@ -402,6 +402,11 @@ class CompatMixin:
         if isinstance(inputs, (list, tuple)) and inputs:
             if len(model.inputs) > 1 and all(isinstance(x, np.ndarray) for x in inputs):
                 return _convert_in(list(inputs), model, chip_only)
+            if not chip_only and len(model.inputs) == 1:
+                # a batch: only frames in exactly the chip layout need a look (cheap test)
+                chip = model.inputs[0].chip_shape
+                if not any(isinstance(x, np.ndarray) and x.shape == chip for x in inputs):
+                    return inputs
             return [_convert_in(x, model, chip_only) for x in inputs]
         return inputs
 

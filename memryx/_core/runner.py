@@ -161,8 +161,12 @@ class Runner:
         fut = self.start(fn, *args)
         try:
             return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()  # Ctrl-C in the caller: the work on the loop stops too
+            # a short traceback, ending at the caller's blocking call (not in futures' wait)
+            raise KeyboardInterrupt from None
         except BaseException:
-            fut.cancel()  # e.g. Ctrl-C in the caller: the work on the loop stops too
+            fut.cancel()
             raise
 
     def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:

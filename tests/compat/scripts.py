@@ -13,8 +13,9 @@ from pathlib import Path
 
 #: How long a script may take to exit after it ended or got Ctrl-C (generous: catches hangs).
 EXIT_BOUND_S = 20.0
-#: Ctrl-C must end the script within this (the target is ~1 s; the machine may be loaded).
-SIGINT_BOUND_S = 6.0
+#: Ctrl-C must end the script within this: generous, to catch hangs (typically 0.1-1.3 s
+#: on the 2-core machine under load; the target is ~1 s).
+SIGINT_BOUND_S = 10.0
 
 
 @dataclass
