@@ -370,3 +370,53 @@ def test_connect_streams_after_all_ended(identity_dfp: mx.Dfp) -> None:
     with pytest.raises(mx.UsageError, match="every stream of model 0 has ended"):
         accl.connect_streams(lambda i: None, lambda i, y: None, 1)
     accl.close()
+
+
+def test_fps_target_paces_generator_callbacks(identity_dfp: mx.Dfp) -> None:
+    times: list[float] = []
+
+    def frames() -> Any:
+        for _ in range(10):
+            times.append(time.monotonic())
+            yield np.ones((1, 4), np.float32)
+
+    accl = mx.AsyncAccl(identity_dfp, client_options=ClientOptions(fps_target=50.0))
+    accl.connect_input(frames)
+    got: list[Any] = []
+    accl.connect_output(lambda y: got.append(y))
+    accl.wait()
+    assert len(got) == 10
+    assert times[-1] - times[0] >= 0.12  # 9 intervals of 20 ms, generously
+
+
+@pytest.mark.asyncio
+async def test_fps_target_and_smoothing_with_async_callbacks(identity_dfp: mx.Dfp) -> None:
+    times: list[float] = []
+    got: list[float] = []
+
+    async def src() -> Any:
+        times.append(time.monotonic())
+        return np.ones((1, 4), np.float32) if len(times) <= 8 else None
+
+    async def sink(y: Any) -> None:
+        got.append(time.monotonic())
+
+    opts = ClientOptions(smoothing=True, fps_target=40.0)
+    async with mx.AsyncAccl(identity_dfp, client_options=opts) as accl:
+        accl.connect_input(src)
+        accl.connect_output(sink)
+        await accl.await_done()
+    assert len(got) == 8
+    assert times[7] - times[0] >= 0.1  # 7 intervals of 25 ms, generously
+
+
+def test_chip_layout_multi_input(add_dfp: mx.Dfp) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(1, 1, 1, 8)
+    b = np.ones((1, 1, 1, 8), np.float32)
+    with mx.SyncAccl(add_dfp, use_model_shape=(False, True)) as accl:
+        out = accl.run([a, b])
+        np.testing.assert_array_equal(out, (a + b).reshape(1, 8))
+        with pytest.raises(mx.ShapeError, match="chip layout"):
+            accl.run([a.reshape(1, 8), b.reshape(1, 8)])
+    with mx.SyncAccl(add_dfp) as accl:  # default: chip-layout frames are recognised too
+        np.testing.assert_array_equal(accl.run([a, b]), (a + b).reshape(1, 8))
