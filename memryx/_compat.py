@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -25,19 +24,13 @@ from numpy.typing import NDArray
 from ._core.callbacks import CallbackKind, classify
 from ._exceptions import ModelIndexError, ShapeError
 from ._options import ClientOptions, Resolved, SchedulerOptions
+from ._pacing import Pacer, Smoother, delivering, paced
 from .dfp import CHIP_GEN
 
 if TYPE_CHECKING:
     from .dfp import Dfp, ModelInfo, PortInfo
 
-__all__ = [
-    "CHIP_GEN",
-    "CompatMixin",
-    "TelemetryModel",
-    "stream_router",
-    "to_chip",
-    "to_model",
-]
+__all__ = ["CHIP_GEN", "CompatMixin", "TelemetryModel", "to_chip", "to_model"]
 
 Array = NDArray[Any]
 
@@ -159,123 +152,6 @@ class TelemetryModel:
     def pressure(self) -> float:
         return min(1.0, max(0.0, (self.temperature_c - self.AMBIENT_C) /
                             (self.THROTTLE_C - self.AMBIENT_C)))
-
-
-# -- pacing and smoothing ----------------------------------------------------------------------
-
-class _Pacer:
-    """Calls at most ``fps`` times a second, evenly (a missed slot is not made up twice)."""
-
-    def __init__(self, fps: float, stop: threading.Event) -> None:
-        self.interval = 1.0 / fps
-        self.next = 0.0
-        self.stop = stop
-        self.lock = threading.Lock()
-
-    def delay(self) -> float:
-        with self.lock:
-            now = time.monotonic()
-            at = max(now, self.next)
-            self.next = at + self.interval
-            return at - now
-
-
-class _Smoother:
-    """Spreads outputs that arrive in bursts to the recent average interval."""
-
-    ALPHA = 0.05
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.interval: float | None = None
-        self.last_arrival: float | None = None
-        self.next = 0.0
-        self.stop = stop
-        self.lock = threading.Lock()
-
-    def delay(self) -> float:
-        with self.lock:
-            now = time.monotonic()
-            if self.last_arrival is not None:
-                gap = now - self.last_arrival
-                self.interval = gap if self.interval is None else \
-                    self.interval + self.ALPHA * (gap - self.interval)
-            self.last_arrival = now
-            if self.interval is None:
-                self.next = now
-                return 0.0
-            # never fall more than a few intervals behind the arrivals
-            at = min(max(now, self.next), now + 4 * self.interval)
-            self.next = at + self.interval
-            return at - now
-
-
-def _paced(fn: Callable[..., Any], gate: _Pacer | None,
-           convert: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
-    """Input callback ``fn`` wrapped to wait ``gate.delay()`` before each frame it
-    produces, and to pass each frame through ``convert``."""
-    kind = classify(fn)
-    conv = convert or (lambda x: x)
-    if kind is CallbackKind.SYNC:
-        @functools.wraps(fn)
-        def sync(*args: Any) -> Any:
-            if gate is not None:
-                d = gate.delay()
-                if d > 0 and gate.stop.wait(d):
-                    return None
-            return conv(fn(*args))
-        return sync
-    if kind is CallbackKind.ASYNC:
-        @functools.wraps(fn)
-        async def coro(*args: Any) -> Any:
-            if gate is not None:
-                d = gate.delay()
-                if d > 0:
-                    await asyncio.sleep(d)
-            return conv(await fn(*args))
-        return coro
-    if kind is CallbackKind.GENERATOR:
-        @functools.wraps(fn)
-        def gen(*args: Any) -> Any:
-            for item in fn(*args):
-                if gate is not None:
-                    d = gate.delay()
-                    if d > 0 and gate.stop.wait(d):
-                        return
-                yield conv(item)
-        return gen
-
-    @functools.wraps(fn)
-    async def agen(*args: Any) -> Any:
-        async for item in fn(*args):
-            if gate is not None:
-                d = gate.delay()
-                if d > 0:
-                    await asyncio.sleep(d)
-            yield conv(item)
-    return agen
-
-
-def _delivering(fn: Callable[..., Any], gate: _Smoother | None,
-                convert: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None
-                ) -> Callable[..., Any]:
-    """An output callback wrapped to smooth its calls and convert its arguments."""
-    conv = convert or (lambda args: args)
-    if classify(fn) is CallbackKind.ASYNC:
-        async def coro(*args: Any) -> Any:
-            if gate is not None:
-                d = gate.delay()
-                if d > 0:
-                    await asyncio.sleep(d)
-            return await fn(*conv(args))
-        return coro
-
-    def sync(*args: Any) -> Any:
-        if gate is not None:
-            d = gate.delay()
-            if d > 0 and gate.stop.wait(d):
-                return None
-        return fn(*conv(args))
-    return sync
 
 
 # -- the mixin ---------------------------------------------------------------------------------
@@ -434,8 +310,8 @@ class CompatMixin:
         def conv(frame: Any) -> Any:
             return _convert_in(frame, model, chip_only) if frame is not None else None
 
-        gate = _Pacer(fps, self._compat_stop) if fps else None
-        return _paced(fn, gate, conv if needs_convert else None)
+        gate = Pacer(fps, self._compat_stop) if fps else None
+        return paced(fn, gate, conv if needs_convert else None)
 
     def _wrap_stream_input(self, fn: Callable[[int], Any], model_idx: int) -> Callable[..., Any]:
         """Per-stream pacing for ``connect_streams``: each stream at ``fps_target``."""
@@ -446,14 +322,14 @@ class CompatMixin:
             p.chip_shape not in (p.shape, p.shape[1:]) for p in model.inputs))
         if not fps and not needs_convert:
             return fn
-        pacers: dict[int, _Pacer] = {}
+        pacers: dict[int, Pacer] = {}
         stop = self._compat_stop
         kind = classify(fn)
 
-        def gate_for(stream: int) -> _Pacer | None:
+        def gate_for(stream: int) -> Pacer | None:
             if not fps:
                 return None
-            return pacers.setdefault(stream, _Pacer(fps, stop))
+            return pacers.setdefault(stream, Pacer(fps, stop))
 
         def conv(frame: Any) -> Any:
             if frame is None or not needs_convert:
@@ -500,11 +376,11 @@ class CompatMixin:
             head, outs = (args[:1], args[1:]) if with_stream else ((), args)
             return (*head, *(to_chip(a, p) for a, p in zip(outs, ports, strict=True)))
 
-        gates: dict[int, _Smoother] = {}
+        gates: dict[int, Smoother] = {}
         if not smoothing:
-            return _delivering(fn, None, conv)
+            return delivering(fn, None, conv)
         if not with_stream:
-            return _delivering(fn, _Smoother(self._compat_stop), conv if chip else None)
+            return delivering(fn, Smoother(self._compat_stop), conv if chip else None)
         # one smoother per stream: streams are delivered independently
         stop = self._compat_stop
         inner: dict[int, Callable[..., Any]] = {}
@@ -513,8 +389,8 @@ class CompatMixin:
             stream = args[0]
             wrapped = inner.get(stream)
             if wrapped is None:
-                gate = gates.setdefault(stream, _Smoother(stop))
-                wrapped = inner[stream] = _delivering(fn, gate, conv if chip else None)
+                gate = gates.setdefault(stream, Smoother(stop))
+                wrapped = inner[stream] = delivering(fn, gate, conv if chip else None)
             return wrapped(*args)
 
         if classify(fn) is CallbackKind.ASYNC:
@@ -523,28 +399,3 @@ class CompatMixin:
             return aper_stream
         return per_stream
 
-
-def stream_router(groups: list[tuple[int, int, Callable[..., Any]]], first: Callable[..., Any]
-                  ) -> Callable[..., Any]:
-    """One output callback for a model's streams that hands each stream's outputs to the
-    callback its ``connect_streams`` call gave (``groups``: first stream, count, callback;
-    appended to as streams are added)."""
-
-    def pick(stream: int) -> Callable[..., Any]:
-        for start, count, fn in groups:
-            if start <= stream < start + count:
-                return fn
-        return first  # pragma: no cover - every stream belongs to a group
-
-    if classify(first) is CallbackKind.ASYNC:
-        async def aroute(stream: int, *outputs: Any) -> Any:
-            fn = pick(stream)
-            result = fn(stream, *outputs)
-            if inspect.isawaitable(result):
-                return await result
-            return result
-        return aroute
-
-    def route(stream: int, *outputs: Any) -> Any:
-        return pick(stream)(stream, *outputs)
-    return route

@@ -48,7 +48,7 @@ import anyio
 import numpy as np
 from numpy.typing import NDArray
 
-from ._compat import CompatMixin, stream_router
+from ._compat import CompatMixin
 from ._core.callbacks import CallbackKind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, Frame
 from ._core.processing import make_processor
@@ -72,6 +72,7 @@ from ._exceptions import (
 )
 from ._lifecycle import register as register_for_exit
 from ._options import ClientOptions, SchedulerOptions, resolve
+from ._pacing import stream_router
 from .device.base import Device, open_device
 from .dfp import Dfp
 
