@@ -346,3 +346,26 @@ def test_sigint_in_mx_bench(tmp_path: Path, heavy_dfp: Path) -> None:
     assert res.rc == 130, (res.rc, res.err)
     assert "Traceback" not in res.err and "mx_bench: interrupted" in res.err
     assert res.exit_s < SIGINT_BOUND_S
+
+
+def test_new_accelerator_per_iteration_never_closed(tmp_path: Path, light_dfp: Path) -> None:
+    """A validation loop that makes a new SyncAccl each time and never closes any:
+    dropped ones stop on their own (threads do not pile up) and the script exits."""
+    res = run_script(tmp_path, f"""
+        import threading, time
+        import numpy as np
+        from memryx import SyncAccl
+        x = np.zeros((1, 3, 64, 64), np.float32)
+        peak = 0
+        for i in range(20):
+            accl = SyncAccl({str(light_dfp)!r})
+            accl.run(x)
+            peak = max(peak, threading.active_count())
+        print("peak threads", peak, flush=True)
+        print("END", time.time())
+    """)
+    res.check_clean()
+    assert res.rc == 0, res.err
+    peak = int(res.out.split("peak threads")[1].split()[0])
+    assert peak <= 8, res.out  # one runner (and its workers) at a time, not twenty
+    assert res.exit_s < EXIT_BOUND_S / 2
