@@ -421,3 +421,19 @@ def test_chip_layout_multi_input(add_dfp: mx.Dfp) -> None:
             accl.run([a.reshape(1, 8), b.reshape(1, 8)])
     with mx.SyncAccl(add_dfp) as accl:  # default: chip-layout frames are recognised too
         np.testing.assert_array_equal(accl.run([a, b]), (a + b).reshape(1, 8))
+
+
+def test_manager_host_and_port_name_a_tcp_server(identity_dfp: mx.Dfp) -> None:
+    """A host name selects the TCP form of the device server; nothing listens there, so
+    opening fails at once with an error naming the address (never a hang)."""
+    import socket
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises((mx.DeviceError, ValueError), match=f"127.0.0.1:{port}"):
+        mx.SyncAccl(identity_dfp, manager_addr="127.0.0.1", manager_port=port)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ValueError, match="manager_port must be <= 65535"):
+        mx.SyncAccl(identity_dfp, manager_addr="example.org", manager_port=70000)
