@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import signal
 import threading
 import time
 import weakref
@@ -80,9 +81,25 @@ def _install_hook() -> None:
 
 
 def _at_exit() -> None:
-    """Stop every open accelerator, then end native runs; bounded by EXIT_TIMEOUT_S."""
+    """Stop every open accelerator, then end native runs; bounded by EXIT_TIMEOUT_S.
+
+    Ctrl-C is ignored while it runs (a few milliseconds usually, EXIT_TIMEOUT_S at
+    most): an interrupted hook would leave native runs going into finalization.
+    """
     global _exiting
     _exiting = True
+    previous = None
+    with contextlib.suppress(ValueError, TypeError, OSError):  # not the main thread: skip
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stop_everything()
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError, TypeError, OSError):
+                signal.signal(signal.SIGINT, previous)
+
+
+def _stop_everything() -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     for accl in list(_live):
         try:

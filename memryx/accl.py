@@ -88,6 +88,8 @@ DfpLike = str | os.PathLike[str] | bytes | bytearray | memoryview | Dfp
 
 #: Outputs a ``SyncAccl`` holds per model for ``receive`` before ``send`` waits.
 RECEIVE_DEPTH = 16
+#: How long close() lets a stop finish after a second Ctrl-C, and waits for the runner.
+STOP_GRACE_S = 5.0
 #: Frames ``astream`` keeps in flight by default.
 ASTREAM_WINDOW = 8
 
@@ -267,8 +269,17 @@ class _Accelerator(CompatMixin):
                 call_in_loop(self._loop, self._engine.aclose)
             elif self._runner is not None:
                 check_not_on_loop("close()", "await accl.aclose()")
-                self._runner.call(self._engine.aclose)
-                self._runner.close()
+                stopping = self._runner.start(self._engine.aclose)
+                try:
+                    stopping.result()
+                except KeyboardInterrupt:
+                    # Ctrl-C again while stopping: the stop is quick, let it finish (a
+                    # half-done stop would leave the pipeline running), then interrupt
+                    with contextlib.suppress(BaseException):
+                        stopping.result(STOP_GRACE_S)
+                    raise KeyboardInterrupt from None
+                finally:
+                    self._runner.close(STOP_GRACE_S)
             self._closed()
 
     def _closed(self) -> None:

@@ -82,7 +82,10 @@ def run_script(tmp_path: Path, code: str, *, sigint_on: str | None = None,
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):  # closed also when a check above failed
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+        proc.wait()
     elapsed = time.monotonic() - start
     text = "".join(out_lines) + out
     ended = [line for line in text.splitlines() if line.startswith("END ")]
