@@ -76,6 +76,10 @@ def main() -> int:
     accl.connect_input(data_source)  # starts asynchronous execution of input generating callback
     accl.connect_output(output_processor)  # starts asynchronous execution of output callback
     accl.wait()  # wait for the accelerator to finish execution
+    # wait() has released the accelerator. SDK-style teardown (accl.stop() or
+    # accl.shutdown()) is harmless here, and a script that ends without any
+    # teardown still exits promptly (docs/migrating.md).
+    accl.shutdown()
 
     # Check every output against onnxruntime on the whole, uncompiled model.
     reference = ort.InferenceSession(model.SerializeToString(),

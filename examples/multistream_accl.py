@@ -96,6 +96,10 @@ def main() -> int:
     # starts asynchronous execution of input output callback pair associated with the streams
     accl.connect_streams(app.data_source, app.output_processor, args.streams)
     accl.wait()  # wait for the accelerator to finish execution
+    # wait() has released the accelerator. SDK-style teardown (accl.stop() or
+    # accl.shutdown()) is harmless here, and a script that ends without any
+    # teardown still exits promptly (docs/migrating.md).
+    accl.shutdown()
     elapsed = time.perf_counter() - start
 
     reference = ort.InferenceSession(model.SerializeToString(),

@@ -21,10 +21,13 @@ from ._exceptions import NotConnectedError as NotConnectedError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ShapeError as ShapeError
 from ._exceptions import UsageError as UsageError
+from ._options import ClientOptions as ClientOptions
+from ._options import SchedulerOptions as SchedulerOptions
 from ._version import __version__ as __version__
 from .accl import AsyncAccl as AsyncAccl
 from .accl import MultiStreamAsyncAccl as MultiStreamAsyncAccl
 from .accl import SyncAccl as SyncAccl
+from .benchmark import Benchmark as Benchmark
 from .compiler import NeuralCompiler as NeuralCompiler
 from .dfp import Dfp as Dfp
 from .dfp import ModelInfo as ModelInfo
@@ -35,7 +38,9 @@ _logging.getLogger("memryx").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AsyncAccl",
+    "Benchmark",
     "CallbackSignatureError",
+    "ClientOptions",
     "ClosedError",
     "CompilerError",
     "DeviceError",
@@ -52,6 +57,7 @@ __all__ = [
     "NotConnectedError",
     "PortInfo",
     "ProtocolError",
+    "SchedulerOptions",
     "ShapeError",
     "SyncAccl",
     "UsageError",

@@ -30,16 +30,26 @@ import contextlib
 import enum
 import logging
 import os
+import sys
 import threading
+import time
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import anyio
 import numpy as np
 from numpy.typing import NDArray
 
-from ._core.callbacks import check_signature
+from ._compat import CompatMixin
+from ._core.callbacks import CallbackKind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
 from ._core.processing import make_processor
@@ -61,6 +71,9 @@ from ._exceptions import (
     ShapeError,
     UsageError,
 )
+from ._lifecycle import register as register_for_exit
+from ._options import ClientOptions, SchedulerOptions, resolve
+from ._pacing import stream_router
 from .device.base import Device, open_device
 from .dfp import Dfp
 
@@ -74,6 +87,8 @@ Array = NDArray[Any]
 Outputs = Array | list[Array]
 DfpLike = str | os.PathLike[str] | bytes | bytearray | memoryview | Dfp
 
+#: How long close() lets a stop finish after a second Ctrl-C, and waits for the runner.
+STOP_GRACE_S = 5.0
 #: Frames ``astream`` keeps in flight by default.
 ASTREAM_WINDOW = 8
 
@@ -94,22 +109,30 @@ def _ms_timeout(timeout: float | None) -> float | None:
     return timeout / 1000.0
 
 
-class _Accelerator:
+class _Accelerator(CompatMixin):
     """What the three classes share: lifecycle, loop binding, models, pre/post."""
 
-    def __init__(self, dfp: DfpLike, group_id: int = 0, *, device: str | Device | None = None,
-                 stream_workers: int | None = None, **device_options: Any) -> None:
+    def __init__(self, dfp: DfpLike, device_ids: int | Sequence[int] | None = None,
+                 use_model_shape: bool | tuple[bool, bool] = (True, True),
+                 local_mode: bool = False, scheduler_options: SchedulerOptions | None = None,
+                 client_options: ClientOptions | None = None, manager_addr: str | None = None,
+                 manager_port: int | None = None, ignore_manager: bool = False, *,
+                 group_id: int | None = None, device: str | Device | None = None,
+                 stream_workers: int | None = None, **kwargs: Any) -> None:
         self._dfp = Dfp(dfp)
-        if isinstance(group_id, bool) or not isinstance(group_id, int):
-            raise TypeError(f"group_id must be an int, got {type(group_id).__name__}")
-        if group_id < 0:
-            raise ModelIndexError(f"group_id must be >= 0, got {group_id}")
-        if stream_workers is not None and (
-                isinstance(stream_workers, bool) or not isinstance(stream_workers, int)
-                or stream_workers < 1):
-            raise ValueError(f"stream_workers must be a positive int or None, got "
-                             f"{stream_workers!r}")
-        self._engine_args = (group_id, device, stream_workers, device_options)
+        resolved = resolve(type(self).__name__, device_ids=device_ids,
+                           use_model_shape=use_model_shape, local_mode=local_mode,
+                           scheduler_options=scheduler_options, client_options=client_options,
+                           manager_addr=manager_addr, manager_port=manager_port,
+                           ignore_manager=ignore_manager, group_id=group_id, device=device,
+                           stream_workers=stream_workers, kwargs=kwargs)
+        if resolved.group_id < 0:
+            raise ModelIndexError(f"group_id must be >= 0, got {resolved.group_id}")
+        self._compat_init(resolved)
+        self._post_outputs: dict[int, int | None] = {}
+        self._stream_groups: dict[int, list[tuple[int, int, Callable[..., Any]]]] = {}
+        self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
+                             resolved.device_options)
         self._engine = self._make_engine()
         self._state = _State.NEW
         self._runner: Runner | None = None
@@ -118,6 +141,7 @@ class _Accelerator:
         self._close_lock = threading.RLock()
         self._stopping = False
         self._binding: asyncio.Future[None] | None = None
+        register_for_exit(self)
         if not loop_running():
             self._start_sync()
 
@@ -259,6 +283,7 @@ class _Accelerator:
             if self._state is _State.CLOSED:
                 return
             self._stopping = True
+            self._compat_stop.set()  # pacing / smoothing waits end
             if self._state is _State.ASYNC and self._loop_gone():
                 self._engine.abandon()  # its loop has ended: nothing runs any more
             elif self._state is _State.ASYNC:
@@ -269,8 +294,17 @@ class _Accelerator:
                 call_in_loop(self._loop, self._engine.aclose)
             elif self._runner is not None:
                 check_not_on_loop("close()", "await accl.aclose()")
-                self._runner.call(self._engine.aclose)
-                self._runner.close()
+                stopping = self._runner.start(self._engine.aclose)
+                try:
+                    stopping.result()
+                except KeyboardInterrupt:
+                    # Ctrl-C again while stopping: the stop is quick, let it finish (a
+                    # half-done stop would leave the pipeline running), then interrupt
+                    with contextlib.suppress(BaseException):
+                        stopping.result(STOP_GRACE_S)
+                    raise KeyboardInterrupt from None
+                finally:
+                    self._runner.close(STOP_GRACE_S)
             self._closed()
 
     def _loop_gone(self) -> bool:
@@ -294,6 +328,7 @@ class _Accelerator:
         if self._state is _State.CLOSED:
             return
         self._stopping = True
+        self._compat_stop.set()  # pacing / smoothing waits end
         if self._state is _State.ASYNC and self._loop is not asyncio.get_running_loop():
             if self._loop_gone():
                 self._engine.abandon()
@@ -348,14 +383,46 @@ class _Accelerator:
             await self._aclose_after(exc)
 
     def __del__(self) -> None:
+        # Never blocks: the close is only scheduled on the accelerator's own loop.
         state = getattr(self, "_state", _State.CLOSED)
-        if state in (_State.SYNC, _State.ASYNC):
+        if state not in (_State.SYNC, _State.ASYNC) or sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):
             warnings.warn(f"unclosed {type(self).__name__}; use `with` or call close()",
                           ResourceWarning, stacklevel=2)
+        self._stopping = True
+        self._compat_stop.set()  # pacing / smoothing waits end
+        if state is _State.SYNC and self._runner is not None:
+            self._runner.close_soon(self._engine.aclose)
+        elif state is _State.ASYNC and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs on it
+                self._loop.call_soon_threadsafe(_spawn_close, self._engine)
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """Called by the exit hook (memryx._lifecycle): stop, waiting at most until ``deadline``."""
+        if not self._close_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return
+        try:
+            state = self._state
+            if state is _State.CLOSED:
+                return
+            self._stopping = True
+            self._compat_stop.set()  # pacing / smoothing waits end
             if state is _State.SYNC and self._runner is not None:
+                stopped = self._runner.close_soon(self._engine.aclose)
                 with contextlib.suppress(Exception):
-                    self._runner.call(self._engine.aclose)
-                    self._runner.close()
+                    stopped.result(max(0.0, deadline - time.monotonic()))
+                self._runner.join(max(0.0, deadline - time.monotonic()))
+            elif state is _State.ASYNC and self._loop is not None and self._loop.is_running() \
+                    and not on_loop_thread(self._loop):
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(self._engine.aclose(), self._loop).result(
+                        max(0.0, deadline - time.monotonic()))
+            self._state = _State.CLOSED
+            for sink in self._receivers.values():
+                sink.close()
+        finally:
+            self._close_lock.release()
 
     # -- models and ports -------------------------------------------------------------------
     @property
@@ -382,6 +449,7 @@ class _Accelerator:
         self._dfp.model(model_idx)
         proc = make_processor(model_or_path, model_idx, "pre-processing")
         self._engine.set_processor(model_idx, "pre", proc)
+        self._pre_set.add(model_idx)
 
     def set_postprocessing_model(self, model_or_path: Any, model_idx: int = 0) -> None:
         """Run ``model_or_path`` on each output of ``model_idx``; callbacks and ``run``
@@ -390,6 +458,14 @@ class _Accelerator:
         self._dfp.model(model_idx)
         proc = make_processor(model_or_path, model_idx, "post-processing")
         self._engine.set_processor(model_idx, "post", proc)
+        self._post_set.add(model_idx)
+        self._post_outputs[model_idx] = proc.n_outputs
+
+    def _n_outputs(self, model_idx: int) -> int | None:
+        """How many arrays the output callback of ``model_idx`` gets (None: unknown)."""
+        if model_idx in self._post_outputs:
+            return self._post_outputs[model_idx]
+        return len(self._dfp.model(model_idx).outputs)
 
     def statistics(self) -> dict[str, Any]:
         """Counters per model and per stream (frames in/out, in flight, fps)."""
@@ -425,9 +501,9 @@ class _Accelerator:
         gets exactly its own outputs. Cancelling the awaiting task drops the
         frames it had in flight and nothing else.
         """
-        frames, single = self._frames(inputs, model_idx)
+        frames, single = self._frames(self._inputs_to_model(inputs, model_idx), model_idx)
         results = await self._acall(self._engine.run, model_idx, frames)
-        return self._shape_outputs(results, single)
+        return self._outputs_to_chip(self._shape_outputs(results, single), model_idx, single)
 
     async def astream(self, frames: Iterable[Any] | AsyncIterable[Any], model_idx: int = 0, *,
                       window: int = ASTREAM_WINDOW) -> AsyncIterator[Any]:
@@ -501,6 +577,16 @@ class _Accelerator:
         await self.aclose()
 
 
+def _spawn_close(engine: Engine) -> None:
+    """On the engine's loop: start closing it (for ``__del__``, which may not wait)."""
+    task = asyncio.get_running_loop().create_task(engine.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
 def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: str) -> None:
     """A stacked batch (N frames in one array) gets its own clear error."""
     if arr.shape == shape or (shape and shape[0] == 1 and arr.shape == shape[1:]):
@@ -516,11 +602,24 @@ def _refuse_stacked(arr: Array, model_idx: int, shape: tuple[int, ...], layer: s
 class AsyncAccl(_Accelerator):
     """Run models with callbacks that feed and drain the accelerator, pipelined.
 
-    Parameters:
+    Parameters (the vendor SDK's 1.x and 2.x forms both work; ``docs/migrating.md``):
         dfp: path to a DFP, its bytes (``bytes`` / ``bytearray``), or a :class:`Dfp`.
-        group_id: index of the chip group to use.
+        device_ids: the device to run on, an int or a one-element list (SDK 2.x; also
+            positional). In simulation each id is a simulated device of its own.
+        use_model_shape: ``(inputs, outputs)``; ``False`` means frames in (or outputs
+            out) in the chip layout ``[row, col, z, ch]``.
+        local_mode, ignore_manager: own the device in this process (the in-process
+            simulated MX3), never a device server.
+        scheduler_options: a :class:`SchedulerOptions` (validated; a device server
+            schedules with its own).
+        client_options: a :class:`ClientOptions`: ``fps_target`` paces input callbacks,
+            ``smoothing`` evens out output delivery.
+        manager_addr, manager_port: the device server (``memryx serve``) to use: a Unix
+            socket path, or a host and TCP port.
+        group_id: index of the chip group to use (SDK 1.x; keyword).
         device: ``"sim"`` (default, or ``$MEMRYX_DEVICE``) or a :class:`~memryx.device.Device`.
-        **device_options: passed to the device (e.g. ``concurrency`` for ``"sim"``).
+        **kwargs: device options (``mode``, ``concurrency``, ``queue_depth``, ``groups``
+            for ``"sim"``); any other keyword is ignored with a ``UserWarning``.
     """
 
     def connect_input(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
@@ -542,6 +641,7 @@ class AsyncAccl(_Accelerator):
             check_signature(callback, 0, f"the input callback of model {model_idx}")
         except CallbackSignatureError as exc:
             raise CallbackSignatureError(f"{exc}; input callbacks take no parameters") from None
+        callback = self._wrap_input(callback, model_idx)
         self._apply(self._engine.connect_input, model_idx, callback, None)
 
     def connect_output(self, callback: Callable[..., Any], model_idx: int = 0) -> None:
@@ -552,6 +652,7 @@ class AsyncAccl(_Accelerator):
         callback's to keep. May be an ``async def`` function.
         """
         self._dfp.model(model_idx)
+        callback = self._wrap_output(callback, model_idx, False, self._n_outputs(model_idx))
         self._apply(self._engine.connect_output, model_idx, callback, False)
 
     def wait(self) -> None:
@@ -581,9 +682,16 @@ class MultiStreamAsyncAccl(_Accelerator):
         Other parameters as :class:`AsyncAccl`.
     """
 
-    def __init__(self, dfp: DfpLike, group_id: int = 0, stream_workers: int | None = None,
+    def __init__(self, dfp: DfpLike, device_ids: int | Sequence[int] | None = None,
+                 stream_workers: int | None = None,
+                 use_model_shape: bool | tuple[bool, bool] = (True, True),
+                 local_mode: bool = False, scheduler_options: SchedulerOptions | None = None,
+                 client_options: ClientOptions | None = None, manager_addr: str | None = None,
+                 manager_port: int | None = None, ignore_manager: bool = False,
                  **kwargs: Any) -> None:
-        super().__init__(dfp, group_id, stream_workers=stream_workers, **kwargs)
+        super().__init__(dfp, device_ids, use_model_shape, local_mode, scheduler_options,
+                         client_options, manager_addr, manager_port, ignore_manager,
+                         stream_workers=stream_workers, **kwargs)
 
     def connect_streams(self, input_callback: Callable[[int], Any],
                         output_callback: Callable[..., Any], stream_count: int,
@@ -595,12 +703,33 @@ class MultiStreamAsyncAccl(_Accelerator):
         outputs, in that stream's order.
         """
         self._dfp.model(model_idx)
-        if isinstance(stream_count, bool) or not isinstance(stream_count, int) or \
-                stream_count < 1:
+        if isinstance(stream_count, bool) or not isinstance(stream_count, int):
+            raise TypeError(f"stream_count must be an int, got {type(stream_count).__name__} "
+                            f"({stream_count!r})")
+        if stream_count < 1:
             raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
-        self._apply(self._engine.connect_output, model_idx, output_callback, True)
-        self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
+        n_out = self._n_outputs(model_idx)
+        if n_out is not None:
+            check_signature(output_callback, n_out + 1,
+                            f"the output callback of model {model_idx}")
+        output_callback = self._wrap_output(output_callback, model_idx, True, n_out)
+        input_callback = self._wrap_stream_input(input_callback, model_idx)
+        groups = self._stream_groups.get(model_idx)
+        if groups is None:  # the first call: a router sends each stream to its own callback
+            groups = self._stream_groups[model_idx] = [(0, stream_count, output_callback)]
+            self._apply(self._engine.connect_output, model_idx,
+                        stream_router(groups, output_callback), True)
+            self._apply(self._engine.connect_input, model_idx, input_callback, stream_count)
+            return
+        # called again: more streams, numbered after the existing ones
+        first = groups[-1][0] + groups[-1][1]
+        if classify(output_callback) is not classify(groups[0][2]) and \
+                CallbackKind.ASYNC in (classify(output_callback), classify(groups[0][2])):
+            raise UsageError("connect_streams called again: the output callbacks of one model "
+                             "must all be `async def` or all plain functions")
+        self._apply(self._engine.add_streams, model_idx, input_callback, first, stream_count)
+        groups.append((first, stream_count, output_callback))
 
     def wait(self) -> None:
         """Block until every stream has ended and every output was delivered.
@@ -635,6 +764,7 @@ class SyncAccl(_Accelerator):
         """
         self._dfp.model(model_idx)
         seconds = _ms_timeout(timeout)
+        data = self._inputs_to_model(data, model_idx)
         self._blocking("send()", "await accl.asend(...)", self._send, data, model_idx, seconds)
 
     def receive(self, model_idx: int = 0, timeout: float | None = None) -> Outputs:
@@ -646,21 +776,24 @@ class SyncAccl(_Accelerator):
         """
         self._dfp.model(model_idx)
         seconds = _ms_timeout(timeout)
-        return self._blocking("receive()", "await accl.areceive(...)", self._receive,
-                              model_idx, seconds)
+        out = self._blocking("receive()", "await accl.areceive(...)", self._receive,
+                             model_idx, seconds)
+        return self._outputs_to_chip(out, model_idx, True)  # type: ignore[no-any-return]
 
     # ``timeout`` mirrors send()/receive() (milliseconds), hence the noqa.
     async def asend(self, data: Any, model_idx: int = 0,
                     timeout: float | None = None) -> None:  # noqa: ASYNC109
         """The async twin of :meth:`send`."""
         self._dfp.model(model_idx)
+        data = self._inputs_to_model(data, model_idx)
         await self._acall(self._send, data, model_idx, _ms_timeout(timeout))
 
     async def areceive(self, model_idx: int = 0,
                        timeout: float | None = None) -> Outputs:  # noqa: ASYNC109
         """The async twin of :meth:`receive`."""
         self._dfp.model(model_idx)
-        return await self._acall(self._receive, model_idx, _ms_timeout(timeout))
+        out = await self._acall(self._receive, model_idx, _ms_timeout(timeout))
+        return self._outputs_to_chip(out, model_idx, True)  # type: ignore[no-any-return]
 
     async def _send(self, data: Any, model_idx: int, seconds: float | None) -> None:
         sink = self._receiver(model_idx)
@@ -683,10 +816,10 @@ class SyncAccl(_Accelerator):
         multi-output model); for a batch, a list of those. Stacking frames into
         one array is refused with a ``ShapeError``.
         """
-        frames, single = self._frames(inputs, model_idx)
+        frames, single = self._frames(self._inputs_to_model(inputs, model_idx), model_idx)
         results = self._blocking("run()", "await accl.arun(...)", self._engine.run, model_idx,
                                  frames)
-        return self._shape_outputs(results, single)
+        return self._outputs_to_chip(self._shape_outputs(results, single), model_idx, single)
 
 
 @contextlib.contextmanager

@@ -460,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemryxError, OSError, ValueError, TypeError, ImportError) as exc:
         sys.stderr.write(f"memryx {args.command}: error: {_one_line(exc)}\n")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the accelerator is stopped already (its `finally`)
+        sys.stderr.write(f"\nmemryx {args.command}: interrupted\n")
+        return 130
     finally:
         logger = logging.getLogger("memryx")
         logger.removeHandler(handler)

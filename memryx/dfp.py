@@ -39,7 +39,7 @@ import numpy as np
 from ._exceptions import DfpError
 from ._version import __version__
 
-__all__ = ["FORMAT_VERSION", "Dfp", "ModelInfo", "PortInfo"]
+__all__ = ["FORMAT_VERSION", "Dfp", "ModelInfo", "PortInfo", "vendor_dfp_version"]
 
 MAGIC: Final = b"MXDFP\x00\r\n"
 FORMAT_VERSION: Final = 1
@@ -232,11 +232,56 @@ class Dfp:
 
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
+        """The model shapes of every input port (the vendor's are chip shapes: see
+        :attr:`input_chip_shapes`)."""
         return [p.shape for p in self.input_ports]
 
     @property
     def output_shapes(self) -> list[tuple[int, ...]]:
+        """The model shapes of every output port (chip shapes: :attr:`output_chip_shapes`)."""
         return [p.shape for p in self.output_ports]
+
+    # -- the vendor SDK's attribute names ---------------------------------------------
+    @property
+    def num_inports(self) -> int:
+        """How many input ports the DFP has (all models)."""
+        return len(self.input_ports)
+
+    @property
+    def num_outports(self) -> int:
+        """How many output ports the DFP has (all models)."""
+        return len(self.output_ports)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The layer names of every output port, in port order."""
+        return [p.layer for p in self.output_ports]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The layer names of every input port, in port order."""
+        return [p.layer for p in self.input_ports]
+
+    @property
+    def input_chip_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every input port's shape in the chip layout ``[row, col, z, ch]`` (what the
+        vendor's ``input_shapes`` gives)."""
+        return [p.chip_shape for p in self.input_ports]
+
+    @property
+    def output_chip_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every output port's shape in the chip layout ``[row, col, z, ch]``."""
+        return [p.chip_shape for p in self.output_ports]
+
+    @property
+    def chip_gen(self) -> float:
+        """The chip generation the DFP targets, as the SDK numbers it (3.1: MX3)."""
+        return CHIP_GEN
+
+    @property
+    def sub_version(self) -> int:
+        """The vendor format's sub-version; memryx DFPs have none (0)."""
+        return 0
 
     def model(self, model_idx: int) -> ModelInfo:
         """The model at ``model_idx``; :class:`ModelIndexError` when out of range."""
@@ -355,6 +400,28 @@ def _read_bounded(path: Path) -> bytes:
     return data
 
 
+#: Format versions of the vendor's own DFP files (8-byte version, then a packed dictionary).
+VENDOR_VERSIONS: Final = (5, 6)
+#: The chip generation number the SDK uses for the MX3.
+CHIP_GEN: Final = 3.1
+
+
+def vendor_dfp_version(data: bytes) -> int | None:
+    """The format version of a DFP written by the vendor's compiler, else None.
+
+    Those files start with their version as an 8-byte integer (5 or 6) followed
+    by a packed (MessagePack) dictionary; ours start with :data:`MAGIC`.
+    """
+    if len(data) < 9:
+        return None
+    for version in (int.from_bytes(data[:8], "little"), int.from_bytes(data[:8], "big")):
+        if version in VENDOR_VERSIONS:
+            marker = data[8]
+            if 0x80 <= marker <= 0x8F or marker in (0xDE, 0xDF):  # a MessagePack map
+                return version
+    return None
+
+
 def _decode(data: bytes) -> Dfp:
     if not data:
         raise DfpError("truncated DFP: empty (0 bytes)")
@@ -362,6 +429,14 @@ def _decode(data: bytes) -> Dfp:
         if data and not MAGIC.startswith(data[: len(MAGIC)]):
             raise DfpError(f"not a DFP: starts with {data[:8]!r}, expected {MAGIC!r}")
         raise DfpError(f"truncated DFP: {len(data)} bytes, the fixed header alone is {_FIXED}")
+    vendor = vendor_dfp_version(data)
+    if vendor is not None:
+        raise DfpError(
+            f"this DFP was compiled by the vendor's MemryX tools (DFP format version "
+            f"{vendor}): its hardware image is encrypted and memryx cannot execute it. "
+            "Recompile the source model (ONNX, or a Keras/TF/TFLite model) with memryx: "
+            "`mx_nc -m model.onnx` or `memryx compile model.onnx -o model.dfp`, or in Python "
+            "`NeuralCompiler(models='model.onnx', dfp_fname='model.dfp').run()`")
     if data[: len(MAGIC)] != MAGIC:
         raise DfpError(
             f"not a memryx DFP: starts with {data[:8]!r}, expected {MAGIC!r} "

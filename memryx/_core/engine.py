@@ -356,6 +356,27 @@ class Engine:
             tasks.append(self._feeders.spawn(feed(self, lane, fn, args, stream, share, role),
                                              f"feed-{model_idx}-{stream}"))
 
+    def add_streams(self, model_idx: int, fn: Callable[..., Any], first: int, count: int
+                    ) -> None:
+        """Feed streams ``first .. first+count-1`` of ``model_idx`` from ``fn(stream_idx)``,
+        beside the streams already connected (``connect_streams`` called again)."""
+        lane = self.lane(model_idx)
+        if model_idx not in self._inputs or not lane.streams:
+            raise UsageError(f"model {model_idx} has no streams to add to")
+        if self._open_streams.get(model_idx, 0) <= 0:
+            raise UsageError(f"every stream of model {model_idx} has ended, so no stream can "
+                             "be added (use a new accelerator)")
+        assert self._feeders is not None
+        total = self._open_streams[model_idx] + count
+        share = max(1, lane.budget.total // total)
+        self._open_streams[model_idx] += count
+        tasks = self._feeders_of.setdefault(model_idx, [])
+        for stream in range(first, first + count):
+            role = f"the input callback of model {model_idx}, stream {stream}"
+            lane.stream_meter(stream)
+            tasks.append(self._feeders.spawn(feed(self, lane, fn, (stream,), stream, share, role),
+                                             f"feed-{model_idx}-{stream}"))
+
     def connect_output(self, model_idx: int, fn: Callable[..., Any], with_stream_idx: bool
                        ) -> None:
         lane = self.lane(model_idx)

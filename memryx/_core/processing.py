@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._exceptions import DtypeError, InputCountError, ShapeError
+from .._lifecycle import GuardedSession
 
 __all__ = ["OnnxProcessor", "PortSpec", "Processor", "conform", "make_processor", "new_session"]
 
@@ -44,7 +45,8 @@ def new_session(model: bytes, threads: int = 1) -> Any:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    # guarded: the exit hook can end its runs (see memryx._lifecycle)
+    return GuardedSession.create(model, opts, providers=["CPUExecutionProvider"])
 
 
 class Processor:

@@ -21,13 +21,13 @@ import itertools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
+from .. import _lifecycle as lifecycle
 from .._exceptions import ClosedError, LoopBlockingError
 
 __all__ = [
@@ -72,12 +72,19 @@ _callback_thread = threading.local()
 
 @contextlib.contextmanager
 def user_code() -> Iterator[None]:
-    """Mark the current worker thread as running user callbacks (see :func:`in_user_code`)."""
+    """Mark the current worker thread as running user callbacks (see :func:`in_user_code`).
+
+    The thread is also known to the exit hook (:mod:`memryx._lifecycle`) for that
+    time, so that a callback stuck in user code does not keep the process alive.
+    """
     _callback_thread.active = True
+    me = threading.current_thread()
+    lifecycle.enter_user_code(me)
     try:
         yield
     finally:
         _callback_thread.active = False
+        lifecycle.leave_user_code(me)
 
 
 def in_user_code() -> bool:
@@ -103,10 +110,29 @@ class Runner:
 
     def __init__(self, name: str = "memryx-runner") -> None:
         self.name = f"{name}-{next(_counter)}"
-        self._cm: AbstractContextManager[BlockingPortal] | None = start_blocking_portal(
-            "asyncio", {"use_uvloop": HAVE_UVLOOP}, name=self.name
-        )
-        self._portal: BlockingPortal | None = self._cm.__enter__()
+        ready: concurrent.futures.Future[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = \
+            concurrent.futures.Future()
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                ready.set_result((portal, asyncio.get_running_loop()))
+                await portal.sleep_until_stopped()
+
+        def main() -> None:
+            try:
+                anyio.run(serve, backend="asyncio", backend_options={"use_uvloop": HAVE_UVLOOP})
+            except BaseException as exc:  # pragma: no cover - the loop failed to start
+                if not ready.done():
+                    ready.set_exception(exc)
+                log.debug("runner %s ended with %r", self.name, exc)
+
+        # A daemon thread: a runner never keeps a process alive; accelerators left
+        # open are stopped by the exit hook of memryx._lifecycle before finalization.
+        self._thread = threading.Thread(target=main, name=self.name, daemon=True)
+        self._thread.start()
+        portal, loop = ready.result()
+        self._portal: BlockingPortal | None = portal
+        self._loop: asyncio.AbstractEventLoop | None = loop
         log.debug("runner %s started (uvloop=%s)", self.name, HAVE_UVLOOP)
 
     @property
@@ -122,25 +148,78 @@ class Runner:
         fut = self.start(fn, *args)
         try:
             return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()  # Ctrl-C in the caller: the work on the loop stops too
+            # a short traceback, ending at the caller's blocking call (not in futures' wait)
+            raise KeyboardInterrupt from None
         except BaseException:
-            fut.cancel()  # e.g. Ctrl-C in the caller: the work on the loop stops too
+            fut.cancel()
             raise
 
     def start(self, fn: Callable[..., Awaitable[T]], *args: Any) -> concurrent.futures.Future[T]:
         portal = self._portal_or_raise()
         return portal.start_task_soon(fn, *args)
 
-    def close(self) -> None:
-        """Stop the loop (cancelling what still runs on it) and join the thread."""
-        cm, portal = self._cm, self._portal
-        self._cm = self._portal = None
-        if cm is None or portal is None:
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the loop (cancelling what still runs on it) and join the thread
+        (at most ``timeout`` seconds when given)."""
+        portal, loop = self._portal, self._loop
+        self._portal = self._loop = None
+        if portal is None or loop is None:
             return
-        if threading.current_thread().name == self.name:  # pragma: no cover - misuse guard
+        if threading.current_thread() is self._thread:  # pragma: no cover - misuse guard
             raise RuntimeError("a runner cannot close itself from its own thread")
-        portal.call(portal.stop, True)  # cancel calls still waiting (e.g. a blocked receive)
-        cm.__exit__(None, None, None)
+        stopped = _stop_soon(portal, loop, None)
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            stopped.result(timeout)
+        self._thread.join(timeout)
         log.debug("runner %s stopped", self.name)
+
+    def close_soon(self, before: Callable[[], Awaitable[Any]] | None = None
+                   ) -> concurrent.futures.Future[None]:
+        """Run ``before()`` then stop the loop, without waiting for either.
+
+        Never blocks (safe in ``__del__`` and exit hooks): the returned future
+        completes when the loop has stopped. Errors of ``before`` are logged.
+        """
+        portal, loop = self._portal, self._loop
+        self._portal = self._loop = None
+        if portal is None or loop is None:
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+        return _stop_soon(portal, loop, before)
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def _stop_soon(portal: BlockingPortal, loop: asyncio.AbstractEventLoop,
+               before: Callable[[], Awaitable[Any]] | None) -> concurrent.futures.Future[None]:
+    """Schedule ``before()`` and the portal's stop on ``loop`` from any thread, at once."""
+    stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    async def stop() -> None:
+        try:
+            if before is not None:
+                try:
+                    await before()
+                except BaseException as exc:
+                    log.debug("closing on the runner failed: %r", exc)
+            await portal.stop(True)
+        finally:
+            stopped.set_result(None)
+
+    def spawn() -> None:
+        loop.create_task(stop())
+
+    try:
+        loop.call_soon_threadsafe(spawn)
+    except RuntimeError:  # the loop is closed already
+        stopped.set_result(None)
+    return stopped
 
 
 def call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, Any, T]],
