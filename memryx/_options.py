@@ -38,8 +38,22 @@ from ._exceptions import UsageError
 
 __all__ = ["ClientOptions", "Resolved", "SchedulerOptions", "resolve"]
 
-#: Options of our own devices, passed through to them.
-DEVICE_OPTIONS = frozenset({"mode", "concurrency", "queue_depth", "groups"})
+
+def device_options() -> frozenset[str]:
+    """The keyword options of our own devices, passed through to them: read from their
+    constructors, so that an option a device gains is never warned about as unknown."""
+    import inspect
+
+    from .device.fd import FdDevice
+    from .device.simulated import SimulatedDevice
+
+    names: set[str] = set()
+    for cls in (SimulatedDevice, FdDevice):
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                names.add(param.name)
+    return frozenset(names)
+
 #: The SDK's manager address default (2.x); given explicitly, it selects the server.
 SDK_MANAGER_ADDR = "/run/mxa_manager/"
 
@@ -224,8 +238,9 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
 
     options: dict[str, Any] = {}
     ignored: list[str] = []
+    known = device_options() if kwargs else frozenset()
     for key, value in kwargs.items():
-        if key in DEVICE_OPTIONS:
+        if key in known:
             options[key] = value
         else:
             ignored.append(key)

@@ -108,10 +108,6 @@ except mx.DeviceError as exc:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (core engine, not the fd device): when the device "
-                   "faults mid-batch, run() of a batch larger than the in-flight capacity stays "
-                   "blocked on the lane's full input channel; the fd device has raised its "
-                   "DeviceError (to every receive) within the deadline")
 def test_stopped_server_under_a_batch_larger_than_the_capacity(tmp_path):
     import subprocess
     import sys
