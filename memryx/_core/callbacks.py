@@ -306,6 +306,7 @@ class CallbackOutput:
                     return
                 stream, outputs, t0, ready = item
                 self.handed += 1
+                started = time.monotonic()
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     await fn(*((stream, *res) if with_idx else res))
@@ -313,17 +314,17 @@ class CallbackOutput:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise
-                    self._done_one(item, exc, time.monotonic())
+                    self._done_one(item, exc, started, time.monotonic())
                     continue
                 except BaseException as exc:
-                    self._done_one(item, exc, time.monotonic())
+                    self._done_one(item, exc, started, time.monotonic())
                     continue
-                finished = time.monotonic()
+                spent = time.monotonic() - started
                 meter = meters.get(stream) or lane.stream_meter(stream)
                 model.delivered(t0, ready)
                 meter.delivered(t0, ready)
-                meter.output_s += finished - ready
-                model.output_s += finished - ready
+                meter.output_s += spent
+                model.output_s += spent
                 done += 1
         finally:
             if done:
@@ -332,9 +333,11 @@ class CallbackOutput:
 
     def _call_batch(self, batch: list[tuple[int, Frame, float, float]]
                     ) -> list[tuple[tuple[int, Frame, float, float], BaseException | None,
-                                    float]]:
-        """On the output thread: post-process and call back each output of ``batch``."""
-        report: list[tuple[tuple[int, Frame, float, float], BaseException | None, float]] = []
+                                    float, float]]:
+        """On the output thread: post-process and call back each output of ``batch``;
+        report each with the time its own callback (and post-processing) started and ended."""
+        report: list[tuple[tuple[int, Frame, float, float], BaseException | None, float,
+                           float]] = []
         stopping = self.engine.stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
         for item in batch:
@@ -342,6 +345,7 @@ class CallbackOutput:
                 break  # stopped: no callback after stop() returns
             stream, outputs, _, _ = item
             self.handed += 1  # from here on the frame is the callback's
+            started = time.monotonic()
             try:
                 res = finish(outputs)
                 result = fn(*((stream, *res) if with_idx else res))
@@ -349,11 +353,11 @@ class CallbackOutput:
                     _not_awaited(result, self.role)
             except BaseException as exc:
                 self.failed = True
-                report.append((item, exc, time.monotonic()))
+                report.append((item, exc, started, time.monotonic()))
                 break  # the callback raised: it is not called again
-            report.append((item, None, time.monotonic()))
+            report.append((item, None, started, time.monotonic()))
         if len(report) < len(batch):
-            report.append(((-1, [], 0.0, 0.0), None, float(len(batch) - len(report))))
+            report.append(((-1, [], 0.0, 0.0), None, 0.0, float(len(batch) - len(report))))
         return report
 
     def _batch_done(self, report: list[Any]) -> None:
@@ -362,32 +366,32 @@ class CallbackOutput:
         model = lane.meter
         meters = lane.streams
         done = 0
-        for item, error, finished in report:
+        for item, error, started, finished in report:
             if item[0] == -1:  # not called: dropped
                 self._drop(int(finished))
                 continue
             if error is not None:
-                self._done_one(item, error, finished)
+                self._done_one(item, error, started, finished)
                 continue
             stream, _, t0, ready = item
             meter = meters.get(stream) or lane.stream_meter(stream)
             model.delivered(t0, ready)
             meter.delivered(t0, ready)
-            meter.output_s += finished - ready
-            model.output_s += finished - ready
+            meter.output_s += finished - started
+            model.output_s += finished - started
             done += 1
         if done:
             lane.budget.give(done)
             self.engine.lane_progress(lane)
 
     def _done_one(self, item: tuple[int, Frame, float, float], error: BaseException | None,
-                  finished: float) -> None:
+                  started: float, finished: float) -> None:
         stream, _, t0, ready = item
         lane = self.lane
         meter = lane.stream_meter(stream)
         lane.meter.delivered(t0, ready)
-        meter.output_s += finished - ready
-        lane.meter.output_s += finished - ready
+        meter.output_s += finished - started
+        lane.meter.output_s += finished - started
         lane.budget.give(1)
         if error is None:
             meter.delivered(t0, ready)

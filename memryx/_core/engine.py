@@ -608,6 +608,8 @@ class Engine:
                 "queues": {"input": lane.queued_count, "on_device": lane.on_device_count},
                 "streams": {s: m.summary() for s, m in sorted(lane.streams.items())},
             })
+            if lane.streams:  # the input callbacks run per stream: the model's is their sum
+                entry["input_callback_s"] = sum(m.input_s for m in lane.streams.values())
             models.append(entry)
         return {"elapsed_s": elapsed, "models": models, "device": self.device.statistics()}
 
