@@ -75,7 +75,9 @@ class Device(Protocol):
 def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     """A device from an argument or ``$MEMRYX_DEVICE``.
 
-    ``"sim"`` (or ``"sim:fast"``, ``"sim:shapes"``): the in-process simulated MX3;
+    ``"sim"``, ``"sim:MODE"`` or ``"sim:MODE:BACKEND"`` (``"sim:reuse"``,
+    ``"sim:sampled:openvino"``; modes in :data:`memryx.device.simulated.MODES`): the
+    in-process simulated MX3;
     ``"unix:/run/memryx.sock"``: a device server (``memryx serve``) reached over
     that Unix socket. ``None`` reads ``$MEMRYX_DEVICE`` and falls back to
     ``"sim"``. A :class:`Device` instance is used as it is.
@@ -89,8 +91,11 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     if kind in ("sim", "simulated"):
         from .simulated import SimulatedDevice
 
-        if arg:
-            options.setdefault("mode", arg)
+        mode, _, backend = arg.partition(":")
+        if mode:
+            options.setdefault("mode", mode)
+        if backend:
+            options.setdefault("backend", backend)
         return SimulatedDevice(**options)
     if kind == "unix" and arg:
         from .fd import FdDevice
@@ -99,5 +104,6 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
             raise TypeError(f"the fd device takes no options; got {sorted(options)} (set the "
                             "mode and scheduler on the server: memryx serve --help)")
         return FdDevice(arg)
-    raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' (the simulated "
-                     "MX3) or 'unix:/path/to/socket' (a device server)")
+    raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' or "
+                     "'sim:MODE:BACKEND' (the simulated MX3) or 'unix:/path/to/socket' "
+                     "(a device server)")
