@@ -11,11 +11,11 @@ x86 CPUs). Both give the same outputs within float tolerance.
   dtypes; keyed by a 128-bit hash) gets a copy of its outputs. The cache is a
   bounded LRU of ``cache_size`` entries; identical frames in flight at once are
   computed once (the later ones wait for the first).
-* :class:`Sampler` (mode ``"sampled"``): the device computes a frame only when
-  a compute slot is free; every other frame gets a copy of the outputs of the
-  most recent frame *of the same model* that was computed and that came
-  before it. Its *staleness* is how many frames of the model lie between the
-  two (0 for a computed frame).
+* :class:`Sampler` (mode ``"sampled"``): the device starts computing a frame
+  only when a compute slot is free, in the background; when a frame is due it
+  gets a copy of the outputs of the newest frame *of the same model*, at or
+  before it, whose computation has finished. Its *staleness* is how many
+  frames of the model lie between the two (0: its own outputs).
 
 This module knows nothing of pacing, futures or the event loop: the device
 (:mod:`.simulated`) calls it from its loop and its worker threads.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import queue
 import threading
@@ -65,12 +66,14 @@ def resolve_backend(backend: str | None) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise BackendError(f"unknown compute backend {name!r}: expected one of {BACKENDS}")
     if name == "openvino":
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
+        try:  # found, not imported: importing it starts threads of its own
+            found = importlib.util.find_spec("openvino") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             raise BackendError("compute backend 'openvino' is not installed: pip install "
                                "openvino (or 'memryx[bench]'), or use backend='onnxruntime'"
-                               ) from None
+                               )
     return name
 
 
@@ -252,21 +255,25 @@ class ReuseCache:
 class Sampler:
     """Bookkeeping of mode ``"sampled"`` for one model (loop thread only).
 
-    Frames are numbered in submission order. A frame is *computed* when fewer
-    than ``slots`` computations are running; else it is *sampled*: at its
-    release it gets the outputs of the newest computed frame numbered before it.
+    Frames are numbered in submission order. A frame is *computed* (in the
+    background) when fewer than ``slots`` computations are running. Every frame,
+    computed or not, is answered when it is due with the outputs of the newest
+    frame numbered at or before it whose computation has finished: its own
+    (staleness 0) or an earlier one (staleness = the difference of the numbers).
     """
 
-    KEEP = 64  # computed outputs kept to answer frames released out of step
+    KEEP = 64  # finished outputs kept, newest first, to answer frames due out of step
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.next_seq = 0
         self.running = 0
         self._done: OrderedDict[int, Frame] = OrderedDict()  # seq -> outputs, seq ascending
-        self._floor: tuple[int, Frame] | None = None  # the newest computed frame dropped
+        self._floor: tuple[int, Frame] | None = None  # the newest finished one dropped
         self.computed = 0
-        self.sampled = 0
+        self.failed = 0
+        self.fresh = 0
+        self.stale = 0
         self.max_staleness = 0
         self._staleness_sum = 0
 
@@ -283,10 +290,11 @@ class Sampler:
         """A computation finished (``outputs`` None: it failed); its slot is free."""
         self.running -= 1
         if outputs is None:
+            self.failed += 1
             return
         self.computed += 1
         newest = next(reversed(self._done), -1)
-        self._done[seq] = _copy(outputs)  # the frame's receiver owns ``outputs``
+        self._done[seq] = _copy(outputs)  # the computation's arrays are handed out below
         if seq < newest:  # finished out of order: keep them in seq order
             self._done = OrderedDict(sorted(self._done.items()))
         while len(self._done) > self.KEEP:
@@ -294,29 +302,33 @@ class Sampler:
 
     def _source(self, seq: int) -> tuple[int, Frame] | None:
         for s in reversed(self._done):
-            if s < seq:
+            if s <= seq:
                 return s, self._done[s]
-        if self._floor is not None and self._floor[0] < seq:
+        if self._floor is not None and self._floor[0] <= seq:
             return self._floor
         return None
 
     def can_answer(self, seq: int) -> bool:
-        """Whether a frame numbered before ``seq`` has been computed."""
+        """Whether a frame numbered at or before ``seq`` has been computed."""
         return self._source(seq) is not None
 
     def outputs_for(self, seq: int) -> Frame:
-        """A copy of the outputs of the newest computed frame before ``seq`` (which
+        """A copy of the outputs of the newest computed frame at or before ``seq`` (which
         :meth:`can_answer` must have confirmed), counting its staleness."""
         source = self._source(seq)
         assert source is not None
         staleness = seq - source[0]
-        self.sampled += 1
+        if staleness:
+            self.stale += 1
+        else:
+            self.fresh += 1
         self.max_staleness = max(self.max_staleness, staleness)
         self._staleness_sum += staleness
         return _copy(source[1])
 
     def statistics(self) -> dict[str, Any]:
-        total = self.computed + self.sampled
-        return {"computed": self.computed, "sampled": self.sampled, "slots": self.slots,
+        answered = self.fresh + self.stale
+        return {"computed": self.computed, "failed": self.failed, "slots": self.slots,
+                "fresh": self.fresh, "stale": self.stale,
                 "staleness_max": self.max_staleness,
-                "staleness_mean": self._staleness_sum / total if total else None}
+                "staleness_mean": self._staleness_sum / answered if answered else None}

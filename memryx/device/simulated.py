@@ -13,10 +13,11 @@ at its own time.
 * ``"timed"`` (default): every frame computed, paced.
 * ``"reuse"``: paced; each distinct frame computed once, identical frames get
   a copy of its outputs (a bounded LRU cache of ``cache_size`` frames).
-* ``"sampled"``: paced; a frame is computed when a compute slot is free
-  (``concurrency`` slots, default 1), every other frame gets the outputs of the
-  newest computed frame of the same model before it (its staleness, in frames
-  of that model, is counted in ``statistics()``).
+* ``"sampled"``: paced; a frame is computed in the background when a compute
+  slot is free (``concurrency`` slots, default 1); when due, every frame gets
+  the outputs of the newest frame of the same model, at or before it, whose
+  computation has finished (its staleness, in frames of that model, is counted
+  in ``statistics()``).
 * ``"shapes"``: paced; zeros of the right shapes and dtypes, nothing computed.
 * ``"fast"``: every frame computed, unpaced: as fast as the host computes them.
 * ``"shapes-unpaced"``: zeros, nothing computed, unpaced.
@@ -86,7 +87,7 @@ LATE_TOLERANCE_S = 0.002
 #: The host is reported too slow when at least half of this many last outputs (and of
 #: at least ``LATE_MIN`` outputs) were late: a stall of a busy machine is not reported.
 LATE_WINDOW = 100
-LATE_MIN = 20
+LATE_MIN = LATE_WINDOW
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
@@ -118,8 +119,7 @@ class _Job:
     future: asyncio.Future[list[Frame]]
     times: list[tuple[float, float]]
     seqs: list[int] = field(default_factory=list)
-    """Sampled mode: the frames' numbers, and which of them are computed."""
-    computed: list[bool] = field(default_factory=list)
+    """Sampled mode: the frames' numbers."""
 
 
 @dataclass
@@ -133,6 +133,8 @@ class _Model:
     jobs: deque[_Job] = field(default_factory=deque)
     parked: deque[tuple[_Job, Slots, float]] = field(default_factory=deque)
     """Sampled mode: jobs due before any frame of the model was computed."""
+    error: DeviceError | None = None
+    """Sampled mode: a failed computation whose own frame was answered already."""
     workers: int = 0
     frames_in: int = 0
     frames_out: int = 0
@@ -146,6 +148,7 @@ class _Model:
     """How late the loop wakes a timer, learnt as it runs (seconds)."""
     frame_cost: float = 1.0
     """Running average of the host's CPU time per frame (``thread_time``, seconds)."""
+    costed: bool = False
     first_out: float = 0.0
     last_out: float = 0.0
     modeled: dict[str, Any] = field(default_factory=dict)
@@ -302,15 +305,17 @@ class SimulatedDevice:
                                        for _ in frames])
             return fut
         if model.sampler is not None:
+            # every frame is answered when due; those given a slot are computed meanwhile
             plan = [model.sampler.admit() for _ in frames]
             job.seqs = [seq for seq, _ in plan]
-            job.computed = [c for _, c in plan]
-            if not any(job.computed):
-                self._release(model, job, [None] * len(frames))
+            todo = [(f, seq) for f, (seq, c) in zip(frames, plan, strict=True) if c]
+            self._release(model, job, [None] * len(frames))
+            if not todo:
                 return fut
+            job = _Job([f for f, _ in todo], fut, [], seqs=[seq for _, seq in todo])
         if model.frame_cost < INLINE_COST_S and not model.workers:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
-            self._computed(model, job, self._compute(model, self._todo(job)))
+            self._computed(model, job, self._compute(model, job.frames))
         else:
             model.jobs.append(job)
             if model.workers < self.concurrency:
@@ -318,13 +323,6 @@ class SimulatedDevice:
                 assert self._tasks is not None
                 self._tasks.spawn(self._work(model), f"compute-{model_idx}")
         return fut
-
-    @staticmethod
-    def _todo(job: _Job) -> list[Frame]:
-        """The frames of ``job`` to compute (sampled mode: those given a compute slot)."""
-        if not job.computed:
-            return job.frames
-        return [f for f, c in zip(job.frames, job.computed, strict=True) if c]
 
     async def _work(self, model: _Model) -> None:
         """Compute queued batches on a worker thread: what is queued goes in one hop."""
@@ -334,9 +332,8 @@ class SimulatedDevice:
                 frames: list[Frame] = []
                 while model.jobs and len(frames) < RUN_BATCH:
                     job = model.jobs.popleft()
-                    todo = self._todo(job)
-                    jobs.append((job, len(todo)))
-                    frames.extend(todo)
+                    jobs.append((job, len(job.frames)))
+                    frames.extend(job.frames)
                 outputs = await run_sync(self._compute, model, frames)
                 start = 0
                 for job, n in jobs:
@@ -359,22 +356,34 @@ class SimulatedDevice:
             return DeviceError(f"model {model.info.index} ({model.info.name!r}) failed to "
                                f"execute: {exc}")
         per_frame = (time.thread_time() - start) / max(1, len(frames))
-        model.frame_cost += 0.2 * (per_frame - model.frame_cost)
+        if model.costed:
+            model.frame_cost += 0.2 * (per_frame - model.frame_cost)
+        else:
+            model.frame_cost, model.costed = per_frame, True
         return outputs
 
     def _computed(self, model: _Model, job: _Job, outputs: Slots | DeviceError) -> None:
-        """The computed frames of ``job`` are done: hand them to the pacer."""
-        if model.sampler is None or (isinstance(outputs, DeviceError) and not job.computed):
+        """The frames of ``job`` are computed: hand them to the pacer (sampled mode: to the
+        sampler, the frames' jobs are paced already)."""
+        sampler = model.sampler
+        if sampler is None:
             self._release(model, job, outputs)
             return
-        done = iter([] if isinstance(outputs, DeviceError) else outputs)
-        slots: list[Frame | None] = []
-        for seq, computed in zip(job.seqs, job.computed, strict=True):
-            out = next(done, None) if computed else None
-            if computed:
-                model.sampler.computed_one(seq, out)
-            slots.append(out)
-        self._release(model, job, outputs if isinstance(outputs, DeviceError) else slots)
+        failed = isinstance(outputs, DeviceError)
+        for seq, out in zip(job.seqs, [None] * len(job.seqs) if failed else outputs,
+                            strict=True):
+            sampler.computed_one(seq, out)
+        if isinstance(outputs, DeviceError):  # reaches the frame's receiver, or the next one's
+            if not job.future.done():
+                job.future.set_exception(outputs)
+            else:
+                model.error = outputs
+            if not sampler.running and model.parked:  # nothing left that could answer them
+                for parked, _, _ in model.parked:
+                    if not parked.future.done():
+                        parked.future.set_exception(outputs)
+                model.parked.clear()
+                model.error = None
         self._unpark(model)
 
     def _release(self, model: _Model, job: _Job, outputs: Slots | DeviceError) -> None:
@@ -414,13 +423,15 @@ class SimulatedDevice:
         if job.future.done():
             return
         sampler = model.sampler
-        if sampler is not None and any(o is None for o in outputs):
-            stale = [seq for seq, o in zip(job.seqs, outputs, strict=True) if o is None]
-            if not sampler.can_answer(min(stale)):  # nothing computed before it yet: wait
-                model.parked.append((job, list(outputs), job.times[-1][1]))
+        if sampler is not None:
+            if model.error is not None:  # a computation failed after its frame was answered
+                job.future.set_exception(model.error)
+                model.error = None
                 return
-            outputs = [o if o is not None else sampler.outputs_for(seq)
-                       for seq, o in zip(job.seqs, outputs, strict=True)]
+            if not sampler.can_answer(job.seqs[0]):  # nothing computed yet: wait for it
+                model.parked.append((job, outputs, job.times[-1][1]))
+                return
+            outputs = [sampler.outputs_for(seq) for seq in job.seqs]
         now = time.monotonic()
         behind = now - release if release is not None else 0.0
         late = behind > LATE_TOLERANCE_S
@@ -444,9 +455,8 @@ class SimulatedDevice:
         now = time.monotonic()
         while model.parked:
             job, outputs, release = model.parked[0]
-            stale = [s for s, o in zip(job.seqs, outputs, strict=True) if o is None]
             assert model.sampler is not None
-            if not model.sampler.can_answer(min(stale)):
+            if not model.sampler.can_answer(job.seqs[0]):
                 return
             model.parked.popleft()
             self._resolve(model, job, outputs, release if now > release else None)
@@ -484,7 +494,7 @@ class SimulatedDevice:
                 "modeled_latency_ms": m.modeled.get("latency_ms"),
                 "in_chip": m.in_chip,
                 "queued": sum(len(j.frames) for j in m.jobs),
-                "compute_ms_per_frame": m.frame_cost * 1000 if m.frame_cost < 1.0 else None,
+                "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,
             }
             if m.cache is not None:
                 entry["reuse"] = m.cache.statistics()
