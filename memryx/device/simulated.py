@@ -369,9 +369,8 @@ class SimulatedDevice:
         if sampler is None:
             self._release(model, job, outputs)
             return
-        failed = isinstance(outputs, DeviceError)
-        for seq, out in zip(job.seqs, [None] * len(job.seqs) if failed else outputs,
-                            strict=True):
+        done: Slots = [None] * len(job.seqs) if isinstance(outputs, DeviceError) else outputs
+        for seq, out in zip(job.seqs, done, strict=True):
             sampler.computed_one(seq, out)
         if isinstance(outputs, DeviceError):  # reaches the frame's receiver, or the next one's
             if not job.future.done():
