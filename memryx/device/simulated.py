@@ -313,6 +313,11 @@ class SimulatedDevice:
             if not todo:
                 return fut
             job = _Job([f for f, _ in todo], fut, [], seqs=[seq for _, seq in todo])
+        if model.cache is not None:
+            hits = model.cache.cached(frames)  # hits cost a hash and a copy: no thread hop
+            if hits is not None:
+                self._release(model, job, hits)
+                return fut
         if model.frame_cost < INLINE_COST_S and not model.workers:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
             self._computed(model, job, self._compute(model, job.frames))

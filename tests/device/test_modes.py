@@ -3,6 +3,7 @@ backends (onnxruntime, OpenVINO) and their bad options."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import sys
@@ -13,8 +14,8 @@ import pytest
 
 import memryx as mx
 from memryx import testing
-from memryx.device import SimulatedDevice, open_device
-from memryx.device._compute import BackendError, ReuseCache, Sampler
+from memryx.device import BackendError, SimulatedDevice, open_device
+from memryx.device._compute import ReuseCache, Sampler
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
@@ -350,3 +351,65 @@ def test_bad_options_reach_the_user_through_the_accelerator(identity_dfp):
         mx.SyncAccl(identity_dfp, mode="reuse", cache_size=0)
     with pytest.raises(BackendError, match="unknown compute backend"):
         mx.SyncAccl(identity_dfp, backend="gpu")
+
+
+# -- attacks ---------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_failing_sampled_computation_reaches_the_frames_waiting_for_it(identity_dfp):
+    dev = SimulatedDevice(mode="sampled")
+    await dev.open(identity_dfp, 0)
+
+    def broken(frame: list[np.ndarray]) -> list[np.ndarray]:
+        raise RuntimeError("the graph blew up")
+
+    dev._models[0].run = broken
+    futs = [dev.submit(0, [[np.full((1, 4), i, np.float32)]]) for i in range(5)]
+    for fut in futs:  # the computed frame, and the ones that had nothing to copy from
+        with pytest.raises(mx.DeviceError, match="the graph blew up"):
+            await asyncio.wait_for(fut, 5)
+    await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_closing_with_sampled_frames_waiting_for_a_computation_cancels_them(cnn):
+    dev = SimulatedDevice(mode="sampled")
+    await dev.open(cnn, 0)
+    x = frames(1, 1)[0]
+    futs = [dev.submit(0, [[x]]) for _ in range(6)]
+    await asyncio.sleep(0.01)  # due, but the first computation is still running
+    await asyncio.wait_for(dev.aclose(), 10)
+    assert all(f.done() for f in futs)
+
+
+def test_reuse_keys_tell_dtypes_shapes_and_port_boundaries_apart():
+    from memryx.device._compute import frame_key
+
+    a = np.arange(8, dtype=np.uint8)
+    keys = {frame_key([a]), frame_key([a.view(np.int8)]), frame_key([a.reshape(2, 4)]),
+            frame_key([a[:3], a[3:]]), frame_key([a[:4], a[4:]]),
+            frame_key([np.asfortranarray(a.reshape(2, 4))])}
+    assert len(keys) == 5  # the Fortran-ordered copy holds the same frame: same key
+    assert frame_key([a.copy()]) == frame_key([a])
+
+
+def test_reuse_through_the_device_string_and_many_streams(cnn):
+    pool = frames(3, distinct=3)
+    got: dict[int, int] = {s: 0 for s in range(6)}
+    sent = [0] * 6
+
+    def source(s: int) -> np.ndarray | None:
+        sent[s] += 1
+        return pool[sent[s] % 3] if sent[s] <= 30 else None
+
+    def sink(s: int, out: np.ndarray) -> None:
+        got[s] += 1
+
+    accl = mx.MultiStreamAsyncAccl(cnn, device="sim:reuse", cache_size=2)
+    try:
+        accl.connect_streams(source, sink, 6)
+        accl.wait()
+        reuse = accl.statistics()["device"]["models"][0]["reuse"]
+    finally:
+        accl.close()
+    assert all(v == 30 for v in got.values())
+    assert reuse["hits"] + reuse["misses"] == 180 and reuse["entries"] <= 2
