@@ -89,7 +89,8 @@ def test_reuse_is_paced_at_the_modeled_rate():
 def test_reuse_cache_evicts_the_least_recently_used(cnn):
     xs = frames(30, distinct=3)  # cycling through 3 frames with room for 2: always a miss
     with mx.SyncAccl(cnn, mode="reuse", cache_size=2) as accl:
-        accl.run(xs)
+        for x in xs:  # one at a time: none is in flight when the next one comes
+            accl.run(x)
         reuse = accl.statistics()["device"]["models"][0]["reuse"]
     assert reuse["size"] == 2 and reuse["entries"] == 2
     assert reuse["misses"] == 30 and reuse["hits"] == 0 and reuse["evictions"] == 28
