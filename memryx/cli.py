@@ -255,10 +255,10 @@ def _report(result: dict[str, Any], out: TextIO) -> None:
         out.write(f"modeled    {result['modeled_fps']:10,.1f} fps   latency "
                   f"{result['modeled_latency_ms']:.2f} ms   (the MX3, from the DFP)\n")
     dev = result.get("device_latency_ms") or {}
-    out.write(f"this host  {result['steady_fps']:10,.1f} fps   (second half of the run)   ")
+    out.write(f"this host  {result['steady_fps']:10,.1f} fps   (second half of the run)")
     if dev.get("p50") is not None:
-        out.write(f"device latency p50 {dev['p50']:.2f} ms   ")
-    out.write(f"\n           host CPU {result['host_cpu_ms_per_frame']:.2f} ms/frame\n")
+        out.write(f"   device latency p50 {dev['p50']:.2f} ms")
+    out.write(f"\nhost CPU   {result['host_cpu_ms_per_frame']:10.2f} ms/frame (all threads)\n")
     if result.get("late_frames"):
         out.write(f"late       {result['late_frames']} frame(s), up to "
                   f"{result['max_late_ms']:.1f} ms (ready after the chip would have "
