@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from ..dfp import ModelInfo
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "DEFAULT_CACHE_SIZE", "BackendError", "ReuseCache",
-           "Sampler", "frame_key", "load_runner", "resolve_backend"]
+           "Sampler", "check_int", "frame_key", "load_runner", "modeled_perf",
+           "resolve_backend"]
 
 Array = NDArray[Any]
 Frame = list[Array]
@@ -345,3 +346,22 @@ class Sampler:
                 "fresh": self.fresh, "stale": self.stale,
                 "staleness_max": self.max_staleness,
                 "staleness_mean": self._staleness_sum / answered if answered else None}
+
+
+# -- device set-up ----------------------------------------------------------------------
+def modeled_perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
+    """The model's performance figures: from the DFP, or estimated now if it has none."""
+    if info.perf and "fps" in info.perf and "latency_ms" in info.perf:
+        return dict(info.perf)
+    import onnx
+
+    from ..timing import estimate
+
+    return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
+
+
+def check_int(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -55,7 +55,16 @@ from numpy.typing import NDArray
 from .._core.aio import TaskSet
 from .._core.runner import run_sync
 from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError
-from ._compute import DEFAULT_CACHE_SIZE, ReuseCache, Runner, Sampler, load_runner, resolve_backend
+from ._compute import (
+    DEFAULT_CACHE_SIZE,
+    ReuseCache,
+    Runner,
+    Sampler,
+    check_int,
+    load_runner,
+    modeled_perf,
+    resolve_backend,
+)
 from .base import Limits
 
 if TYPE_CHECKING:
@@ -158,29 +167,11 @@ class _Model:
         return self.pacer.admit(now) if self.pacer is not None else (now, now)
 
 
-def _perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
-    """The model's performance figures: from the DFP, or estimated now if it has none."""
-    if info.perf and "fps" in info.perf and "latency_ms" in info.perf:
-        return dict(info.perf)
-    import onnx
-
-    from ..timing import estimate
-
-    return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
-
-
 def _percentiles(samples: deque[float]) -> dict[str, float | None]:
     ms = np.asarray(samples) * 1000.0
     if not ms.size:
         return {"p50": None, "p99": None}
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
-
-
-def _int_option(name: str, value: Any, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class SimulatedDevice:
@@ -205,10 +196,10 @@ class SimulatedDevice:
                  cache_size: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
-        _int_option("queue_depth", queue_depth, allow_none=False)
-        _int_option("concurrency", concurrency)
-        _int_option("groups", groups, allow_none=False)
-        _int_option("cache_size", cache_size)
+        check_int("queue_depth", queue_depth, allow_none=False)
+        check_int("concurrency", concurrency)
+        check_int("groups", groups, allow_none=False)
+        check_int("cache_size", cache_size)
         if cache_size is not None and mode != "reuse":
             raise ValueError(f"cache_size is an option of mode 'reuse', not of mode {mode!r}")
         self.groups = groups
@@ -250,7 +241,7 @@ class SimulatedDevice:
             modeled: dict[str, Any] = {}
             in_chip = self.concurrency
             if self.paced:
-                modeled = _perf(info, dfp.num_chips)
+                modeled = modeled_perf(info, dfp.num_chips)
                 fps, latency_s = float(modeled["fps"]), float(modeled["latency_ms"]) / 1000
                 if not (math.isfinite(fps) and fps > 0 and math.isfinite(latency_s)
                         and latency_s >= 0):
