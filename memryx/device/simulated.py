@@ -43,6 +43,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -101,6 +102,8 @@ LATE_MIN = LATE_WINDOW
 INLINE_COST_S = 30e-6
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
 FAST_BATCH = 64
+#: How long a close waits for the frame a worker thread is computing.
+CLOSE_WAIT_S = 10.0
 #: The most frames of one model computed in one thread hop.
 RUN_BATCH = 16
 
@@ -158,6 +161,10 @@ class _Model:
     frame_cost: float = 1.0
     """Running average of the host's CPU time per frame (``thread_time``, seconds)."""
     costed: bool = False
+    computing: int = 0
+    """Worker threads inside ``_compute`` (under ``lock``)."""
+    stopping: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
     first_out: float = 0.0
     last_out: float = 0.0
     modeled: dict[str, Any] = field(default_factory=dict)
@@ -342,15 +349,23 @@ class SimulatedDevice:
     @staticmethod
     def _compute(model: _Model, frames: list[Frame]) -> list[Frame] | DeviceError:
         start = time.thread_time()  # CPU time: waiting for the GIL is not the graph's cost
-        assert model.run is not None
+        run, cache = model.run, model.cache
+        assert run is not None
+        outputs: list[Frame] = []
+        with model.lock:
+            model.computing += 1
         try:
-            if model.cache is not None:
-                outputs = model.cache.compute(model.run, frames)
-            else:
-                outputs = [model.run(frame) for frame in frames]
+            for frame in frames:
+                if model.stopping:  # closing: a native graph run must not outlive the close
+                    return DeviceError("the simulated device was closed")
+                outputs.extend(cache.compute(run, [frame]) if cache is not None
+                               else [run(frame)])
         except Exception as exc:
             return DeviceError(f"model {model.info.index} ({model.info.name!r}) failed to "
                                f"execute: {exc}")
+        finally:
+            with model.lock:
+                model.computing -= 1
         per_frame = (time.thread_time() - start) / max(1, len(frames))
         if model.costed:
             model.frame_cost += 0.2 * (per_frame - model.frame_cost)
@@ -514,5 +529,14 @@ class SimulatedDevice:
                 job.future.cancel()
             m.jobs.clear()
             m.parked.clear()
+        for m in self._models:
+            m.stopping = True
         if self._tasks is not None:
             await self._tasks.aclose()
+        # A graph still running on a worker thread would be torn down under its feet by an
+        # exiting interpreter (onnxruntime aborts the process): wait for the frame it has.
+        # (polled: the thread cannot touch the loop, and this wait is rare and short)
+        for _ in range(int(CLOSE_WAIT_S / 0.005)):
+            if not any(m.computing for m in self._models):
+                break
+            await asyncio.sleep(0.005)

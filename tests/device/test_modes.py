@@ -414,3 +414,42 @@ def test_reuse_through_the_device_string_and_many_streams(cnn):
         accl.close()
     assert all(v == 30 for v in got.values())
     assert reuse["hits"] + reuse["misses"] == 180 and reuse["entries"] <= 2
+
+
+SCRIPT = """
+import sys
+import numpy as np, memryx as mx
+from memryx import testing
+dfp = mx.NeuralCompiler(models=testing.resnet50(input_size=64), fps=2000, latency_ms=2).run()
+xs = [np.random.rand(1, 3, 64, 64).astype(np.float32) for _ in range(4)]
+with mx.SyncAccl(dfp, mode=sys.argv[1]) as accl:
+    print("running", flush=True)
+    accl.run(xs * 100000)
+"""
+
+
+@pytest.mark.parametrize("mode", ["timed", "sampled"])
+def test_ctrl_c_while_the_host_computes_a_graph_is_a_keyboardinterrupt_not_an_abort(
+        mode, tmp_path):
+    # a graph still running on a worker thread when the interpreter exits made
+    # onnxruntime abort the process ("terminate called without an active exception")
+    import signal
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "running"
+        time.sleep(1.0)  # graphs running on the worker threads
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "terminate called" not in err
+    assert proc.returncode == -signal.SIGINT or "KeyboardInterrupt" in err, (proc.returncode,
+                                                                             err[-500:])
