@@ -28,9 +28,11 @@ strategies live in :mod:`._compute`.
 When an output is ready only after the chip would have delivered it, the
 frame is *late*: it is released when ready and counted
 (``late_frames``, ``max_late_ms``). When at least half of a model's last
-``LATE_WINDOW`` outputs (and at least ``LATE_MIN``) were late, the host is too
-slow for the modeled rate (``host_slower``): the device says so once, through
-``logging`` at INFO, naming the mode that would keep chip timing.
+``LATE_WINDOW`` outputs (and at least ``LATE_MIN``) were late, or in timed mode
+when frames are late and the host's compute time per frame (per worker) exceeds
+the modeled frame interval, the host is too slow for the modeled rate
+(``host_slower``): the device says so once, through ``logging`` at INFO, naming
+the mode that would keep chip timing.
 
 The device keeps no queues: the core's frame budget bounds what is in flight,
 from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
@@ -98,6 +100,9 @@ LATE_TOLERANCE_S = 0.002
 #: at least ``LATE_MIN`` outputs) were late: a stall of a busy machine is not reported.
 LATE_WINDOW = 100
 LATE_MIN = LATE_WINDOW
+#: In timed mode, late frames enough to report a host whose compute time per frame (per
+#: worker) exceeds the modeled frame interval.
+LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
@@ -450,8 +455,7 @@ class SimulatedDevice:
             model.max_late = max(model.max_late, behind)
         for _ in job.frames:
             model.recent_late.append(late)
-        if late and not model.host_slower and len(model.recent_late) >= LATE_MIN and \
-                sum(model.recent_late) * 2 >= len(model.recent_late):
+        if late and not model.host_slower and self._behind(model):
             self._slower(model)
         model.first_out = model.first_out or now
         model.last_out = now
@@ -459,6 +463,16 @@ class SimulatedDevice:
         for entry, _ in job.times:
             model.latencies.append(now - entry)
         job.future.set_result(outputs)  # type: ignore[arg-type]
+
+    def _behind(self, model: _Model) -> bool:
+        """Whether the host is too slow for the modeled rate (a late frame just came)."""
+        recent = model.recent_late
+        if len(recent) >= LATE_MIN and sum(recent) * 2 >= len(recent):
+            return True
+        # timed: the host's compute time per frame, per worker, exceeds the chip's interval
+        return (self.mode == "timed" and model.pacer is not None and model.costed
+                and model.late_frames >= LATE_SURE
+                and model.frame_cost > model.pacer.interval * self.concurrency)
 
     def _unpark(self, model: _Model) -> None:
         """Sampled mode: a frame was computed; answer the jobs that waited for one."""
