@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PASS, MISS, SKIPPED = "PASS", "MISS", "SKIPPED"
-ORDER = ["overhead", "latency", "pipelining", "fidelity", "multistream", "peers", "memory",
+ORDER = ["overhead", "latency", "pipelining", "fidelity", "modes", "multistream", "peers", "memory",
          "soak"]
 WHY_PLACEHOLDER = ("_Not written yet: when a goal above is missed, `benchmarks/why.md` "
                    "explains why (what the profile shows, what would fix it)._")

@@ -13,7 +13,10 @@ import numpy as np
 from ._progress import Progress
 from .dfp import Dfp, PortInfo
 
-__all__ = ["Timeline", "run_bench"]
+__all__ = ["Timeline", "run_bench", "verdict"]
+
+#: Delivered frames/s within this fraction of the target count as keeping it.
+KEPT = 0.98
 
 
 def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
@@ -106,6 +109,7 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
             tracer.frame(s, model_idx, "output callback", t0, clock(), k)
 
     accl = MultiStreamAsyncAccl(dfp, mode=mode, **device_options)
+    cpu = time.process_time()
     tl.start = time.monotonic()
     try:
         accl.connect_streams(source, sink, streams, model_idx=model_idx)
@@ -116,11 +120,12 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
     finally:
         accl.close()
     elapsed = time.monotonic() - tl.start
+    cpu = time.process_time() - cpu
     stats = accl.statistics()
     m = stats["models"][model_idx]
     dev = stats["device"]["models"][model_idx]
     per_stream = {int(s): v["fps"] for s, v in m["streams"].items()}
-    return {
+    result: dict[str, Any] = {
         "model": model.name, "model_idx": model_idx, "mode": mode, "frames": m["frames_out"],
         "streams": streams, "rate": rate, "elapsed_s": elapsed, "fps": m["fps"],
         "average_stream_fps": float(np.mean(list(per_stream.values()))) if per_stream else 0.0,
@@ -131,4 +136,66 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
         "late_frames": dev.get("late_frames", 0),
         "input_callback_s": m["input_callback_s"], "output_callback_s": m["output_callback_s"],
         "device_wait_s": m["device_wait_s"],
+        "steady_fps": _steady_fps(tl),
+        "host_cpu_ms_per_frame": cpu * 1000 / max(1, m["frames_out"]),
+        "paced": stats["device"].get("paced"), "backend": stats["device"].get("backend"),
+        "host_slower": dev.get("host_slower", False), "max_late_ms": dev.get("max_late_ms"),
+        "device_latency_ms": dev.get("device_latency_ms"),
+        "suggested_mode": stats["device"].get("suggested_mode"),
+        "reuse": dev.get("reuse"), "sampled": dev.get("sampled"),
     }
+    result["verdict"] = verdict(result)
+    return result
+
+
+def _steady_fps(tl: Timeline) -> float:
+    """Outputs per second over the second half of the run (all streams): the rate this
+    host sustained once warm (first computations, caches filling) and before the drain."""
+    times = sorted(t for s in tl.received for t in s)
+    half = times[len(times) // 2:]
+    if len(half) < 2 or half[-1] <= half[0]:
+        return 0.0
+    return (len(half) - 1) / (half[-1] - half[0])
+
+
+def verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """Which side bounded a bench run: ``{"bound", "text", "suggested_mode"}``.
+
+    ``bound`` is ``"chip"`` (the modeled MX3 rate was kept), ``"source"`` (the streams'
+    ``rate`` asked for less), ``"host-processing"`` (the device kept chip timing but the
+    host side did not take the outputs that fast), ``"host-simulation"`` (this host
+    cannot compute the model at the chip's rate in this mode: ``suggested_mode`` keeps
+    it) or ``"unpaced"`` (a mode without chip timing: the frames/s is this host's).
+    Judged on ``steady_fps``, the rate of the second half of the run.
+    """
+    from .device.simulated import KEEPS_TIMING
+
+    fps, modeled, mode = r.get("steady_fps") or r["fps"], r.get("modeled_fps"), r["mode"]
+    if not r.get("paced") or not modeled:
+        return {"bound": "unpaced", "suggested_mode": None,
+                "text": f"unpaced: {mode} mode has no chip timing, so {fps:,.1f} fps is what "
+                        "this host computes; use a paced mode (timed, reuse, sampled, shapes) "
+                        "for the chip's"}
+    late = r.get("late_frames", 0)
+    offered = r["rate"] * r["streams"] if r.get("rate") else None
+    target = min(modeled, offered) if offered else modeled
+    if fps >= KEPT * target:
+        if offered is not None and offered < modeled:
+            return {"bound": "source", "suggested_mode": None,
+                    "text": f"source-bound: the streams offered {offered:,.1f} fps, below "
+                            f"the modeled chip's {modeled:,.1f} fps, and got them all"}
+        warm = f" ({late} frame(s) late while warming up)" if late else ""
+        return {"bound": "chip", "suggested_mode": None,
+                "text": f"chip-bound: this host sustained the modeled {modeled:,.1f} fps"
+                        f"{warm}"}
+    if r.get("host_slower"):
+        nxt = r.get("suggested_mode") or KEEPS_TIMING.get(mode, (None, ""))[0]
+        use = f" — use mode {nxt}" if nxt else " — even without computing (shapes mode)"
+        return {"bound": "host-simulation", "suggested_mode": nxt,
+                "text": f"host-bound: simulation compute{use} (this host computes the "
+                        f"model slower than the modeled {modeled:,.1f} fps; {late} frame(s) "
+                        "late)"}
+    return {"bound": "host-processing", "suggested_mode": None,
+            "text": "host-bound: your pre/post-processing (the device kept chip timing, "
+                    f"but this host sustained only {fps:,.1f} of {target:,.1f} fps: callbacks, "
+                    "pre/post-processing or the runtime on this host)"}

@@ -4,7 +4,7 @@ Examples::
 
     memryx compile model.onnx -o model.dfp --autocrop
     memryx info model.dfp
-    memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|fast|shapes] [--json]
+    memryx bench model.dfp --frames 2000 --streams 4 [--mode timed|reuse|sampled|...] [--json]
     memryx bench model.dfp --plot bench.png --html bench.html --trace bench.json
     memryx serve --socket /run/memryx.sock [--tcp 127.0.0.1:10000 --token-file PATH]
     memryx serve --socket /run/memryx.sock --metrics 127.0.0.1:9464
@@ -30,6 +30,8 @@ from ._bench import Timeline, run_bench
 from ._exceptions import DfpError, MemryxError
 from ._progress import LogHandler, progress, progress_mode
 from ._version import __version__
+from .device._compute import BACKENDS
+from .device.simulated import MODES
 from .dfp import Dfp, PortInfo
 
 __all__ = ["Timeline", "main", "run_bench"]
@@ -192,7 +194,8 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if not 0 <= args.model_idx < dfp.num_models:
         raise MemryxError(f"--model-idx {args.model_idx}: {args.dfp} has {dfp.num_models} "
                           f"model(s), numbered 0..{dfp.num_models - 1}")
-    options = {"concurrency": args.concurrency} if args.concurrency is not None else {}
+    options = {k: v for k, v in (("concurrency", args.concurrency), ("backend", args.backend),
+                                 ("cache_size", args.cache_size)) if v is not None}
     tracer = None
     if trace is not None:
         from ._trace import Tracer
@@ -242,11 +245,26 @@ def _report(result: dict[str, Any], out: TextIO) -> None:
     out.write(f"latency    p50 {lat['p50']:.2f} ms   p99 {lat['p99']:.2f} ms\n")
     if result["modeled_fps"]:
         out.write(f"modeled    {result['modeled_fps']:10,.1f} fps   latency "
-                  f"{result['modeled_latency_ms']:.2f} ms")
-        if result["late_frames"]:
-            out.write(f"   ({result['late_frames']} frame(s) late: the host is slower than "
-                      "the modeled chip)")
-        out.write("\n")
+                  f"{result['modeled_latency_ms']:.2f} ms   (the MX3, from the DFP)\n")
+    dev = result.get("device_latency_ms") or {}
+    out.write(f"this host  {result['steady_fps']:10,.1f} fps   (second half of the run)")
+    if dev.get("p50") is not None:
+        out.write(f"   device latency p50 {dev['p50']:.2f} ms")
+    out.write(f"\nhost CPU   {result['host_cpu_ms_per_frame']:10.2f} ms/frame (all threads)\n")
+    if result.get("late_frames"):
+        out.write(f"late       {result['late_frames']} frame(s), up to "
+                  f"{result['max_late_ms']:.1f} ms (ready after the chip would have "
+                  "delivered them)\n")
+    if result.get("reuse"):
+        ru = result["reuse"]
+        out.write(f"reuse      {ru['hits']} hit(s), {ru['misses']} miss(es), "
+                  f"{ru['evictions']} eviction(s), cache {ru['entries']}/{ru['size']}\n")
+    if result.get("sampled"):
+        sa = result["sampled"]
+        mean = sa["staleness_mean"] or 0.0
+        out.write(f"sampled    {sa['fresh']} fresh, {sa['stale']} stale output(s); "
+                  f"staleness mean {mean:.1f}, max {sa['staleness_max']} frame(s)\n")
+    out.write(f"verdict    {result['verdict']['text']}\n")
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -356,9 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames to run, over all streams (default: 1000)")
     p.add_argument("--streams", type=_at_least(1), default=1, metavar="N",
                    help="input streams sharing the model (default: 1)")
-    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"],
-                   help="timed: paced like the MX3 (default); fast: as fast as this host "
-                        "computes; shapes: zeros, nothing computed")
+    p.add_argument("--mode", default="timed", choices=MODES,
+                   help="paced like the MX3: timed (every frame computed, default), reuse "
+                        "(each distinct frame computed once), sampled (frames the host "
+                        "cannot compute get recent real outputs), shapes (zeros); unpaced: "
+                        "fast (every frame, as fast as this host computes), shapes-unpaced")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="what computes the model on this host (default: "
+                        "$MEMRYX_SIM_BACKEND or onnxruntime)")
+    p.add_argument("--cache-size", type=_at_least(1), metavar="N",
+                   help="reuse mode: distinct frames whose outputs are kept (default: 1024)")
     p.add_argument("--model-idx", type=_at_least(0), default=0, metavar="I",
                    help="the model of the DFP to measure (default: 0)")
     p.add_argument("--rate", type=_positive_float, metavar="FPS",
@@ -396,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--allow-uid", help="comma-separated uids that may use the Unix socket "
                                        "(default: the server's own)")
-    p.add_argument("--mode", default="timed", choices=["timed", "fast", "shapes"],
-                   help="how the shared device computes (default: timed)")
+    p.add_argument("--mode", default="timed", choices=MODES,
+                   help="how the shared device computes (default: timed; see memryx bench "
+                        "--help)")
     p.add_argument("--frame-limit", type=int, default=20,
                    help="frames a model may send per turn on the chip")
     p.add_argument("--time-limit-ms", type=float, default=250.0,

@@ -75,7 +75,9 @@ class Device(Protocol):
 def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     """A device from an argument or ``$MEMRYX_DEVICE``.
 
-    ``"sim"`` (or ``"sim:fast"``, ``"sim:shapes"``): the in-process simulated MX3;
+    ``"sim"``, ``"sim:MODE"`` or ``"sim:MODE:BACKEND"`` (``"sim:reuse"``,
+    ``"sim:sampled:openvino"``; modes in :data:`memryx.device.simulated.MODES`): the
+    in-process simulated MX3;
     ``"unix:/run/memryx.sock"``: a device server (``memryx serve``) reached over
     that Unix socket; ``"tcp://HOST:PORT"`` / ``"tcps://HOST:PORT"``: one reached
     over TCP / TLS (the shared secret from ``token=`` or ``$MEMRYX_TOKEN``). The
@@ -93,8 +95,11 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     if kind in ("sim", "simulated"):
         from .simulated import SimulatedDevice
 
-        if arg:
-            options.setdefault("mode", arg)
+        mode, _, backend = arg.partition(":")
+        if mode:
+            options.setdefault("mode", mode)
+        if backend:
+            options.setdefault("backend", backend)
         return SimulatedDevice(**options)
     if (kind == "unix" and arg) or (kind in ("tcp", "tcps") and arg.startswith("//")):
         from .fd import FdDevice
@@ -105,6 +110,7 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
                             "token= and tls=; set the mode and scheduler on the server: "
                             "memryx serve --help)")
         return FdDevice(text, **options)
-    raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' (the simulated "
-                     "MX3), 'unix:/path/to/socket', 'tcp://HOST:PORT' or 'tcps://HOST:PORT' "
+    raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' or "
+                     "'sim:MODE:BACKEND' (the simulated MX3), 'unix:/path/to/socket', "
+                     "'tcp://HOST:PORT' or 'tcps://HOST:PORT' "
                      "(a device server)")

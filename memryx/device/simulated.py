@@ -1,21 +1,38 @@
 """The in-process simulated MX3: a pacer plus compute.
 
-``submit(model_idx, frames)`` computes the batch with onnxruntime (on the loop
+``submit(model_idx, frames)`` computes the batch on the host (on the loop
 thread when the graph is cheaper than a thread hop, else on a worker thread, up
 to ``concurrency`` batches of a model at once) and resolves its future when
-the outputs are due:
+the outputs are due. The modes say what is computed and when it is released;
+the *paced* ones release like the chip would: frame *i* enters the modeled
+pipeline at ``entry_i = max(arrival_i, entry_{i-1} + 1/fps)`` and leaves at
+``entry_i + latency`` (fps and latency from the DFP's performance model, see
+:mod:`memryx.timing`); frames go in one per ``submit`` so that each is released
+at its own time.
 
-* ``"timed"`` (default): outputs are real, and paced like the chip would
-  deliver them: frame *i* enters the modeled pipeline at
-  ``entry_i = max(arrival_i, entry_{i-1} + 1/fps)`` and leaves at
-  ``entry_i + latency`` (fps and latency from the DFP's performance model, see
-  :mod:`memryx.timing`). When the host computes a frame later than the chip
-  would have delivered it, the device logs a warning (once per model) and
-  counts the frame in ``statistics()["models"][i]["late_frames"]``. Frames go
-  in one per ``submit`` so that each is released at its own time.
-* ``"fast"``: real outputs, as fast as the host computes them.
-* ``"shapes"``: zeros of the right shapes and dtypes, nothing computed and no
-  pacing: for wiring tests of models too big to run on the host.
+* ``"timed"`` (default): every frame computed, paced.
+* ``"reuse"``: paced; each distinct frame computed once, identical frames get
+  a copy of its outputs (a bounded LRU cache of ``cache_size`` frames).
+* ``"sampled"``: paced; a frame is computed in the background when a compute
+  slot is free (``concurrency`` slots, default 1); when due, every frame gets
+  the outputs of the newest frame of the same model, at or before it, whose
+  computation has finished (its staleness, in frames of that model, is counted
+  in ``statistics()``).
+* ``"shapes"``: paced; zeros of the right shapes and dtypes, nothing computed.
+* ``"fast"``: every frame computed, unpaced: as fast as the host computes them.
+* ``"shapes-unpaced"``: zeros, nothing computed, unpaced.
+
+What runs the graphs (onnxruntime or OpenVINO) and the reuse and sampling
+strategies live in :mod:`._compute`.
+
+When an output is ready only after the chip would have delivered it, the
+frame is *late*: it is released when ready and counted
+(``late_frames``, ``max_late_ms``). When at least half of a model's last
+``LATE_WINDOW`` outputs (and at least ``LATE_MIN``) were late, or in timed mode
+when frames are late and the host's compute time per frame (per worker) exceeds
+the modeled frame interval, the host is too slow for the modeled rate
+(``host_slower``): the device says so once, through ``logging`` at INFO, naming
+the mode that would keep chip timing.
 
 The device keeps no queues: the core's frame budget bounds what is in flight,
 from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
@@ -28,8 +45,10 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,27 +56,59 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._core.aio import TaskSet
-from .._core.processing import new_session
 from .._core.runner import run_sync
 from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError
+from ._compute import (
+    DEFAULT_CACHE_SIZE,
+    ReuseCache,
+    Runner,
+    Sampler,
+    check_int,
+    load_runner,
+    modeled_perf,
+    resolve_backend,
+)
 from .base import Limits
 
 if TYPE_CHECKING:
     from ..dfp import Dfp, ModelInfo
 
-__all__ = ["MODES", "SimulatedDevice"]
+__all__ = ["MODES", "PACED_MODES", "SimulatedDevice"]
 
 log = logging.getLogger("memryx.device.sim")
 
 Array = NDArray[Any]
 Frame = list[Array]
-MODES = ("timed", "fast", "shapes")
+Slots = Sequence[Frame | None]
+"""Outputs of a job's frames; None: a sampled frame, answered when due."""
+MODES = ("timed", "reuse", "sampled", "shapes", "fast", "shapes-unpaced")
+#: The modes that release outputs at the modeled MX3 rate and latency.
+PACED_MODES = ("timed", "reuse", "sampled", "shapes")
+#: What to suggest when a host is too slow for the modeled rate in a mode.
+KEEPS_TIMING = {
+    "timed": ("reuse", "mode='reuse' (each distinct frame computed once: for looped or "
+              "repeating input) or mode='sampled' (the model runs on the frames the host can "
+              "afford, the others get recent real outputs)"),
+    "reuse": ("sampled", "mode='sampled' (the model runs on the frames the host can afford, "
+              "the others get recent real outputs)"),
+    "sampled": ("shapes", "mode='shapes' (zeros, nothing computed)"),
+    "shapes": (None, "no mode: this host cannot pace outputs at this rate"),
+}
 #: How much later than its modeled release an output may be before it counts as late.
 LATE_TOLERANCE_S = 0.002
+#: The host is reported too slow when at least half of this many last outputs (and of
+#: at least ``LATE_MIN`` outputs) were late: a stall of a busy machine is not reported.
+LATE_WINDOW = 100
+LATE_MIN = LATE_WINDOW
+#: In timed mode, late frames enough to report a host whose compute time per frame (per
+#: worker) exceeds the modeled frame interval.
+LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
-#: The most frames of one model handed over in one ``submit`` in fast/shapes mode.
+#: The most frames of one model handed over in one ``submit`` in unpaced modes.
 FAST_BATCH = 64
+#: How long a close waits for the frame a worker thread is computing.
+CLOSE_WAIT_S = 10.0
 #: The most frames of one model computed in one thread hop.
 RUN_BATCH = 16
 
@@ -84,27 +135,41 @@ class _Job:
     frames: list[Frame]
     future: asyncio.Future[list[Frame]]
     times: list[tuple[float, float]]
+    seqs: list[int] = field(default_factory=list)
+    """Sampled mode: the frames' numbers."""
 
 
 @dataclass
 class _Model:
     info: ModelInfo
-    session: Any
-    names: list[str]
+    run: Runner | None
     pacer: _Pacer | None
     in_chip: int
+    cache: ReuseCache | None = None
+    sampler: Sampler | None = None
     jobs: deque[_Job] = field(default_factory=deque)
+    parked: deque[tuple[_Job, Slots, float]] = field(default_factory=deque)
+    """Sampled mode: jobs due before any frame of the model was computed."""
+    error: DeviceError | None = None
+    """Sampled mode: a failed computation whose own frame was answered already."""
     workers: int = 0
     frames_in: int = 0
     frames_out: int = 0
     late_frames: int = 0
-    warned: bool = False
+    max_late: float = 0.0
+    recent_late: deque[bool] = field(default_factory=lambda: deque(maxlen=LATE_WINDOW))
+    host_slower: bool = False
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     """Per frame: from entering the (modeled) chip to leaving the device."""
     oversleep: float = 0.0
     """How late the loop wakes a timer, learnt as it runs (seconds)."""
     frame_cost: float = 1.0
     """Running average of the host's CPU time per frame (``thread_time``, seconds)."""
+    costed: bool = False
+    computing: int = 0
+    """Worker threads inside ``_compute`` (under ``lock``)."""
+    stopping: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
     first_out: float = 0.0
     last_out: float = 0.0
     modeled: dict[str, Any] = field(default_factory=dict)
@@ -114,17 +179,6 @@ class _Model:
         return self.pacer.admit(now) if self.pacer is not None else (now, now)
 
 
-def _perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
-    """The model's performance figures: from the DFP, or estimated now if it has none."""
-    if info.perf and "fps" in info.perf and "latency_ms" in info.perf:
-        return dict(info.perf)
-    import onnx
-
-    from ..timing import estimate
-
-    return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
-
-
 def _percentiles(samples: deque[float]) -> dict[str, float | None]:
     ms = np.asarray(samples) * 1000.0
     if not ms.size:
@@ -132,58 +186,44 @@ def _percentiles(samples: deque[float]) -> dict[str, float | None]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
-              "tensor(double)": "float64", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
-              "tensor(uint16)": "uint16", "tensor(int16)": "int16", "tensor(int32)": "int32",
-              "tensor(int64)": "int64", "tensor(bool)": "bool"}
-
-
-def _check_ports(info: ModelInfo, session: Any) -> None:
-    """The DFP's port table must describe its own graph (a crafted DFP may lie)."""
-    for kind, ports, metas in (("input", info.inputs, session.get_inputs()),
-                               ("output", info.outputs, session.get_outputs())):
-        if [p.layer for p in ports] != [m.name for m in metas]:
-            raise DfpError(
-                f"model {info.index} ({info.name!r}): the DFP's {kind} ports "
-                f"{[p.layer for p in ports]} are not its graph's {[m.name for m in metas]}")
-        for port, meta in zip(ports, metas, strict=True):
-            dims = tuple(d if isinstance(d, int) else -1 for d in meta.shape)
-            fits = len(dims) == len(port.shape) and all(
-                d in (-1, s) for d, s in zip(dims, port.shape, strict=True))
-            if not fits or _ORT_TYPES.get(meta.type) != port.dtype.name:
-                raise DfpError(
-                    f"model {info.index} ({info.name!r}): {kind} port {port.port} "
-                    f"({port.layer!r}) says {port.shape} {port.dtype}, but the graph has "
-                    f"{tuple(meta.shape)} {meta.type}")
-
-
 class SimulatedDevice:
     """An MX3 simulated in this process.
 
     Parameters:
-        mode: ``"timed"`` (default), ``"fast"`` or ``"shapes"`` (module docstring).
+        mode: one of :data:`MODES` (module docstring); ``"timed"`` by default.
         groups: how many chip groups the simulated box has (``group_id`` must be below it).
-        concurrency: batches of one model computed at once (default: the host's cores).
+        concurrency: batches of one model computed at once (default: the host's cores;
+            in ``"sampled"`` mode: the frames computed at once, default 1).
         queue_depth: frames each model buffers on the way in, and outputs on the way
             out; with the frames inside the modeled chip they make the frame budget.
+        backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
+            ``$MEMRYX_SIM_BACKEND``, else onnxruntime).
+        cache_size: ``"reuse"`` mode: distinct frames whose outputs are kept (default 1024).
     """
 
     name = "sim"
 
     def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
-                 queue_depth: int = 4) -> None:
+                 queue_depth: int = 4, backend: str | None = None,
+                 cache_size: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
-        if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth < 1:
-            raise ValueError(f"queue_depth must be an int >= 1, got {queue_depth!r}")
-        if concurrency is not None and (isinstance(concurrency, bool) or
-                                        not isinstance(concurrency, int) or concurrency < 1):
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        check_int("queue_depth", queue_depth, allow_none=False)
+        check_int("concurrency", concurrency)
+        check_int("groups", groups, allow_none=False)
+        check_int("cache_size", cache_size)
+        if cache_size is not None and mode != "reuse":
+            raise ValueError(f"cache_size is an option of mode 'reuse', not of mode {mode!r}")
         self.groups = groups
         self.mode = mode
-        self.concurrency = concurrency or max(1, os.cpu_count() or 1)
+        self.paced = mode in PACED_MODES
+        self.computes = not mode.startswith("shapes")
+        self.backend = resolve_backend(backend) if self.computes else None
+        self.cache_size = cache_size or DEFAULT_CACHE_SIZE
+        if mode == "sampled":
+            self.concurrency = concurrency or 1
+        else:
+            self.concurrency = concurrency or max(1, os.cpu_count() or 1)
         self.queue_depth = queue_depth
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
@@ -191,6 +231,7 @@ class SimulatedDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._fault: BaseException | None = None
+        self._reported = False
 
     async def open(self, dfp: Dfp, group_id: int) -> None:
         if isinstance(group_id, bool) or not isinstance(group_id, int):
@@ -200,23 +241,19 @@ class SimulatedDevice:
                 f"group_id {group_id} out of range: the simulated device has {self.groups} "
                 f"chip group(s) (valid: 0..{self.groups - 1})"
             )
-        if self.mode == "shapes":
-            sessions: list[Any] = [None] * len(dfp.models)
-        else:
-            try:
-                sessions = await run_sync(lambda: [new_session(m.graph) for m in dfp.models])
-            except Exception as exc:
-                raise DfpError(f"the DFP's graphs cannot be loaded ({exc})") from exc
-            for info, session in zip(dfp.models, sessions, strict=True):
-                _check_ports(info, session)
+        runners: list[Runner | None] = [None] * len(dfp.models)
+        if self.backend is not None:
+            backend = self.backend
+            runners = list(await run_sync(
+                lambda: [load_runner(m, backend) for m in dfp.models]))
         self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet("sim", self._on_task_error)
-        for info, session in zip(dfp.models, sessions, strict=True):
+        for info, run in zip(dfp.models, runners, strict=True):
             pacer = None
             modeled: dict[str, Any] = {}
             in_chip = self.concurrency
-            if self.mode == "timed":
-                modeled = _perf(info, dfp.num_chips)
+            if self.paced:
+                modeled = modeled_perf(info, dfp.num_chips)
                 fps, latency_s = float(modeled["fps"]), float(modeled["latency_ms"]) / 1000
                 if not (math.isfinite(fps) and fps > 0 and math.isfinite(latency_s)
                         and latency_s >= 0):
@@ -225,20 +262,23 @@ class SimulatedDevice:
                 pacer = _Pacer(1.0 / fps, latency_s)
                 # frames the modeled pipeline holds at full rate, plus the one entering
                 in_chip = max(1, min(1 << 20, math.ceil(latency_s * fps))) + 1
-            self._models.append(_Model(info=info, session=session,
-                                       names=[p.layer for p in info.inputs], pacer=pacer,
-                                       in_chip=in_chip, modeled=modeled))
-        log.debug("simulated device opened %d model(s) in %s mode", len(sessions), self.mode)
+            self._models.append(_Model(
+                info=info, run=run, pacer=pacer, in_chip=in_chip, modeled=modeled,
+                cache=ReuseCache(self.cache_size) if self.mode == "reuse" else None,
+                sampler=Sampler(self.concurrency) if self.mode == "sampled" else None))
+        log.debug("simulated device opened %d model(s) in %s mode (%s)", len(runners),
+                  self.mode, self.backend or "nothing computed")
 
     def _on_task_error(self, exc: BaseException) -> None:
         if self._fault is None:
             self._fault = exc
             log.error("simulated device fault: %r", exc)
         for m in self._models:
-            for job in m.jobs:
+            for job in [*m.jobs, *(p[0] for p in m.parked)]:
                 if not job.future.done():
                     job.future.set_exception(self._lost(m))
             m.jobs.clear()
+            m.parked.clear()
 
     def _model(self, model_idx: int) -> _Model:
         if self._closed:
@@ -263,12 +303,27 @@ class SimulatedDevice:
         now = time.monotonic()
         job = _Job(frames, fut, [model.admit(now) for _ in frames])
         model.frames_in += len(frames)
-        if model.session is None:  # shapes mode
+        if model.run is None:  # shapes modes
             self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
                                        for _ in frames])
-        elif model.frame_cost < INLINE_COST_S and not model.workers:
+            return fut
+        if model.sampler is not None:
+            # every frame is answered when due; those given a slot are computed meanwhile
+            plan = [model.sampler.admit() for _ in frames]
+            job.seqs = [seq for seq, _ in plan]
+            todo = [(f, seq) for f, (seq, c) in zip(frames, plan, strict=True) if c]
+            self._release(model, job, [None] * len(frames))
+            if not todo:
+                return fut
+            job = _Job([f for f, _ in todo], fut, [], seqs=[seq for _, seq in todo])
+        if model.cache is not None:
+            hits = model.cache.cached(frames)  # hits cost a hash and a copy: no thread hop
+            if hits is not None:
+                self._release(model, job, hits)
+                return fut
+        if model.frame_cost < INLINE_COST_S and not model.workers:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
-            self._release(model, job, self._compute(model, frames))
+            self._computed(model, job, self._compute(model, job.frames))
         else:
             model.jobs.append(job)
             if model.workers < self.concurrency:
@@ -281,18 +336,17 @@ class SimulatedDevice:
         """Compute queued batches on a worker thread: what is queued goes in one hop."""
         try:
             while model.jobs:
-                jobs: list[_Job] = []
+                jobs: list[tuple[_Job, int]] = []
                 frames: list[Frame] = []
                 while model.jobs and len(frames) < RUN_BATCH:
                     job = model.jobs.popleft()
-                    jobs.append(job)
+                    jobs.append((job, len(job.frames)))
                     frames.extend(job.frames)
                 outputs = await run_sync(self._compute, model, frames)
                 start = 0
-                for job in jobs:
-                    n = len(job.frames)
-                    self._release(model, job, outputs if isinstance(outputs, DeviceError)
-                                  else outputs[start:start + n])
+                for job, n in jobs:
+                    self._computed(model, job, outputs if isinstance(outputs, DeviceError)
+                                   else outputs[start:start + n])
                     start += n
         finally:
             model.workers -= 1
@@ -300,19 +354,54 @@ class SimulatedDevice:
     @staticmethod
     def _compute(model: _Model, frames: list[Frame]) -> list[Frame] | DeviceError:
         start = time.thread_time()  # CPU time: waiting for the GIL is not the graph's cost
+        run, cache = model.run, model.cache
+        assert run is not None
         outputs: list[Frame] = []
-        run, names = model.session.run, model.names
+        with model.lock:
+            model.computing += 1
         try:
             for frame in frames:
-                outputs.append(list(run(None, dict(zip(names, frame, strict=True)))))
+                if model.stopping:  # closing: a native graph run must not outlive the close
+                    return DeviceError("the simulated device was closed")
+                outputs.extend(cache.compute(run, [frame]) if cache is not None
+                               else [run(frame)])
         except Exception as exc:
             return DeviceError(f"model {model.info.index} ({model.info.name!r}) failed to "
                                f"execute: {exc}")
+        finally:
+            with model.lock:
+                model.computing -= 1
         per_frame = (time.thread_time() - start) / max(1, len(frames))
-        model.frame_cost += 0.2 * (per_frame - model.frame_cost)
+        if model.costed:
+            model.frame_cost += 0.2 * (per_frame - model.frame_cost)
+        else:
+            model.frame_cost, model.costed = per_frame, True
         return outputs
 
-    def _release(self, model: _Model, job: _Job, outputs: list[Frame] | DeviceError) -> None:
+    def _computed(self, model: _Model, job: _Job, outputs: Slots | DeviceError) -> None:
+        """The frames of ``job`` are computed: hand them to the pacer (sampled mode: to the
+        sampler, the frames' jobs are paced already)."""
+        sampler = model.sampler
+        if sampler is None:
+            self._release(model, job, outputs)
+            return
+        done: Slots = [None] * len(job.seqs) if isinstance(outputs, DeviceError) else outputs
+        for seq, out in zip(job.seqs, done, strict=True):
+            sampler.computed_one(seq, out)
+        if isinstance(outputs, DeviceError):  # reaches the frame's receiver, or the next one's
+            if not job.future.done():
+                job.future.set_exception(outputs)
+            else:
+                model.error = outputs
+            if not sampler.running and model.parked:  # nothing left that could answer them
+                for parked, _, _ in model.parked:
+                    if not parked.future.done():
+                        parked.future.set_exception(outputs)
+                model.parked.clear()
+                model.error = None
+        self._unpark(model)
+
+    def _release(self, model: _Model, job: _Job, outputs: Slots | DeviceError) -> None:
         """Resolve the job's future when its last frame is due (now, unpaced)."""
         if job.future.done():  # cancelled by a close
             return
@@ -320,7 +409,7 @@ class SimulatedDevice:
             job.future.set_exception(outputs)
             return
         if model.pacer is None:
-            self._resolve(model, job, outputs)
+            self._resolve(model, job, outputs, None)
             return
         assert self._loop is not None
         release = job.times[-1][1]
@@ -331,29 +420,70 @@ class SimulatedDevice:
             self._timers.add(handle)
             job.future.add_done_callback(lambda _f: self._forget(handle))
             return
-        if now - release > LATE_TOLERANCE_S:
-            self._late(model, now - release, len(job.frames))
-        self._resolve(model, job, outputs)
+        self._resolve(model, job, outputs, release)
 
     def _forget(self, handle: asyncio.TimerHandle) -> None:
         handle.cancel()
         self._timers.discard(handle)
 
-    def _due(self, model: _Model, job: _Job, outputs: list[Frame], release: float) -> None:
+    def _due(self, model: _Model, job: _Job, outputs: Slots, release: float) -> None:
         late = time.monotonic() - release  # the loop wakes timers a little late: aim earlier
         model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
-        self._resolve(model, job, outputs)
+        self._resolve(model, job, outputs, None)
 
-    def _resolve(self, model: _Model, job: _Job, outputs: list[Frame]) -> None:
+    def _resolve(self, model: _Model, job: _Job, outputs: Slots,
+                 release: float | None) -> None:
+        """Deliver ``outputs``; ``release`` is the time they were due when they were ready
+        only after it (None: on time)."""
         if job.future.done():
             return
+        sampler = model.sampler
+        if sampler is not None:
+            if model.error is not None:  # a computation failed after its frame was answered
+                job.future.set_exception(model.error)
+                model.error = None
+                return
+            if not sampler.can_answer(job.seqs[0]):  # nothing computed yet: wait for it
+                model.parked.append((job, outputs, job.times[-1][1]))
+                return
+            outputs = [sampler.outputs_for(seq) for seq in job.seqs]
         now = time.monotonic()
+        behind = now - release if release is not None else 0.0
+        late = behind > LATE_TOLERANCE_S
+        if late:
+            model.late_frames += len(job.frames)
+            model.max_late = max(model.max_late, behind)
+        for _ in job.frames:
+            model.recent_late.append(late)
+        if late and not model.host_slower and self._behind(model):
+            self._slower(model)
         model.first_out = model.first_out or now
         model.last_out = now
         model.frames_out += len(outputs)
         for entry, _ in job.times:
             model.latencies.append(now - entry)
-        job.future.set_result(outputs)
+        job.future.set_result(outputs)  # type: ignore[arg-type]
+
+    def _behind(self, model: _Model) -> bool:
+        """Whether the host is too slow for the modeled rate (a late frame just came)."""
+        recent = model.recent_late
+        if len(recent) >= LATE_MIN and sum(recent) * 2 >= len(recent):
+            return True
+        # timed: the host's compute time per frame, per worker, exceeds the chip's interval
+        return (self.mode == "timed" and model.pacer is not None and model.costed
+                and model.late_frames >= LATE_SURE
+                and model.frame_cost > model.pacer.interval * self.concurrency)
+
+    def _unpark(self, model: _Model) -> None:
+        """Sampled mode: a frame was computed; answer the jobs that waited for one."""
+        now = time.monotonic()
+        while model.parked:
+            job, outputs, release = model.parked[0]
+            assert model.sampler is not None
+            if not model.sampler.can_answer(job.seqs[0]):
+                return
+            model.parked.popleft()
+            self._resolve(model, job, outputs, release if now > release else None)
 
     def _lost(self, model: _Model) -> DeviceError:
         lost = model.frames_in - model.frames_out
@@ -361,31 +491,45 @@ class SimulatedDevice:
         return DeviceError(f"simulated device failed on model {model.info.index} "
                            f"({model.info.name!r}); {lost} frame(s) lost{cause}", lost_frames=lost)
 
-    def _late(self, model: _Model, behind: float, n: int) -> None:
-        model.late_frames += n
-        if not model.warned:
-            model.warned = True
-            log.warning(
-                "model %d (%r): the host computes frames slower than the modeled MX3 rate of "
-                "%.0f fps (an output was %.1f ms late); timed outputs follow the host, and "
-                "statistics() counts late frames", model.info.index, model.info.name,
-                model.modeled.get("fps", 0.0), behind * 1000)
+    def _slower(self, model: _Model) -> None:
+        model.host_slower = True
+        if self._reported:
+            return
+        self._reported = True
+        _, advice = KEEPS_TIMING[self.mode]
+        log.info(
+            "model %d (%r): this host is slower than the modeled MX3 rate of %.0f fps in %r "
+            "mode (outputs up to %.1f ms late); outputs follow the host. To keep chip "
+            "timing: %s. statistics() counts late_frames and max_late_ms.",
+            model.info.index, model.info.name, model.modeled.get("fps", 0.0), self.mode,
+            model.max_late * 1000, advice)
 
     def statistics(self) -> dict[str, Any]:
         models = []
         for m in self._models:
             span = m.last_out - m.first_out
-            models.append({
+            entry: dict[str, Any] = {
                 "model_idx": m.info.index, "frames_in": m.frames_in, "frames_out": m.frames_out,
-                "late_frames": m.late_frames,
+                "late_frames": m.late_frames, "max_late_ms": m.max_late * 1000,
+                "host_slower": m.host_slower,
                 "device_fps": (m.frames_out - 1) / span if span > 0 else 0.0,
                 "device_latency_ms": _percentiles(m.latencies),
                 "modeled_fps": m.modeled.get("fps"),
                 "modeled_latency_ms": m.modeled.get("latency_ms"),
                 "in_chip": m.in_chip,
                 "queued": sum(len(j.frames) for j in m.jobs),
-            })
-        return {"device": self.name, "mode": self.mode, "models": models}
+                "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,
+            }
+            if m.cache is not None:
+                entry["reuse"] = m.cache.statistics()
+            if m.sampler is not None:
+                entry["sampled"] = m.sampler.statistics()
+            models.append(entry)
+        slower = any(m.host_slower for m in self._models)
+        return {"device": self.name, "mode": self.mode, "paced": self.paced,
+                "backend": self.backend, "host_slower": slower,
+                "suggested_mode": KEEPS_TIMING[self.mode][0] if slower else None,
+                "models": models}
 
     async def aclose(self) -> None:
         if self._closed:
@@ -395,8 +539,18 @@ class SimulatedDevice:
             handle.cancel()
         self._timers.clear()
         for m in self._models:
-            for job in m.jobs:
+            for job in [*m.jobs, *(p[0] for p in m.parked)]:
                 job.future.cancel()
             m.jobs.clear()
+            m.parked.clear()
+        for m in self._models:
+            m.stopping = True
         if self._tasks is not None:
             await self._tasks.aclose()
+        # A graph still running on a worker thread would be torn down under its feet by an
+        # exiting interpreter (onnxruntime aborts the process): wait for the frame it has.
+        # (polled: the thread cannot touch the loop, and this wait is rare and short)
+        for _ in range(int(CLOSE_WAIT_S / 0.005)):
+            if not any(m.computing for m in self._models):
+                break
+            await asyncio.sleep(0.005)

@@ -1,4 +1,5 @@
-"""The simulated device's modes: timed pacing, fast, shapes; late-frame reporting."""
+"""The simulated device: timed pacing, fast, shapes; late-frame reporting (more modes:
+test_modes.py)."""
 
 from __future__ import annotations
 
@@ -67,17 +68,23 @@ def test_shapes_mode_returns_zeros_of_the_right_shapes(split_dfp):
     assert not double.any() and not neg.any()
 
 
-def test_a_host_slower_than_the_chip_is_reported(caplog):
-    # ResNet50 takes the host milliseconds per frame; the "chip" here takes 0.1 ms
-    dfp = mx.NeuralCompiler(models=testing.resnet50(input_size=64), fps=1e5,
-                            latency_ms=0.1).run()
-    caplog.set_level(logging.WARNING, logger="memryx.device.sim")
+def test_a_host_slower_than_the_chip_is_reported_once_at_info(caplog):
+    # ResNet50 takes the host milliseconds per frame; the "chip" 10 µs
+    dfp = mx.NeuralCompiler(models=testing.resnet50(input_size=32), fps=1e5,
+                            latency_ms=0.01).run()
+    caplog.set_level(logging.DEBUG, logger="memryx")
     with mx.SyncAccl(dfp) as accl:
-        accl.run([np.zeros((1, 3, 64, 64), np.float32)] * 12)
-        late = accl.statistics()["device"]["models"][0]["late_frames"]
-    assert late > 0
-    warnings = [r for r in caplog.records if "slower than the modeled MX3 rate" in r.message]
-    assert len(warnings) == 1  # once per model, not per frame
+        accl.run([np.zeros((1, 3, 32, 32), np.float32)] * 60)
+        accl.run([np.ones((1, 3, 32, 32), np.float32)] * 60)
+        stats = accl.statistics()["device"]
+    model = stats["models"][0]
+    assert model["late_frames"] > 0 and model["max_late_ms"] > 0
+    assert model["host_slower"] and stats["host_slower"]
+    assert stats["suggested_mode"] == "reuse"
+    reports = [r for r in caplog.records if "slower than the modeled MX3 rate" in r.message]
+    assert len(reports) == 1  # once, not per frame
+    assert reports[0].levelno == logging.INFO  # the library stays quiet by default
+    assert "mode='reuse'" in reports[0].message and "mode='sampled'" in reports[0].message
 
 
 def test_device_options_are_checked():

@@ -1,0 +1,367 @@
+"""What the simulated device computes, and with what.
+
+*Backends* run one model's graph on the host: ``"onnxruntime"`` (the default)
+or ``"openvino"`` (when the ``openvino`` package is installed; often faster on
+x86 CPUs). Both give the same outputs within float tolerance.
+
+*Strategies* decide which frames the backend runs:
+
+* :class:`ReuseCache` (mode ``"reuse"``): each distinct input frame is computed
+  once; a frame identical to one computed before (same bytes, shapes and
+  dtypes; keyed by a 128-bit xxh3 hash) gets a copy of its outputs. The cache is a
+  bounded LRU of ``cache_size`` entries; identical frames in flight at once are
+  computed once (the later ones wait for the first).
+* :class:`Sampler` (mode ``"sampled"``): the device starts computing a frame
+  only when a compute slot is free, in the background; when a frame is due it
+  gets a copy of the outputs of the newest frame *of the same model*, at or
+  before it, whose computation has finished. Its *staleness* is how many
+  frames of the model lie between the two (0: its own outputs).
+
+This module knows nothing of pacing, futures or the event loop: the device
+(:mod:`.simulated`) calls it from its loop and its worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .._exceptions import DfpError, UsageError
+
+if TYPE_CHECKING:
+    from ..dfp import ModelInfo
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "DEFAULT_CACHE_SIZE", "BackendError", "ReuseCache",
+           "Sampler", "check_int", "frame_key", "load_runner", "modeled_perf",
+           "resolve_backend"]
+
+Array = NDArray[Any]
+Frame = list[Array]
+Runner = Callable[[Frame], Frame]
+
+BACKENDS = ("onnxruntime", "openvino")
+#: Environment variable naming the simulated device's compute backend (default onnxruntime).
+BACKEND_ENV = "MEMRYX_SIM_BACKEND"
+#: Distinct frames whose outputs mode ``"reuse"`` keeps, by default.
+DEFAULT_CACHE_SIZE = 1024
+
+
+class BackendError(UsageError, ValueError):
+    """The compute backend asked for is unknown or not installed."""
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend to use: ``backend``, else ``$MEMRYX_SIM_BACKEND``, else onnxruntime;
+    :class:`BackendError` (a ValueError) when it is unknown or not installed."""
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV) or "onnxruntime"
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise BackendError(f"unknown compute backend {name!r}: expected one of {BACKENDS}")
+    if name == "openvino":
+        try:  # found, not imported: importing it starts threads of its own
+            found = importlib.util.find_spec("openvino") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise BackendError("compute backend 'openvino' is not installed: pip install "
+                               "openvino (or 'memryx[bench]'), or use backend='onnxruntime'"
+                               )
+    return name
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(double)": "float64", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+              "tensor(uint16)": "uint16", "tensor(int16)": "int16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def _check_ports(info: ModelInfo, metas: tuple[list[tuple[str, tuple[Any, ...], str]], ...]
+                 ) -> None:
+    """The DFP's port table must describe its own graph (a crafted DFP may lie).
+
+    ``metas``: (inputs, outputs) of the graph, each ``(name, shape, dtype name)``.
+    """
+    for kind, ports, graph in (("input", info.inputs, metas[0]),
+                               ("output", info.outputs, metas[1])):
+        if [p.layer for p in ports] != [name for name, _, _ in graph]:
+            raise DfpError(
+                f"model {info.index} ({info.name!r}): the DFP's {kind} ports "
+                f"{[p.layer for p in ports]} are not its graph's {[n for n, _, _ in graph]}")
+        for port, (_, shape, dtype) in zip(ports, graph, strict=True):
+            dims = tuple(d if isinstance(d, int) else -1 for d in shape)
+            fits = len(dims) == len(port.shape) and all(
+                d in (-1, s) for d, s in zip(dims, port.shape, strict=True))
+            if not fits or dtype != port.dtype.name:
+                raise DfpError(
+                    f"model {info.index} ({info.name!r}): {kind} port {port.port} "
+                    f"({port.layer!r}) says {port.shape} {port.dtype}, but the graph has "
+                    f"{tuple(shape)} {dtype}")
+
+
+def _ort_runner(info: ModelInfo) -> Runner:
+    from .._core.processing import new_session
+
+    session = new_session(info.graph)
+    _check_ports(info, tuple([(m.name, tuple(m.shape), _ORT_TYPES.get(m.type, m.type))
+                              for m in metas]
+                             for metas in (session.get_inputs(), session.get_outputs())))
+    run, names = session.run, [p.layer for p in info.inputs]
+
+    def runner(frame: Frame) -> Frame:
+        return list(run(None, dict(zip(names, frame, strict=True))))
+    return runner
+
+
+def _onnx_ports(graph: bytes) -> tuple[list[tuple[str, tuple[Any, ...], str]], ...]:
+    import onnx
+
+    model = onnx.load_model_from_string(graph)
+    inits = {i.name for i in model.graph.initializer}
+
+    def ports(values: Any) -> list[tuple[str, tuple[Any, ...], str]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+            out.append((v.name, shape, dtype))
+        return out
+    return ports([v for v in model.graph.input if v.name not in inits]), \
+        ports(model.graph.output)
+
+
+def _openvino_runner(info: ModelInfo) -> Runner:
+    import openvino as ov
+
+    _check_ports(info, _onnx_ports(info.graph))
+    core = ov.Core()
+    model = core.read_model(info.graph, b"")
+    # f32 everywhere: a CPU that prefers bf16 would otherwise change the outputs
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                 "PERFORMANCE_HINT": "LATENCY"})
+    outputs = list(compiled.outputs)
+    dtypes = [p.dtype for p in info.outputs]
+    names = [p.layer for p in info.inputs]
+    idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # one request per concurrent caller
+
+    def runner(frame: Frame) -> Frame:
+        try:
+            request = idle.get_nowait()
+        except queue.Empty:
+            request = compiled.create_infer_request()
+        try:
+            result = request.infer(dict(zip(names, frame, strict=True)))
+            return [np.array(result[o], dtype=d, copy=True)
+                    for o, d in zip(outputs, dtypes, strict=True)]
+        finally:
+            idle.put(request)
+    return runner
+
+
+def load_runner(info: ModelInfo, backend: str) -> Runner:
+    """A callable computing one frame of model ``info`` with ``backend`` (thread-safe);
+    DfpError when the graph cannot be loaded or does not match the DFP's ports."""
+    try:
+        return _openvino_runner(info) if backend == "openvino" else _ort_runner(info)
+    except DfpError:
+        raise
+    except Exception as exc:
+        raise DfpError(f"the DFP's graphs cannot be loaded by {backend} ({exc})") from exc
+
+
+def _pick_hash() -> tuple[str, Callable[[], Any]]:
+    try:  # xxh3 hashes a 224x224 frame in tens of microseconds, hashlib in milliseconds
+        xxhash = importlib.import_module("xxhash")
+        return "xxh3_128", xxhash.xxh3_128
+    except ImportError:  # a dependency, but the device still works without it
+        return "sha256", hashlib.sha256
+
+
+HASH, _hasher = _pick_hash()
+
+
+def frame_key(frame: Frame) -> bytes:
+    """A 128-bit hash of a frame's dtypes, shapes and bytes."""
+    h = _hasher()
+    for a in frame:
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data.cast("B"))
+    return bytes(h.digest())
+
+
+def _copy(outputs: Frame) -> Frame:
+    return [a.copy() for a in outputs]
+
+
+class ReuseCache:
+    """Outputs of distinct frames, computed once each (thread-safe, bounded LRU)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[bytes, Frame] = OrderedDict()
+        self._pending: dict[bytes, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def compute(self, run: Runner, frames: list[Frame]) -> list[Frame]:
+        """Outputs of ``frames``; each distinct frame computed once while it is cached.
+        The arrays returned are the caller's (copies of the cached ones)."""
+        return [self._one(run, frame_key(f), f) for f in frames]
+
+    def cached(self, frames: list[Frame]) -> list[Frame] | None:
+        """Outputs of ``frames`` when every one of them is cached (counted as hits), else
+        None (nothing counted): a lookup cheap enough for the event loop."""
+        keys = [frame_key(f) for f in frames]
+        with self._lock:
+            found = [self._entries.get(k) for k in keys]
+            if any(f is None for f in found):
+                return None
+            for k in keys:
+                self._entries.move_to_end(k)
+            self.hits += len(keys)
+        return [_copy(f) for f in found if f is not None]
+
+    def _one(self, run: Runner, key: bytes, frame: Frame) -> Frame:
+        while True:
+            with self._lock:
+                cached = self._entries.get(key)
+                if cached is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return _copy(cached)
+                event = self._pending.get(key)
+                if event is None:  # ours to compute
+                    self._pending[key] = threading.Event()
+                    self.misses += 1
+                    break
+            event.wait()  # the same frame is being computed by another worker: share it
+        try:
+            outputs = run(frame)
+            with self._lock:
+                self._entries[key] = _copy(outputs)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+                    self.evictions += 1
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
+        return outputs
+
+    def statistics(self) -> dict[str, Any]:
+        with self._lock:
+            total = self.hits + self.misses
+            return {"size": self.size, "entries": len(self._entries), "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions,
+                    "hit_rate": self.hits / total if total else None, "hash": HASH}
+
+
+class Sampler:
+    """Bookkeeping of mode ``"sampled"`` for one model (loop thread only).
+
+    Frames are numbered in submission order. A frame is *computed* (in the
+    background) when fewer than ``slots`` computations are running. Every frame,
+    computed or not, is answered when it is due with the outputs of the newest
+    frame numbered at or before it whose computation has finished: its own
+    (staleness 0) or an earlier one (staleness = the difference of the numbers).
+    """
+
+    KEEP = 64  # finished outputs kept, newest first, to answer frames due out of step
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.next_seq = 0
+        self.running = 0
+        self._done: OrderedDict[int, Frame] = OrderedDict()  # seq -> outputs, seq ascending
+        self._floor: tuple[int, Frame] | None = None  # the newest finished one dropped
+        self.computed = 0
+        self.failed = 0
+        self.fresh = 0
+        self.stale = 0
+        self.max_staleness = 0
+        self._staleness_sum = 0
+
+    def admit(self) -> tuple[int, bool]:
+        """Number the next frame; True when it is to be computed (a slot was free)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        if self.running < self.slots:
+            self.running += 1
+            return seq, True
+        return seq, False
+
+    def computed_one(self, seq: int, outputs: Frame | None) -> None:
+        """A computation finished (``outputs`` None: it failed); its slot is free."""
+        self.running -= 1
+        if outputs is None:
+            self.failed += 1
+            return
+        self.computed += 1
+        newest = next(reversed(self._done), -1)
+        self._done[seq] = _copy(outputs)  # the computation's arrays are handed out below
+        if seq < newest:  # finished out of order: keep them in seq order
+            self._done = OrderedDict(sorted(self._done.items()))
+        while len(self._done) > self.KEEP:
+            self._floor = self._done.popitem(last=False)
+
+    def _source(self, seq: int) -> tuple[int, Frame] | None:
+        for s in reversed(self._done):
+            if s <= seq:
+                return s, self._done[s]
+        if self._floor is not None and self._floor[0] <= seq:
+            return self._floor
+        return None
+
+    def can_answer(self, seq: int) -> bool:
+        """Whether a frame numbered at or before ``seq`` has been computed."""
+        return self._source(seq) is not None
+
+    def outputs_for(self, seq: int) -> Frame:
+        """A copy of the outputs of the newest computed frame at or before ``seq`` (which
+        :meth:`can_answer` must have confirmed), counting its staleness."""
+        source = self._source(seq)
+        assert source is not None
+        staleness = seq - source[0]
+        if staleness:
+            self.stale += 1
+        else:
+            self.fresh += 1
+        self.max_staleness = max(self.max_staleness, staleness)
+        self._staleness_sum += staleness
+        return _copy(source[1])
+
+    def statistics(self) -> dict[str, Any]:
+        answered = self.fresh + self.stale
+        return {"computed": self.computed, "failed": self.failed, "slots": self.slots,
+                "fresh": self.fresh, "stale": self.stale,
+                "staleness_max": self.max_staleness,
+                "staleness_mean": self._staleness_sum / answered if answered else None}
+
+
+# -- device set-up ----------------------------------------------------------------------
+def modeled_perf(info: ModelInfo, num_chips: int) -> dict[str, Any]:
+    """The model's performance figures: from the DFP, or estimated now if it has none."""
+    if info.perf and "fps" in info.perf and "latency_ms" in info.perf:
+        return dict(info.perf)
+    import onnx
+
+    from ..timing import estimate
+
+    return estimate(onnx.load_model_from_string(info.graph), num_chips).to_json()
+
+
+def check_int(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
