@@ -201,6 +201,14 @@ class Faults:
         return f"Faults({', '.join(map(repr, self.faults))})"
 
 
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail ``fut``, quietly: after a fault the core stops awaiting the later futures (it has
+    its error), as it does for a real device's, so an unread one is not a loop error."""
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()
+
+
 @dataclass
 class _Job:
     first: int  # device-wide number of the job's first frame (from 1)
@@ -280,7 +288,7 @@ class FaultyDevice:
             return self.inner.submit(model_idx, frames)  # the inner device names the problem
         out: asyncio.Future[list[Frame]] = self._loop.create_future()
         if self._dead is not None:
-            out.set_exception(DeviceError(str(self._dead), lost_frames=len(frames)))
+            _fail(out, DeviceError(str(self._dead), lost_frames=len(frames)))
             self._counts["lost_frames"] += len(frames)
             return out
         first = self._submitted + 1
@@ -361,10 +369,9 @@ class FaultyDevice:
                 model.timer.cancel()
                 model.timer = None
             for job in model.jobs:
-                if not job.out.done():
-                    job.out.set_exception(DeviceError(str(self._dead), lost_frames=lost))
+                _fail(job.out, DeviceError(str(self._dead), lost_frames=lost))
             model.jobs.clear()
-        out.set_exception(DeviceError(str(self._dead), lost_frames=lost))
+        _fail(out, DeviceError(str(self._dead), lost_frames=lost))
 
     def _inner_done(self, model: _ModelState, job: _Job,
                     fut: asyncio.Future[list[Frame]]) -> None:
