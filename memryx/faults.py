@@ -21,8 +21,10 @@ The faults (frames are counted over the whole device, from 1, in submission orde
   awaited).
 * :class:`Throttle` ``(above_c=100.0, start_c=None)``: the device models its die
   temperature (:class:`memryx._compat.TelemetryModel`, from the rate outputs leave
-  it); while it is above ``above_c`` °C, outputs leave at no more than half the
-  model's modeled rate, as the MX3 module does at 100 °C. ``start_c`` sets the
+  it); while it is above ``above_c`` °C, outputs leave at half the rate, as the MX3
+  module does at 100 °C: spaced at least twice the modeled interval (``1/fps``) and
+  twice the inner device's own pace (so it shows in ``fast`` mode too, where the
+  host, not the model, sets the pace). ``start_c`` sets the
   temperature the module starts at (a hot enclosure). ``statistics()`` shows
   ``temperature_c``, ``throttling`` and ``throttled_frames``.
 * :class:`Jitter` ``(ms=N, seed=0)``: each output is delayed by a uniform random
@@ -218,6 +220,7 @@ class _Job:
     ready: bool = False
     release: float = 0.0
     hung: bool = False
+    submitted: float = 0.0
 
 
 @dataclass
@@ -226,6 +229,8 @@ class _ModelState:
     jobs: deque[_Job] = field(default_factory=deque)
     frames_out: int = 0
     last_release: float = 0.0
+    last_done: float = 0.0
+    """When the inner device last completed a job of this model (loop time)."""
     timer: asyncio.TimerHandle | None = None
 
 
@@ -312,7 +317,7 @@ class FaultyDevice:
             if isinstance(f, (Throttle, Jitter)):
                 self._fired.add(i)
         model = self._models[model_idx]
-        job = _Job(first=first, frames=len(frames), out=out)
+        job = _Job(first=first, frames=len(frames), out=out, submitted=now)
         model.jobs.append(job)
         inner = self.inner.submit(model_idx, frames)
         inner.add_done_callback(lambda fut: self._inner_done(model, job, fut))
@@ -393,8 +398,14 @@ class FaultyDevice:
         if self._jitter is not None and self._jitter.ms > 0:
             release += self._rng.uniform(0.0, self._jitter.ms / 1000.0)
             self._counts["jittered_frames"] += job.frames
-        if self._throttled() and model.fps > 0:
-            release = max(release, model.last_release + 2.0 * job.frames / model.fps)
+        # the device's own pace for this job: its time between outputs, at most its service time
+        own = min(now - job.submitted, now - model.last_done if model.last_done else math.inf)
+        model.last_done = now
+        if self._throttled():
+            # half the rate: outputs spaced twice the device's own pace, and at least twice
+            # the modeled interval (the MX3 module at 100 °C)
+            modeled = job.frames / model.fps if model.fps > 0 else 0.0
+            release = max(release, model.last_release + 2.0 * max(modeled, own))
             self._counts["throttled_frames"] += job.frames
         if self._hang_after is not None and job.first + job.frames - 1 > self._hang_after:
             job.hung = True
