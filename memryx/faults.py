@@ -318,8 +318,8 @@ class FaultyDevice:
                 self._fired.add(i)
         model = self._models[model_idx]
         job = _Job(first=first, frames=len(frames), out=out, submitted=now)
+        inner = self.inner.submit(model_idx, frames)  # may raise (closed): then no job waits
         model.jobs.append(job)
-        inner = self.inner.submit(model_idx, frames)
         inner.add_done_callback(lambda fut: self._inner_done(model, job, fut))
         return out
 

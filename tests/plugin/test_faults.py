@@ -182,3 +182,39 @@ async def test_a_faulty_server_device_is_wrapped_too(identity_dfp: mx.Dfp, serve
         await accl.arun(FRAME)
         with pytest.raises(mx.DeviceError):
             await accl.arun(FRAME)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_during_a_stall_and_closing_leaves_nothing_behind(
+        identity_dfp: mx.Dfp) -> None:
+    device = FaultyDevice(script=Faults(Stall(after_frame=1, ms=10_000)))
+    async with mx.AsyncAccl(identity_dfp, device=device) as accl:
+        await accl.arun(FRAME)
+        task = asyncio.create_task(accl.arun(FRAME))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5  # closing does not wait the stall out
+    with pytest.raises(mx.ClosedError):
+        device.submit(0, [[FRAME]])
+
+
+@pytest.mark.asyncio
+async def test_jitter_delays_are_those_of_the_seed(identity_dfp: mx.Dfp) -> None:
+    async def delays(seed: int) -> list[float]:
+        device = FaultyDevice(script=Faults(Jitter(ms=40, seed=seed)))
+        return await run_frames(identity_dfp, device, 8)
+
+    # each frame takes at least the delay its seed draws (and the run is the same each time)
+    expected = _draws(3, 8, 0.040)
+    for got in (await delays(3), await delays(3)):
+        assert all(t >= d * 0.9 for t, d in zip(got, expected, strict=True)), (got, expected)
+
+
+def _draws(seed: int, n: int, spread: float) -> list[float]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.uniform(0.0, spread) for _ in range(n)]
