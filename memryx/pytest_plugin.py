@@ -78,18 +78,50 @@ _LOOP_EXECUTOR = re.compile(r"^(asyncio|uvloop)_\d+$")
 
 
 class _Recording(weakref.WeakSet[Any]):
-    """The accelerator registry while a check runs: also keeps what is added, so that an
-    accelerator the app dropped without closing is still seen (and closed) after the test."""
+    """The accelerator registry while checks run: also keeps what is added, so that an
+    accelerator the app dropped without closing is still seen (and closed) after the test.
+    Installed by the first active check, removed by the last (checks may nest)."""
 
     def __init__(self, data: Any) -> None:
         self.added: list[Any] = []
+        self.active = 0
         super().__init__()
         for item in data:
             super().add(item)
 
     def add(self, item: Any) -> None:
         super().add(item)
-        self.added.append(item)
+        if self.active:
+            self.added.append(item)
+
+
+_recording: _Recording | None = None
+_previous: Any = None
+
+
+def _begin() -> tuple[_Recording, int]:
+    global _recording, _previous
+    if _recording is None or _lifecycle._live is not _recording:
+        _previous = _lifecycle._live
+        _recording = _Recording(_previous)
+        _lifecycle._live = _recording
+    _recording.active += 1
+    return _recording, len(_recording.added)
+
+
+def _end(registry: _Recording, start: int) -> list[Any]:
+    """The accelerators registered since ``start``; uninstalls after the last check."""
+    global _recording
+    found = registry.added[start:]
+    registry.active = max(0, registry.active - 1)
+    if not registry.active:
+        registry.added.clear()
+        if _lifecycle._live is registry:
+            for a in registry:
+                _previous.add(a)
+            _lifecycle._live = _previous
+        _recording = None
+    return found
 
 
 class LeakCheck:
@@ -97,16 +129,14 @@ class LeakCheck:
 
     def __init__(self) -> None:
         self.threads = set(threading.enumerate())
-        self._previous = _lifecycle._live
-        self._registry = _Recording(self._previous)
-        _lifecycle._live = self._registry
+        self._registry, self._start = _begin()
+        self._ended = False
 
     def leaked_accls(self) -> list[Any]:
-        if _lifecycle._live is self._registry:
-            _lifecycle._live = self._previous
-            for a in self._registry:
-                self._previous.add(a)
-        return [a for a in self._registry.added if _is_open(a)]
+        if self._ended:
+            return []
+        self._ended = True
+        return [a for a in _end(self._registry, self._start) if _is_open(a)]
 
     def leaked_threads(self) -> list[threading.Thread]:
         deadline = time.monotonic() + THREAD_GRACE_S
@@ -117,16 +147,13 @@ class LeakCheck:
                 return extra
             time.sleep(0.02)
 
-    def problems(self, skip: tuple[Any, ...] = ()) -> list[str]:
+    def problems(self, accls: list[Any]) -> list[str]:
+        """What to report, once the leaked accelerators ``accls`` have been closed."""
         found = []
-        accls = [a for a in self.leaked_accls() if not any(a is s for s in skip)]
         if accls:
             found.append(f"{len(accls)} accelerator(s) created during the test were left open "
                          f"({', '.join(type(a).__name__ for a in accls)}): close them "
                          "(async with / aclose()); memryx closed them for you")
-            for a in accls:
-                a.close()
-        self._registry.added.clear()
         threads = self.leaked_threads()
         if threads:
             found.append(f"thread(s) left running: {[t.name for t in threads]}")
@@ -138,7 +165,10 @@ def mx_leak_check() -> Iterator[LeakCheck]:
     """Fail the test if it leaves accelerators open or threads running."""
     check = LeakCheck()
     yield check
-    problems = check.problems()
+    accls = check.leaked_accls()
+    for accl in accls:
+        accl.close()  # bound to a loop that is not running now, or to its own thread
+    problems = check.problems(accls)
     if problems:
         pytest.fail("memryx leak check: " + "; ".join(problems), pytrace=False)
 
@@ -193,7 +223,10 @@ async def _mx_accl(request: pytest.FixtureRequest, mx_test_dfp: mx.Dfp,
             await _close_on_its_loop(accl)
         problems += [f"scripted fault never fired: {w.message}" for w in caught
                      if issubclass(w.category, FaultNotReachedWarning)]
-        problems += check.problems(skip=(accl,))
+        leaked = [a for a in check.leaked_accls() if a is not accl]
+        for other in leaked:
+            await _close_on_its_loop(other)
+        problems += check.problems(leaked)
         if problems:
             pytest.fail("memryx leak check: " + "; ".join(problems), pytrace=False)
 
@@ -206,7 +239,7 @@ else:  # pragma: no cover
         raise UsageError("the mx_accl fixture needs pytest-asyncio: pip install pytest-asyncio")
 
 
-async def _close_on_its_loop(accl: mx.AsyncAccl) -> None:
+async def _close_on_its_loop(accl: Any) -> None:
     loop = getattr(accl, "_loop", None)
     running = asyncio.get_running_loop()
     if loop is None or loop is running or loop.is_closed():

@@ -184,6 +184,31 @@ class TestPastTheEnd:
         "never fired: the device saw only 1 frame(s)*"])
 
 
+def test_checks_nest_and_restore_the_registry(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(test_app="""
+import numpy as np
+import pytest
+import memryx as mx
+from memryx import _lifecycle
+
+@pytest.mark.asyncio
+async def test_nested(mx_leak_check, mx_accl, mx_test_dfp):
+    accl = mx.AsyncAccl(mx_test_dfp, device="sim:fast")  # left open
+    await accl.arun(np.zeros((1, 16), np.float32))
+    await mx_accl.arun(np.zeros((1, 16), np.float32))
+
+def test_sync_app_closes(mx_leak_check, mx_test_dfp):
+    with mx.SyncAccl(mx_test_dfp, device="sim:fast") as accl:
+        accl.run(np.zeros((1, 16), np.float32))
+
+def test_the_registry_is_restored():
+    assert type(_lifecycle._live).__name__ == "WeakSet"  # the recording one is gone
+""")
+    result = user_project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=2)  # the leak reported once per loop
+    assert result.stdout.str().count("accelerator(s) created during the test were left") == 2
+
+
 def test_a_loop_fixture_in_a_sync_test_is_an_error_at_setup(
         user_project: pytest.Pytester) -> None:
     user_project.makepyfile(test_app="""
