@@ -527,3 +527,20 @@ def synthetic_frame(label: int, size: int = 64, seed: int = 0) -> npt.NDArray[np
     img = img + rng.normal(0.0, 20.0, size=(size, size, 3))
     frame: npt.NDArray[np.uint8] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return frame
+
+# Fault injection for testing applications (see memryx.faults and docs/testing-your-app.md).
+from .faults import (  # noqa: E402
+    DeviceFault,
+    FaultNotReachedWarning,
+    Faults,
+    FaultScriptError,
+    FaultyDevice,
+    Hang,
+    Jitter,
+    Stall,
+    Throttle,
+    fault,
+)
+
+__all__ += ["DeviceFault", "FaultNotReachedWarning", "FaultScriptError", "Faults",
+            "FaultyDevice", "Hang", "Jitter", "Stall", "Throttle", "fault"]

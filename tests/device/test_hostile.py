@@ -76,22 +76,18 @@ def test_backpressure_costs_the_reader_nothing_and_the_server_bounded_memory(tmp
         srv.stop()
 
 
-def test_stopped_server_is_a_device_error_within_the_deadline(tmp_path, mlp_dfp):
-    srv = Server(tmp_path)
-    try:
-        accl = mx.SyncAccl(mlp_dfp, device=srv.address, timeout=2)
-        assert len(accl.run(frames(5, (1, 16)))) == 5
-        os.kill(srv.proc.pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        with pytest.raises(mx.DeviceError, match="has not answered for"):
-            accl.run(frames(12, (1, 16)))  # within the capacity: see the xfail below
-        assert time.monotonic() - t0 < 2 + 3  # the deadline, plus generous slack
-        t0 = time.monotonic()
-        accl.close()
-        assert time.monotonic() - t0 < 2
-    finally:
-        os.kill(srv.proc.pid, signal.SIGCONT)
-        srv.stop()
+def test_stopped_server_is_a_device_error_within_the_deadline(mx_server, mlp_dfp):
+    # the plugin's mx_server: pause() is SIGSTOP; teardown resumes and stops it
+    accl = mx.SyncAccl(mlp_dfp, device=mx_server.address, timeout=2)
+    assert len(accl.run(frames(5, (1, 16)))) == 5
+    mx_server.pause()
+    t0 = time.monotonic()
+    with pytest.raises(mx.DeviceError, match="has not answered for"):
+        accl.run(frames(12, (1, 16)))  # within the capacity: see the xfail below
+    assert time.monotonic() - t0 < 2 + 3  # the deadline, plus generous slack
+    t0 = time.monotonic()
+    accl.close()
+    assert time.monotonic() - t0 < 2
 
 
 STOPPED_BIG_BATCH = """
