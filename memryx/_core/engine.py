@@ -28,6 +28,7 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ClosedError, NotConnectedError, UsageError
+from .._trace import Tracer
 from .aio import Budget, TaskSet
 from .callbacks import CallbackOutput, check_signature, feed
 from .lane import Frame, Lane
@@ -209,6 +210,8 @@ class Engine:
             if stream_workers is not None else None
         self._processors: dict[tuple[int, str], Processor] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: The accelerator's tracer, shared by every lane (set before :meth:`start`).
+        self.tracer = Tracer.off()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,6 +226,8 @@ class Engine:
             lane = Lane(model, self.device, self.device.limits(model.index), self._on_fault)
             lane.pre = self._processors.get((model.index, "pre"))
             lane.post = self._processors.get((model.index, "post"))
+            lane.tracer = self.tracer
+            self.tracer.name_model(model.index, model.name)
             self.lanes.append(lane)
             lane.start(self._tasks)
         self.started = True
