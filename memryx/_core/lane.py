@@ -156,7 +156,8 @@ class Lane:
         # Traced frames queued, and per batch on the device: the tail of each batch (frames
         # put after tracing started), so a trace started mid-run pairs every frame right.
         self._traced: list[Traced] = []
-        self._traced_flight: deque[tuple[asyncio.Future[list[Frame]], list[Traced]]] = deque()
+        self._traced_flight: deque[tuple[asyncio.Future[list[Frame]], list[Traced], float,
+                                         list[float]]] = deque()
 
     def start(self, tasks: TaskSet) -> None:
         tasks.spawn(self._collect(), f"collect-{self.idx}")
@@ -308,7 +309,7 @@ class Lane:
             ready = time.monotonic()
             traced = None
             if self._traced_flight and self._traced_flight[0][0] is fut:
-                traced = self._traced_flight.popleft()[1]
+                traced = self._trace_device(ready)
             await self._deliver(tags, outputs, ready, traced)
 
     async def _deliver(self, tags: list[Tag], outputs: list[Frame], ready: float,
@@ -391,16 +392,27 @@ class Lane:
         tracer, model, now = self.tracer, self.idx, time.monotonic()
         for stream, k, queued in batch:
             tracer.frame(stream, model, "queued", queued, now, k)
-        self._traced_flight.append((fut, batch))
+        resolved_at: list[float] = []
+        self._traced_flight.append((fut, batch, now, resolved_at))
 
         def resolved(_fut: asyncio.Future[list[Frame]]) -> None:
             done = time.monotonic()
+            resolved_at.append(done)
             if tracer.on:
-                for stream, k, _ in batch:
-                    tracer.frame(stream, model, "device", now, done, k)
                 tracer.busy(model, now, done)
 
         fut.add_done_callback(resolved)
+
+    def _trace_device(self, ready: float) -> list[Traced]:
+        """The collector took a traced batch's outputs at ``ready``: record its device stage,
+        from submit to the future's resolution (``ready`` if its callback has not run yet)."""
+        _, batch, submitted, resolved_at = self._traced_flight.popleft()
+        done = resolved_at[0] if resolved_at else ready
+        tracer, model = self.tracer, self.idx
+        if tracer.on:
+            for stream, k, _ in batch:
+                tracer.frame(stream, model, "device", submitted, done, k)
+        return batch
 
     def drop_queued(self) -> int:
         """At a stop: forget frames not yet handed over (their units are not given back)."""
