@@ -167,7 +167,7 @@ import memryx as mx  # noqa: E402
 from memryx._exceptions import ClosedError, UsageError  # noqa: E402
 
 CALLBACK_STAGES = list(_trace.STAGES)
-REQUEST_STAGES = ["queued", "device"]
+REQUEST_STAGES = ["pre-processing", "queued", "device"]
 
 
 def frames_of(path: Path) -> dict[tuple[int, int, int], list[dict[str, Any]]]:
@@ -376,3 +376,43 @@ def test_memryx_trace_writes_at_exit_without_a_close(tmp_path):
     for name in ("run.json", "run.1.json"):
         check_stages(frames_of(tmp_path / name), REQUEST_STAGES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.1.json", "run.json"]
+
+
+def test_over_the_fd_device_too(identity_dfp, tmp_path, shared_server, monkeypatch):
+    """The device stage and busy row come from the lane, so any device gives them."""
+    monkeypatch.setenv("MEMRYX_DEVICE", shared_server.address)
+    path = tmp_path / "fd.json"
+    with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
+        accl.trace(path)
+        srcs = [source(20) for _ in range(2)]
+        accl.connect_streams(lambda s: srcs[s](), lambda s, out: None, 2)
+        accl.wait()
+    by_frame = frames_of(path)
+    assert set(by_frame) == {(1, t, k) for t in (1, 2) for k in range(20)}
+    check_stages(by_frame, CALLBACK_STAGES)
+    assert busy_of(path)
+
+
+@pytest.mark.asyncio
+async def test_send_receive_and_astream_frames_are_traced(identity_dfp, tmp_path):
+    x = np.zeros((1, 4), np.float32)
+    path = tmp_path / "sr.json"
+    accl = mx.SyncAccl(identity_dfp)
+    accl.trace(path)
+    for _ in range(6):
+        await accl.asend(x)
+    for _ in range(6):
+        await accl.areceive()
+    await accl.aclose()
+    by_frame = frames_of(path)
+    assert set(by_frame) == {(1, 1, k) for k in range(6)}
+    check_stages(by_frame, REQUEST_STAGES)
+
+    path = tmp_path / "st.json"
+    async with mx.AsyncAccl(identity_dfp) as accl2:
+        accl2.trace(path)
+        outs = [o async for o in accl2.astream([x] * 9, window=3)]
+    assert len(outs) == 9
+    by_frame = frames_of(path)
+    assert set(by_frame) == {(1, 1, k) for k in range(9)}
+    check_stages(by_frame, REQUEST_STAGES)

@@ -477,12 +477,16 @@ class Engine:
                 try:
                     if lane.prepare_blocks:  # one hop per frame: the device starts at once
                         for k in range(i, i + got):
+                            pre = lane.trace_clock()
                             (frame,) = await lane.aprepare_many([frames[k]])
                             self.check_open()
+                            if pre:
+                                lane.trace_pre(pre, time.monotonic())
                             lane.put((sink, k, time.monotonic()), frame)
                             done += 1
                     else:
-                        prepared = [lane.prepare(d) for d in frames[i:i + got]]
+                        prepared = lane.prepare_traced(frames[i:i + got]) if lane.tracer.on \
+                            else [lane.prepare(d) for d in frames[i:i + got]]
                         now = time.monotonic()
                         lane.put_many([(sink, i + k, now) for k in range(got)], prepared)
                         done = got
@@ -514,12 +518,16 @@ class Engine:
                     check(data)
                     await sink.slots.take(1)
                     try:
+                        pre = lane.trace_clock()
                         (frame,) = await lane.aprepare_many([data])
+                        prepared = time.monotonic() if pre else 0.0
                         self.check_open()
                         await lane.budget.take(1)
                     except BaseException:
                         sink.slots.give(1)
                         raise
+                    if pre:
+                        lane.trace_pre(pre, prepared)
                     lane.put((sink, submitted, time.monotonic()), frame)
                     submitted += 1
             except Exception as exc:
@@ -561,7 +569,9 @@ class Engine:
         Cancelled before it returns: the frame was not sent.
         """
         lane = self.request_lane(model_idx)
+        pre = lane.trace_clock()
         (frame,) = await lane.aprepare_many([data])
+        prepared = time.monotonic() if pre else 0.0
         self.check_open()
         window = sink.bind(lane)
         lane.sinks.add(sink)  # from now on a close or a fault reaches this send
@@ -580,6 +590,8 @@ class Engine:
                 window.give(1)
                 raise
         lane.sinks.add(sink)
+        if pre:
+            lane.trace_pre(pre, prepared)
         lane.put((sink, 0, time.monotonic()), frame)
 
     async def receive(self, model_idx: int, sink: ChannelSink, *, nowait: bool = False

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -374,6 +374,26 @@ class Lane:
         return results
 
     # -- tracing (only called when the tracer is on) ---------------------------------------------
+    def trace_clock(self) -> float:
+        """Now, if tracing is on, else 0.0 (a request frame's pre-processing starts)."""
+        return time.monotonic() if self.tracer.on else 0.0
+
+    def trace_pre(self, t0: float, t1: float) -> None:
+        """A request frame about to be put was pre-processed from t0 to t1."""
+        if self.tracer.on:
+            self.tracer.frame(0, self.idx, "pre-processing", t0, t1, self.meter.frames_in)
+
+    def prepare_traced(self, items: Sequence[Any]) -> list[Frame]:
+        """``prepare`` request frames that are put next, in order, recording each one's
+        pre-processing."""
+        out: list[Frame] = []
+        base = self.meter.frames_in
+        for j, data in enumerate(items):
+            t0 = time.monotonic()
+            out.append(self.prepare(data))
+            self.tracer.frame(0, self.idx, "pre-processing", t0, time.monotonic(), base + j)
+        return out
+
     def _trace_put(self, tags: Iterable[Tag], stream: Meter | None) -> None:
         """Frames queued: number them (per stream; request frames on stream 0, per model)."""
         now = time.monotonic()
