@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CallbackSignatureError, UsageError
 from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
-from .lane import Frame, Lane, Meter, Out
+from .lane import Lane, Meter, Out
 from .runner import run_sync
 
 if TYPE_CHECKING:
@@ -154,34 +154,28 @@ async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[A
 async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
                             args: tuple[Any, ...], stream: int, meter: Meter, share: int,
                             kind: CallbackKind, role: str) -> None:
-    prepare, tracer, model = lane.prepare, lane.tracer, lane.idx
-    made = 0  # frames this stream made: the number of the next one (as the lane counts it)
+    # A frame from the thread: (frame, callback returned), and when traced also (callback
+    # called, pre-processing done); the loop numbers and records them as it queues them.
+    prepare, tracer = lane.prepare, lane.tracer
 
     def traced(item: Any, t: float, done: float) -> Any:
-        """``prepare`` a frame and record its first two stages (tracing is on)."""
         frame = prepare(item)
-        tracer.frame(stream, model, "input callback", t, done, made)
-        tracer.frame(stream, model, "pre-processing", done, time.monotonic(), made)
-        return frame
+        return frame, done, t, time.monotonic()
 
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
 
         def produce() -> Any:
-            nonlocal made
             t = time.monotonic()
             item = next(gen, END)
             done = time.monotonic()
             meter.input_s += done - t
             if item is None or item is END:
                 return END
-            frame = traced(item, t, done) if tracer.on else prepare(item)
-            made += 1
-            return frame, done
+            return traced(item, t, done) if tracer.on else (prepare(item), done)
     else:
 
         def produce() -> Any:
-            nonlocal made
             t = time.monotonic()
             try:
                 item = fn(*args)
@@ -192,9 +186,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             if item is None:
                 return END
             _not_awaited(item, role)
-            frame = traced(item, t, done) if tracer.on else prepare(item)
-            made += 1
-            return frame, done
+            return traced(item, t, done) if tracer.on else (prepare(item), done)
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
@@ -203,7 +195,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
         lane.dropped += 1
 
     budget = lane.budget
-    producer: ThreadProducer[tuple[Frame, float]] = ThreadProducer(
+    producer: ThreadProducer[tuple[Any, ...]] = ThreadProducer(
         f"memryx-input-{lane.idx}-{stream}", produce, budget.total, engine.stopping,
         gate=engine.input_gate, on_lost=lost)
     outstanding = 0  # units granted to the thread and not come back as frames
@@ -221,8 +213,10 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             except ChannelClosed:
                 break
             outstanding -= len(batch)
-            lane.put_many([(None, stream, t0) for _, t0 in batch], [f for f, _ in batch],
-                          meter)
+            if tracer.on:
+                _trace_inputs(lane, stream, meter.frames_in, batch)
+            lane.put_many([(None, stream, item[1]) for item in batch],
+                          [item[0] for item in batch], meter)
     finally:
         producer.halt()
         left = producer.items.abort()  # made after we stopped listening: never sent
@@ -441,6 +435,17 @@ class CallbackOutput:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.items.abort()  # counted by the engine as in flight at the stop
+
+
+def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ...]]) -> None:
+    """Record the input callback and pre-processing of thread-made frames about to be
+    queued, numbered from ``first`` (frames made before tracing started have no times)."""
+    tracer, model = lane.tracer, lane.idx
+    for k, item in enumerate(batch, first):
+        if len(item) == 4:
+            _, done, called, prepared = item
+            tracer.frame(stream, model, "input callback", called, done, k)
+            tracer.frame(stream, model, "pre-processing", done, prepared, k)
 
 
 def _trace_out(tracer: Any, stream: int, model: int, k: int, started: float, called: float
