@@ -416,3 +416,14 @@ async def test_send_receive_and_astream_frames_are_traced(identity_dfp, tmp_path
     by_frame = frames_of(path)
     assert set(by_frame) == {(1, 1, k) for k in range(9)}
     check_stages(by_frame, REQUEST_STAGES)
+
+
+def test_off_records_nothing_in_a_real_run(identity_dfp, monkeypatch):
+    monkeypatch.delenv("MEMRYX_TRACE", raising=False)
+    accl = mx.AsyncAccl(identity_dfp)
+    tracer = accl._tracer
+    accl.connect_input(source(30))
+    accl.connect_output(lambda out: None)
+    accl.wait()
+    assert not tracer.on and len(tracer) == 0
+    assert all(not lane._traced and not lane._traced_flight for lane in accl._engine.lanes)
