@@ -136,6 +136,9 @@ class _Accelerator(CompatMixin):
         self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
                              resolved.device_options)
         self._tracer = Tracer.from_env()  # MEMRYX_TRACE=path: on from the start
+        if self._tracer.path is not None:
+            _check_trace_path(self._tracer.path, f"MEMRYX_TRACE={os.environ.get('MEMRYX_TRACE')}"
+                              f" (this accelerator's trace: {self._tracer.path})")
         self._engine = self._make_engine()
         self._state = _State.NEW
         self._runner: Runner | None = None
@@ -501,11 +504,7 @@ class _Accelerator(CompatMixin):
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise UsageError(f"trace(frames=...) must be an int >= 1, got {frames!r}")
         target = Path(os.fspath(path))
-        if target.is_dir():
-            raise UsageError(f"trace path {str(target)!r} is a directory; give a file name")
-        if not target.parent.is_dir():
-            raise UsageError(f"cannot write the trace to {str(target)!r}: directory "
-                             f"{str(target.parent)!r} does not exist")
+        _check_trace_path(target, f"trace path {str(target)!r}")
         return tracer.start(target, frames)
 
     def _finish_trace(self) -> None:
@@ -625,6 +624,14 @@ class _Accelerator(CompatMixin):
             await self._aclose_after(exc)
             raise
         await self.aclose()
+
+
+def _check_trace_path(target: Path, what: str) -> None:
+    """Refuse, up front, a trace path that cannot be written as a file."""
+    if target.is_dir():
+        raise UsageError(f"{what}: is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{what}: the directory {str(target.parent)!r} does not exist")
 
 
 def _spawn_close(engine: Engine) -> None:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
+import os
+import subprocess
+import sys
+import threading
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+import memryx as mx
 from memryx import _trace
+from memryx._exceptions import ClosedError, UsageError
 from memryx._trace import DEVICE_PID, EVENTS_PER_FRAME, Tracer
 
 
@@ -154,17 +164,6 @@ def test_write_failure_leaves_no_temp_file(tmp_path: Path):
 
 
 # -- the runtime records: accl.trace(...) and MEMRYX_TRACE ------------------------------------
-import asyncio  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections import defaultdict  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import memryx as mx  # noqa: E402
-from memryx._exceptions import ClosedError, UsageError  # noqa: E402
 
 CALLBACK_STAGES = list(_trace.STAGES)
 REQUEST_STAGES = ["pre-processing", "queued", "device"]
@@ -427,3 +426,43 @@ def test_off_records_nothing_in_a_real_run(identity_dfp, monkeypatch):
     accl.wait()
     assert not tracer.on and len(tracer) == 0
     assert all(not lane._traced and not lane._traced_flight for lane in accl._engine.lanes)
+
+
+def test_memryx_trace_in_a_missing_directory_is_refused_at_creation(identity_dfp, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("MEMRYX_TRACE", str(tmp_path / "nowhere" / "t.json"))
+    monkeypatch.setattr(_trace, "_env_counter", _trace.itertools.count())
+    with pytest.raises(UsageError, match="MEMRYX_TRACE=.*nowhere.*does not exist"):
+        mx.SyncAccl(identity_dfp)
+
+
+def test_trace_none_and_restart_while_frames_flow(identity_dfp, tmp_path):
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    halfway = threading.Event()
+    n = [0]
+
+    def src() -> Any:
+        if n[0] >= 400:
+            return None
+        n[0] += 1
+        if n[0] == 150:
+            halfway.set()
+        return np.zeros((1, 4), np.float32)
+
+    accl = mx.AsyncAccl(identity_dfp)
+    try:
+        accl.trace(first)
+        accl.connect_input(src)
+        accl.connect_output(lambda out: None)
+        assert halfway.wait(30)
+        accl.trace(None)            # written while frames flow
+        accl.trace(second, frames=50)  # a new recording
+        accl.wait()
+    finally:
+        accl.close()
+    for path in (first, second):
+        by_frame = frames_of(path)
+        assert by_frame
+        done = {k: v for k, v in by_frame.items() if len(v) == len(CALLBACK_STAGES)}
+        check_stages(done, CALLBACK_STAGES)
+    assert max(k for _, _, k in frames_of(second)) == 399
