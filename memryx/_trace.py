@@ -16,17 +16,19 @@ Cost: recording is an append of a tuple to a ``deque`` (no dict, no formatting:
 that happens in :meth:`Tracer.write`). Code on the hot path tests one
 attribute, ``if tracer.on:``, and pays nothing else when tracing is off.
 
-Using it from the engine (the hook points)::
+Where the runtime records (the hook points): the input thread or loop (input
+callback, pre-processing), :class:`memryx._core.lane.Lane` (queued, device, the
+busy intervals, request frames' pre- and post-processing) and
+:class:`memryx._core.callbacks.CallbackOutput` (post-processing, output callback),
+each behind ``if tracer.on:``::
 
-    tracer = Tracer.from_env()             # MEMRYX_TRACE=path, else off
-    ...
     if tracer.on:
         tracer.frame(stream, model, "device", t0, t1, frame_no)
 
 Times are ``time.monotonic()`` seconds (any one clock; the file starts at the
 earliest event).
 
-The public API this module is for (wired when the engine calls it):
+The public API built on it:
 
 * ``accl.trace(path, frames=10_000)`` on any accelerator starts recording the
   last ``frames`` frames and returns the :class:`Tracer`; the file is written
