@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,16 +55,24 @@ class Timeline:
         return (received - sent) * 1000.0
 
 
+def _written_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since - 1.0  # coarse file-system clocks
+    except OSError:
+        return False
+
+
 def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int = 0,
               progress: Progress | None = None, timeline: Timeline | None = None,
-              tracer: Any = None, rate: float | None = None,
-              **device_options: Any) -> dict[str, Any]:
+              trace: Path | None = None, trace_frames: int = 10_000,
+              rate: float | None = None, **device_options: Any) -> dict[str, Any]:
     """Run ``frames`` frames spread over ``streams`` streams; return the figures.
 
     ``rate``: frames/s each stream offers, like a camera (None: as fast as taken).
 
-    ``timeline`` (a :class:`Timeline`) and ``tracer`` (a :class:`memryx._trace.Tracer`)
-    are filled from the callbacks' own clock readings when given.
+    ``timeline`` (a :class:`Timeline`) is filled from the callbacks' own clock
+    readings when given; ``trace``: the engine's own trace of the last
+    ``trace_frames`` frames (``accl.trace``) is written there.
     """
     from .accl import MultiStreamAsyncAccl
 
@@ -85,40 +94,36 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
             delay = tl.start + sent[s] / rate - clock()
             if delay > 0:
                 time.sleep(delay)
-        t0 = clock()
         frame = pool[(sent[s] + s) % len(pool)]
         sent[s] += 1
-        t1 = clock()
-        tl.sent[s].append(t1)
-        if tracer is not None:
-            tracer.frame(s, model_idx, "input callback", t0, t1, sent[s] - 1)
+        tl.sent[s].append(clock())
         return frame
 
     def sink(s: int, *outputs: Any) -> None:
-        t0 = clock()
-        k = received[s]
         received[s] += 1
-        tl.received[s].append(t0)
+        tl.received[s].append(clock())
         with lock:
             done[0] += 1
             count = done[0]
         if progress is not None:
             progress.update(count)
-        if tracer is not None:
-            tracer.frame(s, model_idx, "in flight", tl.sent[s][k], t0, k)
-            tracer.frame(s, model_idx, "output callback", t0, clock(), k)
 
     accl = MultiStreamAsyncAccl(dfp, mode=mode, **device_options)
     cpu = time.process_time()
     tl.start = time.monotonic()
     try:
+        if trace is not None:
+            accl.trace(trace, frames=trace_frames)  # written when wait() releases it
         accl.connect_streams(source, sink, streams, model_idx=model_idx)
         for other in range(dfp.num_models):
             if other != model_idx:  # models not under test get empty streams
                 accl.connect_streams(lambda s: None, lambda s, *o: None, 1, model_idx=other)
+        started_wall = time.time()
         accl.wait()
     finally:
         accl.close()
+    if trace is not None and not _written_since(trace, started_wall):
+        raise OSError(f"--trace {trace}: the trace could not be written (see the log)")
     elapsed = time.monotonic() - tl.start
     cpu = time.process_time() - cpu
     stats = accl.statistics()

@@ -16,17 +16,19 @@ Cost: recording is an append of a tuple to a ``deque`` (no dict, no formatting:
 that happens in :meth:`Tracer.write`). Code on the hot path tests one
 attribute, ``if tracer.on:``, and pays nothing else when tracing is off.
 
-Using it from the engine (the hook points)::
+Where the runtime records (the hook points): the input thread or loop (input
+callback, pre-processing), :class:`memryx._core.lane.Lane` (queued, device, the
+busy intervals, request frames' pre- and post-processing) and
+:class:`memryx._core.callbacks.CallbackOutput` (post-processing, output callback),
+each behind ``if tracer.on:``::
 
-    tracer = Tracer.from_env()             # MEMRYX_TRACE=path, else off
-    ...
     if tracer.on:
         tracer.frame(stream, model, "device", t0, t1, frame_no)
 
 Times are ``time.monotonic()`` seconds (any one clock; the file starts at the
 earliest event).
 
-The public API this module is for (wired when the engine calls it):
+The public API built on it:
 
 * ``accl.trace(path, frames=10_000)`` on any accelerator starts recording the
   last ``frames`` frames and returns the :class:`Tracer`; the file is written
@@ -35,8 +37,12 @@ The public API this module is for (wired when the engine calls it):
 * ``MEMRYX_TRACE=path``: every accelerator of the process behaves as if
   ``trace(path)`` had been called when it was created; the second one writes
   ``path`` with ``.1`` before the suffix, and so on (:func:`trace_path_from_env`).
-* ``memryx bench --trace out.json [--trace-frames N]`` uses this writer today,
-  from the callbacks' side.
+* ``memryx bench --trace out.json [--trace-frames N]`` records through
+  ``accl.trace``.
+
+An accelerator owns ONE tracer for its whole life (its lanes and callback
+threads keep a reference to it): :meth:`Tracer.start` and :meth:`Tracer.stop`
+turn that tracer on and off rather than replacing it.
 """
 
 from __future__ import annotations
@@ -109,6 +115,31 @@ class Tracer:
         self._models: dict[int, str] = {}
         self._pending: dict[int, list[float]] = {}  # per model: the busy interval growing now
 
+    def start(self, path: str | os.PathLike[str] | None = None,
+              frames: int = DEFAULT_FRAMES) -> Tracer:
+        """Start recording (again) into a fresh ring of ``frames`` frames, to write to ``path``."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be an int >= 1, got {frames!r}")
+        self.on = False  # writers that see this stop appending to the old ring
+        self.frames = frames
+        self.path = Path(path) if path is not None else None
+        self._events = deque(maxlen=frames * EVENTS_PER_FRAME)
+        self._busy = deque(maxlen=frames)
+        self._pending = {}
+        self.on = True
+        return self
+
+    def stop(self) -> None:
+        """Stop recording; what was recorded stays (for :meth:`write`)."""
+        self.on = False
+
+    def finish(self) -> Path | None:
+        """Stop recording and write to ``path`` if one was given (the accelerator's close)."""
+        was_on, self.on = self.on, False
+        if not was_on or self.path is None:
+            return None
+        return self.write()
+
     @classmethod
     def off(cls) -> Tracer:
         """A tracer that records nothing (``on`` is False)."""
@@ -158,8 +189,9 @@ class Tracer:
     # -- output ---------------------------------------------------------------------------------
     def events(self) -> list[dict[str, Any]]:
         """The trace events, metadata first, then complete events sorted by start time."""
-        spans = list(self._events)
-        busy = list(self._busy) + [(m, p[0], p[1]) for m, p in self._pending.items()]
+        spans = _snapshot(self._events)
+        busy = _snapshot(self._busy) + [(m, p[0], p[1]) for m, p in
+                                        _snapshot(self._pending.items())]
         starts = [e[4] for e in spans] + [b[1] for b in busy]
         origin = min(starts) if starts else 0.0
         out: list[dict[str, Any]] = []
@@ -215,6 +247,16 @@ class Tracer:
             tmp.unlink(missing_ok=True)
             raise
         return target
+
+
+def _snapshot(items: Iterable[Any]) -> list[Any]:
+    """A copy of a ring other threads may append to while we read it."""
+    for _ in range(100):
+        try:
+            return list(items)
+        except RuntimeError:  # "mutated during iteration": try again
+            continue
+    return []
 
 
 def _us(seconds: float) -> float:

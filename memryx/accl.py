@@ -42,6 +42,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -74,6 +75,7 @@ from ._exceptions import (
 from ._lifecycle import register as register_for_exit
 from ._options import ClientOptions, SchedulerOptions, resolve
 from ._pacing import stream_router
+from ._trace import DEFAULT_FRAMES, Tracer
 from .device.base import Device, open_device
 from .dfp import Dfp
 
@@ -133,6 +135,10 @@ class _Accelerator(CompatMixin):
         self._stream_groups: dict[int, list[tuple[int, int, Callable[..., Any]]]] = {}
         self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
                              resolved.device_options)
+        self._tracer = Tracer.from_env()  # MEMRYX_TRACE=path: on from the start
+        if self._tracer.path is not None:
+            _check_trace_path(self._tracer.path, f"MEMRYX_TRACE={os.environ.get('MEMRYX_TRACE')}"
+                              f" (this accelerator's trace: {self._tracer.path})")
         self._engine = self._make_engine()
         self._state = _State.NEW
         self._runner: Runner | None = None
@@ -148,8 +154,10 @@ class _Accelerator(CompatMixin):
     # -- lifecycle ------------------------------------------------------------------------
     def _make_engine(self) -> Engine:
         group_id, device, stream_workers, options = self._engine_args
-        return Engine(self._dfp, open_device(device, **options), group_id,
-                      stream_workers=stream_workers)
+        engine = Engine(self._dfp, open_device(device, **options), group_id,
+                        stream_workers=stream_workers)
+        engine.tracer = self._tracer
+        return engine
 
     def _start_sync(self) -> None:
         runner = Runner()
@@ -305,6 +313,7 @@ class _Accelerator(CompatMixin):
                     raise KeyboardInterrupt from None
                 finally:
                     self._runner.close(STOP_GRACE_S)
+            self._finish_trace()
             self._closed()
 
     def _loop_gone(self) -> bool:
@@ -342,6 +351,8 @@ class _Accelerator(CompatMixin):
             runner = self._runner
             await await_future(runner.start(self._engine.aclose))
             await anyio.to_thread.run_sync(runner.close)
+        if self._tracer.on:
+            await anyio.to_thread.run_sync(self._finish_trace)
         self._closed()
 
     def __enter__(self) -> Any:
@@ -397,6 +408,7 @@ class _Accelerator(CompatMixin):
         elif state is _State.ASYNC and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs on it
                 self._loop.call_soon_threadsafe(_spawn_close, self._engine)
+        self._finish_trace()  # what was recorded so far (the last frames may be missing)
 
     def _close_at_exit(self, deadline: float) -> None:
         """Called by the exit hook (memryx._lifecycle): stop, waiting at most until ``deadline``."""
@@ -421,6 +433,7 @@ class _Accelerator(CompatMixin):
             self._state = _State.CLOSED
             for sink in self._receivers.values():
                 sink.close()
+            self._finish_trace()
         finally:
             self._close_lock.release()
 
@@ -470,6 +483,42 @@ class _Accelerator(CompatMixin):
     def statistics(self) -> dict[str, Any]:
         """Counters per model and per stream (frames in/out, in flight, fps)."""
         return self._engine.statistics()
+
+    # -- tracing ------------------------------------------------------------------------------
+    def trace(self, path: str | os.PathLike[str] | None, frames: int = DEFAULT_FRAMES
+              ) -> Tracer:
+        """Record a timeline of the last ``frames`` frames, for https://ui.perfetto.dev.
+
+        Every stage of each frame (input callback, pre-processing, queued, device,
+        post-processing, output callback) per model and stream, and when the device
+        was busy with each model. The trace (Chrome trace-event JSON) is written to
+        ``path`` when the accelerator closes; ``trace(None)`` writes it at once and
+        stops recording. Calling ``trace(path)`` again starts a new recording.
+        Returns the :class:`~memryx._trace.Tracer` (``write(path)`` writes a copy).
+        """
+        tracer = self._tracer
+        if path is None:
+            tracer.finish()
+            return tracer
+        self._check_open()
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise UsageError(f"trace(frames=...) must be an int >= 1, got {frames!r}")
+        target = Path(os.fspath(path))
+        _check_trace_path(target, f"trace path {str(target)!r}")
+        return tracer.start(target, frames)
+
+    def _finish_trace(self) -> None:
+        """At close: write the trace, if one is being recorded (never raises)."""
+        tracer = self._tracer
+        if not tracer.on:
+            return
+        try:
+            written = tracer.finish()
+        except Exception as exc:  # a close must not fail because a trace could not be written
+            log.warning("could not write the trace to %s: %r", tracer.path, exc)
+        else:
+            if written is not None:
+                log.info("wrote the trace %s", written)
 
     # -- request API (run / arun / astream) ------------------------------------------------------
     def _frames(self, inputs: Any, model_idx: int) -> tuple[list[Any], bool]:
@@ -575,6 +624,14 @@ class _Accelerator(CompatMixin):
             await self._aclose_after(exc)
             raise
         await self.aclose()
+
+
+def _check_trace_path(target: Path, what: str) -> None:
+    """Refuse, up front, a trace path that cannot be written as a file."""
+    if target.is_dir():
+        raise UsageError(f"{what}: is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{what}: the directory {str(target.parent)!r} does not exist")
 
 
 def _spawn_close(engine: Engine) -> None:

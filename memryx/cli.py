@@ -196,20 +196,13 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
                           f"model(s), numbered 0..{dfp.num_models - 1}")
     options = {k: v for k, v in (("concurrency", args.concurrency), ("backend", args.backend),
                                  ("cache_size", args.cache_size)) if v is not None}
-    tracer = None
-    if trace is not None:
-        from ._trace import Tracer
-
-        tracer = Tracer(frames=args.trace_frames)
-        tracer.name_model(args.model_idx, dfp.model(args.model_idx).name)
     timeline = Timeline(args.streams)
     with progress(args.frames, "bench", unit="frame",
                   mode=args.progress) as bar:
         result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
                            model_idx=args.model_idx, progress=bar, timeline=timeline,
-                           tracer=tracer, rate=args.rate, **options)
-    if tracer is not None and trace is not None:
-        tracer.write(trace)
+                           trace=trace, trace_frames=args.trace_frames, rate=args.rate,
+                           **options)
     if plot or html:
         from ._plot import bench_figure, write_html
 

@@ -260,9 +260,12 @@ def test_bench_writes_plot_html_and_trace(workdir):
     assert "data:image/png;base64," in page and "<td>2</td>" in page  # stream 2's row
     doc = json.loads((workdir / "b.json").read_text())
     spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    assert {e["tid"] for e in spans} == {1, 2, 3}  # one track per stream
-    assert {e["name"] for e in spans} == {"input callback", "in flight", "output callback"}
-    assert len({(e["tid"], e["args"]["frame"]) for e in spans}) <= 50 * 8  # the ring bound
+    assert {e["tid"] for e in spans if e["pid"] == 1} == {1, 2, 3}  # one track per stream
+    frame_spans = [e for e in spans if e["pid"] == 1]  # the model; the device's row apart
+    assert {e["name"] for e in frame_spans} == {"input callback", "pre-processing", "queued",
+                                                "device", "post-processing", "output callback"}
+    assert {e["tid"] for e in spans if e["pid"] != 1} == {1}  # the device's busy row
+    assert len({(e["tid"], e["args"]["frame"]) for e in frame_spans}) <= 50 * 8  # the ring
     assert not list(workdir.glob("*.tmp"))
 
 

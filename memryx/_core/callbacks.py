@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CallbackSignatureError, UsageError
 from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
-from .lane import Frame, Lane, Meter
+from .lane import Lane, Meter, Out
 from .runner import run_sync
 
 if TYPE_CHECKING:
@@ -154,7 +154,14 @@ async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[A
 async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
                             args: tuple[Any, ...], stream: int, meter: Meter, share: int,
                             kind: CallbackKind, role: str) -> None:
-    prepare = lane.prepare
+    # A frame from the thread: (frame, callback returned), and when traced also (callback
+    # called, pre-processing done); the loop numbers and records them as it queues them.
+    prepare, tracer = lane.prepare, lane.tracer
+
+    def traced(item: Any, t: float, done: float) -> Any:
+        frame = prepare(item)
+        return frame, done, t, time.monotonic()
+
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
 
@@ -163,7 +170,9 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             item = next(gen, END)
             done = time.monotonic()
             meter.input_s += done - t
-            return END if item is None or item is END else (prepare(item), done)
+            if item is None or item is END:
+                return END
+            return traced(item, t, done) if tracer.on else (prepare(item), done)
     else:
 
         def produce() -> Any:
@@ -177,7 +186,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             if item is None:
                 return END
             _not_awaited(item, role)
-            return prepare(item), done
+            return traced(item, t, done) if tracer.on else (prepare(item), done)
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
@@ -186,7 +195,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
         lane.dropped += 1
 
     budget = lane.budget
-    producer: ThreadProducer[tuple[Frame, float]] = ThreadProducer(
+    producer: ThreadProducer[tuple[Any, ...]] = ThreadProducer(
         f"memryx-input-{lane.idx}-{stream}", produce, budget.total, engine.stopping,
         gate=engine.input_gate, on_lost=lost)
     outstanding = 0  # units granted to the thread and not come back as frames
@@ -204,8 +213,10 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             except ChannelClosed:
                 break
             outstanding -= len(batch)
-            lane.put_many([(None, stream, t0) for _, t0 in batch], [f for f, _ in batch],
-                          meter)
+            if tracer.on:
+                _trace_inputs(lane, stream, meter.frames_in, batch)
+            lane.put_many([(None, stream, item[1]) for item in batch],
+                          [item[0] for item in batch], meter)
     finally:
         producer.halt()
         left = producer.items.abort()  # made after we stopped listening: never sent
@@ -224,7 +235,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
 async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], stream: int,
                         meter: Meter, share: int, kind: CallbackKind, role: str) -> None:
     agen = fn(*args) if kind is CallbackKind.ASYNC_GENERATOR else None
-    budget = lane.budget
+    budget, tracer = lane.budget, lane.tracer
     try:
         while True:
             got = await budget.take(share)
@@ -246,6 +257,11 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                         return
                     frame = (await run_sync(lane.prepare, item)) if lane.prepare_blocks \
                         else lane.prepare(item)
+                    if tracer.on:
+                        k = meter.frames_in
+                        tracer.frame(stream, lane.idx, "input callback", t, done, k)
+                        tracer.frame(stream, lane.idx, "pre-processing", done, time.monotonic(),
+                                     k)
                     lane.put((None, stream, done), frame, meter)
                     used += 1
             finally:
@@ -275,7 +291,7 @@ class CallbackOutput:
         self.handed = 0
         """Outputs handed to the callback (counted when it is called)."""
         self.role = f"the output callback of model {lane.idx}"
-        self._consumer: ThreadConsumer[tuple[int, Frame, float, float]] | None = None
+        self._consumer: ThreadConsumer[Out] | None = None
 
     def start(self) -> None:
         if self.kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
@@ -283,7 +299,7 @@ class CallbackOutput:
                 f"memryx-output-{self.lane.idx}", self._call_batch, self._batch_done,
                 self.lane.budget.total, self.engine.stopping, OUTPUT_BATCH)
 
-    async def deliver(self, items: list[tuple[int, Frame, float, float]]) -> None:
+    async def deliver(self, items: list[Out]) -> None:
         """On the loop: outputs of one device batch, in order."""
         if self.failed or self.engine.closed:
             self._drop(len(items))
@@ -298,18 +314,23 @@ class CallbackOutput:
         model, meters = lane.meter, lane.streams
         fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
             lane.finish_blocks
+        tracer = lane.tracer
         done = 0
         try:
             for n, item in enumerate(items):
                 if self.failed or self.engine.closed:
                     self._drop(len(items) - n)
                     return
-                stream, outputs, t0, ready = item
+                stream, outputs, t0, ready, k = item
                 self.handed += 1
                 started = time.monotonic()
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
+                    if k >= 0:  # traced
+                        called = time.monotonic()
                     await fn(*((stream, *res) if with_idx else res))
+                    if k >= 0 and tracer.on:
+                        _trace_out(tracer, stream, lane.idx, k, started, called)
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
@@ -331,33 +352,37 @@ class CallbackOutput:
                 lane.budget.give(done)
                 self.engine.lane_progress(lane)
 
-    def _call_batch(self, batch: list[tuple[int, Frame, float, float]]
-                    ) -> list[tuple[tuple[int, Frame, float, float], BaseException | None,
-                                    float, float]]:
+    def _call_batch(self, batch: list[Out]
+                    ) -> list[tuple[Out, BaseException | None, float, float]]:
         """On the output thread: post-process and call back each output of ``batch``;
         report each with the time its own callback (and post-processing) started and ended."""
-        report: list[tuple[tuple[int, Frame, float, float], BaseException | None, float,
-                           float]] = []
+        report: list[tuple[Out, BaseException | None, float, float]] = []
         stopping = self.engine.stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
+        tracer, model = self.lane.tracer, self.lane.idx
         for item in batch:
             if stopping.is_set() or self.failed:
                 break  # stopped: no callback after stop() returns
-            stream, outputs, _, _ = item
+            stream, outputs, _, _, k = item
             self.handed += 1  # from here on the frame is the callback's
             started = time.monotonic()
             try:
                 res = finish(outputs)
+                if k >= 0:  # traced
+                    called = time.monotonic()
                 result = fn(*((stream, *res) if with_idx else res))
                 if result is not None:
                     _not_awaited(result, self.role)
+                if k >= 0 and tracer.on:
+                    _trace_out(tracer, stream, model, k, started, called)
             except BaseException as exc:
                 self.failed = True
                 report.append((item, exc, started, time.monotonic()))
                 break  # the callback raised: it is not called again
             report.append((item, None, started, time.monotonic()))
         if len(report) < len(batch):
-            report.append(((-1, [], 0.0, 0.0), None, 0.0, float(len(batch) - len(report))))
+            report.append(((-1, [], 0.0, 0.0, -1), None, 0.0,
+                           float(len(batch) - len(report))))
         return report
 
     def _batch_done(self, report: list[Any]) -> None:
@@ -373,7 +398,7 @@ class CallbackOutput:
             if error is not None:
                 self._done_one(item, error, started, finished)
                 continue
-            stream, _, t0, ready = item
+            stream, _, t0, ready, _ = item
             meter = meters.get(stream) or lane.stream_meter(stream)
             model.delivered(t0, ready)
             meter.delivered(t0, ready)
@@ -384,9 +409,9 @@ class CallbackOutput:
             lane.budget.give(done)
             self.engine.lane_progress(lane)
 
-    def _done_one(self, item: tuple[int, Frame, float, float], error: BaseException | None,
+    def _done_one(self, item: Out, error: BaseException | None,
                   started: float, finished: float) -> None:
-        stream, _, t0, ready = item
+        stream, _, t0, ready, _ = item
         lane = self.lane
         meter = lane.stream_meter(stream)
         lane.meter.delivered(t0, ready)
@@ -410,3 +435,21 @@ class CallbackOutput:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.items.abort()  # counted by the engine as in flight at the stop
+
+
+def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ...]]) -> None:
+    """Record the input callback and pre-processing of thread-made frames about to be
+    queued, numbered from ``first`` (frames made before tracing started have no times)."""
+    tracer, model = lane.tracer, lane.idx
+    for k, item in enumerate(batch, first):
+        if len(item) == 4:
+            _, done, called, prepared = item
+            tracer.frame(stream, model, "input callback", called, done, k)
+            tracer.frame(stream, model, "pre-processing", done, prepared, k)
+
+
+def _trace_out(tracer: Any, stream: int, model: int, k: int, started: float, called: float
+               ) -> None:
+    """Record a traced frame's last two stages: post-processing, then the output callback."""
+    tracer.frame(stream, model, "post-processing", started, called, k)
+    tracer.frame(stream, model, "output callback", called, time.monotonic(), k)

@@ -28,6 +28,7 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ClosedError, NotConnectedError, UsageError
+from .._trace import Tracer
 from .aio import Budget, TaskSet
 from .callbacks import CallbackOutput, check_signature, feed
 from .lane import Frame, Lane
@@ -209,6 +210,8 @@ class Engine:
             if stream_workers is not None else None
         self._processors: dict[tuple[int, str], Processor] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: The accelerator's tracer, shared by every lane (set before :meth:`start`).
+        self.tracer = Tracer.off()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,6 +226,8 @@ class Engine:
             lane = Lane(model, self.device, self.device.limits(model.index), self._on_fault)
             lane.pre = self._processors.get((model.index, "pre"))
             lane.post = self._processors.get((model.index, "post"))
+            lane.tracer = self.tracer
+            self.tracer.name_model(model.index, model.name)
             self.lanes.append(lane)
             lane.start(self._tasks)
         self.started = True
@@ -472,12 +477,16 @@ class Engine:
                 try:
                     if lane.prepare_blocks:  # one hop per frame: the device starts at once
                         for k in range(i, i + got):
+                            pre = lane.trace_clock()
                             (frame,) = await lane.aprepare_many([frames[k]])
                             self.check_open()
+                            if pre:
+                                lane.trace_pre(pre, time.monotonic())
                             lane.put((sink, k, time.monotonic()), frame)
                             done += 1
                     else:
-                        prepared = [lane.prepare(d) for d in frames[i:i + got]]
+                        prepared = lane.prepare_traced(frames[i:i + got]) if lane.tracer.on \
+                            else [lane.prepare(d) for d in frames[i:i + got]]
                         now = time.monotonic()
                         lane.put_many([(sink, i + k, now) for k in range(got)], prepared)
                         done = got
@@ -509,12 +518,16 @@ class Engine:
                     check(data)
                     await sink.slots.take(1)
                     try:
+                        pre = lane.trace_clock()
                         (frame,) = await lane.aprepare_many([data])
+                        prepared = time.monotonic() if pre else 0.0
                         self.check_open()
                         await lane.budget.take(1)
                     except BaseException:
                         sink.slots.give(1)
                         raise
+                    if pre:
+                        lane.trace_pre(pre, prepared)
                     lane.put((sink, submitted, time.monotonic()), frame)
                     submitted += 1
             except Exception as exc:
@@ -556,7 +569,9 @@ class Engine:
         Cancelled before it returns: the frame was not sent.
         """
         lane = self.request_lane(model_idx)
+        pre = lane.trace_clock()
         (frame,) = await lane.aprepare_many([data])
+        prepared = time.monotonic() if pre else 0.0
         self.check_open()
         window = sink.bind(lane)
         lane.sinks.add(sink)  # from now on a close or a fault reaches this send
@@ -575,6 +590,8 @@ class Engine:
                 window.give(1)
                 raise
         lane.sinks.add(sink)
+        if pre:
+            lane.trace_pre(pre, prepared)
         lane.put((sink, 0, time.monotonic()), frame)
 
     async def receive(self, model_idx: int, sink: ChannelSink, *, nowait: bool = False

@@ -34,13 +34,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from .._trace import Tracer
 from .aio import Budget, TaskSet
 from .processing import PortSpec, Processor, as_array_list, conform
 from .runner import run_sync
@@ -78,6 +79,11 @@ class Sink(Protocol):
 
 #: Who gets a frame's outputs: (sink, or None for the output callback; key; admission time).
 Tag = tuple[Sink | None, int, float]
+#: A traced frame: (stream, frame number in its stream, when it was queued).
+Traced = tuple[int, int, float]
+#: An output for the output callback: (stream, outputs, admission time, ready time,
+#: frame number when traced else -1).
+Out = tuple[int, Frame, float, float, int]
 
 
 @dataclass
@@ -145,6 +151,13 @@ class Lane:
         self._wake: asyncio.Future[None] | None = None
         self._output_set: asyncio.Future[None] | None = None
         self._closed = False
+        #: The accelerator's tracer (one for its life; ``tracer.on`` is the hot path's check).
+        self.tracer: Tracer = Tracer.off()
+        # Traced frames queued, and per batch on the device: the tail of each batch (frames
+        # put after tracing started), so a trace started mid-run pairs every frame right.
+        self._traced: list[Traced] = []
+        self._traced_flight: deque[tuple[asyncio.Future[list[Frame]], list[Traced], float,
+                                         list[float]]] = deque()
 
     def start(self, tasks: TaskSet) -> None:
         tasks.spawn(self._collect(), f"collect-{self.idx}")
@@ -228,6 +241,8 @@ class Lane:
     # -- frames in -----------------------------------------------------------------------------
     def put(self, tag: Tag, frame: Frame, stream: Meter | None = None) -> None:
         """Queue one admitted frame (its budget unit is held by the caller)."""
+        if self.tracer.on:
+            self._trace_put((tag,), stream)
         self._queued_tags.append(tag)
         self._queued.append(frame)
         self.meter.frames_in += 1
@@ -238,6 +253,8 @@ class Lane:
 
     def put_many(self, tags: list[Tag], frames: list[Frame], stream: Meter | None = None
                  ) -> None:
+        if self.tracer.on:
+            self._trace_put(tags, stream)
         self._queued_tags.extend(tags)
         self._queued.extend(frames)
         self.meter.frames_in += len(frames)
@@ -253,11 +270,16 @@ class Lane:
             return
         tags, frames = self._queued_tags, self._queued
         self._queued_tags, self._queued = [], []
+        traced = None
+        if self._traced:
+            traced, self._traced = self._traced, []
         limit = max(1, self.limits.batch)
         try:
             for i in range(0, len(frames), limit):
                 fut = self.device.submit(self.idx, frames[i:i + limit])
                 self._inflight.append((tags[i:i + limit], fut))
+                if traced is not None:
+                    self._trace_submit(fut, traced, len(frames), i, min(len(frames), i + limit))
         except BaseException as exc:  # a device that cannot take frames any more
             self._on_fault(exc)
             return
@@ -285,21 +307,36 @@ class Lane:
             inflight.popleft()
             outputs = fut.result()  # a device fault raises: the task set reports it
             ready = time.monotonic()
-            await self._deliver(tags, outputs, ready)
+            traced = None
+            if self._traced_flight and self._traced_flight[0][0] is fut:
+                traced = self._trace_device(ready)
+            await self._deliver(tags, outputs, ready, traced)
 
-    async def _deliver(self, tags: list[Tag], outputs: list[Frame], ready: float) -> None:
-        callback: list[tuple[int, Frame, float, float]] = []
+    async def _deliver(self, tags: list[Tag], outputs: list[Frame], ready: float,
+                       traced: list[Traced] | None = None) -> None:
+        callback: list[Out] = []
         requests: list[tuple[Sink, int, float, Frame]] = []
-        for (sink, key, t0), outs in zip(tags, outputs, strict=True):
-            if sink is None:
-                callback.append((key, outs, t0, ready))
-            else:
-                requests.append((sink, key, t0, outs))
+        numbers: list[int] | None = None  # of the requests, when traced
+        if traced is None:
+            for (sink, key, t0), outs in zip(tags, outputs, strict=True):
+                if sink is None:
+                    callback.append((key, outs, t0, ready, -1))
+                else:
+                    requests.append((sink, key, t0, outs))
+        else:
+            numbers = []
+            ks = [-1] * (len(tags) - len(traced)) + [k for _, k, _ in traced]
+            for (sink, key, t0), outs, k in zip(tags, outputs, ks, strict=True):
+                if sink is None:
+                    callback.append((key, outs, t0, ready, k))
+                else:
+                    requests.append((sink, key, t0, outs))
+                    numbers.append(k)
         if requests:
             finished: list[Frame | BaseException]
             if self.post is not None:
-                finished = await run_sync(self._finish_all, requests) if self.finish_blocks \
-                    else self._finish_all(requests)
+                finished = await run_sync(self._finish_all, requests, numbers) \
+                    if self.finish_blocks else self._finish_all(requests, numbers)
             else:
                 finished = [outs for _, _, _, outs in requests]
             meter = self.meter
@@ -322,21 +359,87 @@ class Lane:
         if self._output_set is not None and not self._output_set.done():
             self._output_set.set_result(None)
 
-    def _finish_all(self, requests: list[tuple[Sink, int, float, Frame]]
-                    ) -> list[Frame | BaseException]:
+    def _finish_all(self, requests: list[tuple[Sink, int, float, Frame]],
+                    numbers: list[int] | None = None) -> list[Frame | BaseException]:
         results: list[Frame | BaseException] = []
-        for _, _, _, outs in requests:
+        for n, (_, _, _, outs) in enumerate(requests):
+            started = time.monotonic() if numbers is not None else 0.0
             try:
                 results.append(self.finish(outs))
             except Exception as exc:
                 results.append(exc)
+            if numbers is not None and numbers[n] >= 0:
+                self.tracer.frame(0, self.idx, "post-processing", started, time.monotonic(),
+                                  numbers[n])
         return results
+
+    # -- tracing (only called when the tracer is on) ---------------------------------------------
+    def trace_clock(self) -> float:
+        """Now, if tracing is on, else 0.0 (a request frame's pre-processing starts)."""
+        return time.monotonic() if self.tracer.on else 0.0
+
+    def trace_pre(self, t0: float, t1: float) -> None:
+        """A request frame about to be put was pre-processed from t0 to t1."""
+        if self.tracer.on:
+            self.tracer.frame(0, self.idx, "pre-processing", t0, t1, self.meter.frames_in)
+
+    def prepare_traced(self, items: Sequence[Any]) -> list[Frame]:
+        """``prepare`` request frames that are put next, in order, recording each one's
+        pre-processing."""
+        out: list[Frame] = []
+        base = self.meter.frames_in
+        for j, data in enumerate(items):
+            t0 = time.monotonic()
+            out.append(self.prepare(data))
+            self.tracer.frame(0, self.idx, "pre-processing", t0, time.monotonic(), base + j)
+        return out
+
+    def _trace_put(self, tags: Iterable[Tag], stream: Meter | None) -> None:
+        """Frames queued: number them (per stream; request frames on stream 0, per model)."""
+        now = time.monotonic()
+        base = stream.frames_in if stream is not None else self.meter.frames_in
+        traced = self._traced
+        for i, (sink, key, _) in enumerate(tags):
+            traced.append((key if sink is None else 0, base + i, now))
+
+    def _trace_submit(self, fut: asyncio.Future[list[Frame]], traced: list[Traced], n: int,
+                      start: int, end: int) -> None:
+        """Frames ``start:end`` of ``n`` flushed went to the device (``traced`` is the tail)."""
+        offset = n - len(traced)
+        batch = traced[max(0, start - offset):max(0, end - offset)]
+        if not batch:
+            return
+        tracer, model, now = self.tracer, self.idx, time.monotonic()
+        for stream, k, queued in batch:
+            tracer.frame(stream, model, "queued", queued, now, k)
+        resolved_at: list[float] = []
+        self._traced_flight.append((fut, batch, now, resolved_at))
+
+        def resolved(_fut: asyncio.Future[list[Frame]]) -> None:
+            done = time.monotonic()
+            resolved_at.append(done)
+            if tracer.on:
+                tracer.busy(model, now, done)
+
+        fut.add_done_callback(resolved)
+
+    def _trace_device(self, ready: float) -> list[Traced]:
+        """The collector took a traced batch's outputs at ``ready``: record its device stage,
+        from submit to the future's resolution (``ready`` if its callback has not run yet)."""
+        _, batch, submitted, resolved_at = self._traced_flight.popleft()
+        done = resolved_at[0] if resolved_at else ready
+        tracer, model = self.tracer, self.idx
+        if tracer.on:
+            for stream, k, _ in batch:
+                tracer.frame(stream, model, "device", submitted, done, k)
+        return batch
 
     def drop_queued(self) -> int:
         """At a stop: forget frames not yet handed over (their units are not given back)."""
         n = len(self._queued) + sum(len(t) for t, _ in self._inflight)
         self._queued_tags, self._queued = [], []
         self._inflight.clear()
+        self._traced, self._traced_flight = [], deque()
         return n
 
     def close(self) -> None:
