@@ -416,10 +416,12 @@ class Lane:
         self._traced_flight.append((fut, batch, now, resolved_at))
 
         def resolved(_fut: asyncio.Future[list[Frame]]) -> None:
-            done = time.monotonic()
-            resolved_at.append(done)
+            # the collector may have taken the outputs first (its wake-up ran before this
+            # callback): then its time is the end of both the device stage and busy interval
+            if not resolved_at:
+                resolved_at.append(time.monotonic())
             if tracer.on:
-                tracer.busy(model, now, done)
+                tracer.busy(model, now, resolved_at[0])
 
         fut.add_done_callback(resolved)
 
@@ -427,7 +429,9 @@ class Lane:
         """The collector took a traced batch's outputs at ``ready``: record its device stage,
         from submit to the future's resolution (``ready`` if its callback has not run yet)."""
         _, batch, submitted, resolved_at = self._traced_flight.popleft()
-        done = resolved_at[0] if resolved_at else ready
+        if not resolved_at:  # its done-callback has not run yet: it will use this time too
+            resolved_at.append(ready)
+        done = resolved_at[0]
         tracer, model = self.tracer, self.idx
         if tracer.on:
             for stream, k, _ in batch:
