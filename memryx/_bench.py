@@ -20,8 +20,9 @@ __all__ = ["Timeline", "run_bench", "verdict"]
 KEPT = 0.98
 
 
-def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
-    arrays = []
+def random_arrays(ports: Sequence[PortInfo], rng: np.random.Generator) -> list[Any]:
+    """One random array per port, of its shape and dtype (the frames both benchmarks use)."""
+    arrays: list[Any] = []
     for p in ports:
         if p.dtype.kind == "f":
             arrays.append(rng.standard_normal(p.shape).astype(p.dtype))
@@ -31,6 +32,11 @@ def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
             info = np.iinfo(p.dtype)
             arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, p.shape,
                                        dtype=p.dtype))
+    return arrays
+
+
+def _random_frame(ports: Sequence[PortInfo], rng: np.random.Generator) -> Any:
+    arrays = random_arrays(ports, rng)
     return arrays[0] if len(arrays) == 1 else arrays
 
 

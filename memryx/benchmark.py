@@ -35,26 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from ._bench import random_arrays
 from .accl import DfpLike, SyncAccl
-from .dfp import Dfp, PortInfo
+from .dfp import Dfp
 
 __all__ = ["Benchmark"]
 
 log = logging.getLogger("memryx.benchmark")
-
-
-def _random_frame(ports: tuple[PortInfo, ...], rng: np.random.Generator) -> list[Any]:
-    arrays: list[Any] = []
-    for p in ports:
-        if p.dtype.kind == "f":
-            arrays.append(rng.standard_normal(p.shape).astype(p.dtype))
-        elif p.dtype.kind == "b":
-            arrays.append(rng.integers(0, 2, p.shape).astype(bool))
-        else:
-            info = np.iinfo(p.dtype)
-            arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, p.shape,
-                                       dtype=p.dtype))
-    return arrays
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -97,7 +84,7 @@ class Benchmark:
         self.warmup = None if warmup is None else _positive_int(warmup, "warmup")
         model = self.dfp.model(model_idx)
         rng = np.random.default_rng(0)
-        self._pool = [_random_frame(model.inputs, rng) for _ in range(8)]
+        self._pool = [random_arrays(model.inputs, rng) for _ in range(8)]
         self._single = len(model.inputs) == 1
         self._accl_options = accl_options
         self._accl: SyncAccl | None = None
