@@ -211,8 +211,7 @@ class Session(asyncio.Protocol):
             token, rest = got
             self._preamble = None
             if self.server.token is not None and not tokens_match(token, self.server.token):
-                self._refuse("wrong token: the device server refused the connection "
-                             "(check MEMRYX_TOKEN)")
+                self._refuse("wrong token (check MEMRYX_TOKEN)")
                 return
             if not rest:
                 return

@@ -226,8 +226,8 @@ class FdDevice:
             elif isinstance(event, p.Error) and self._sent:
                 self._set_fault(f"device server error: {event.code}: {event.message}")
             elif isinstance(event, p.Error) and event.fatal and not self._awaiting:
-                self._set_fault(f"the device server closed the connection: {event.code}: "
-                                f"{event.message}")
+                # the same words whether or not a reply was awaited when it came
+                self._set_fault(str(_remote_error(event, "connecting")))
             elif isinstance(event, (p.Closed, p.Bye)):
                 self._set_fault("the device server closed the connection")
             elif isinstance(event, p.StatsReply) and event.seq in self._pings:
