@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from numpy.typing import NDArray
 
 from ._compat import TelemetryModel
 from ._exceptions import ClosedError, DeviceError, UsageError
+from .clock import Clock, Timer, clock_of
 from .device.base import Device, Limits
 
 if TYPE_CHECKING:
@@ -230,8 +230,8 @@ class _ModelState:
     frames_out: int = 0
     last_release: float = 0.0
     last_done: float = 0.0
-    """When the inner device last completed a job of this model (loop time)."""
-    timer: asyncio.TimerHandle | None = None
+    """When the inner device last completed a job of this model (its clock's time)."""
+    timer: Timer | None = None
 
 
 class FaultyDevice:
@@ -278,12 +278,26 @@ class FaultyDevice:
             fps = float((info.perf or {}).get("fps") or 0.0)
             self._models.append(_ModelState(fps=fps))
         if self._throttle is not None:
-            self._telemetry = TelemetryModel(dfp.num_chips)
+            self._telemetry = TelemetryModel(dfp.num_chips, self.clock)
             if self._throttle.start_c is not None:
                 self._telemetry.temperature_c = self._throttle.start_c
 
     def limits(self, model_idx: int) -> Limits:
         return self.inner.limits(model_idx)
+
+    @property
+    def clock(self) -> Clock:
+        """The inner device's clock: stalls, jitter and throttling keep its time (virtual
+        when the inner device runs on a :class:`~memryx.clock.VirtualClock`)."""
+        return clock_of(self.inner)
+
+    def telemetry(self) -> TelemetryModel | None:
+        """The modeled temperature, pressure and power of a :class:`Throttle` scenario
+        (None without one); ``get_temperature()`` and friends read it."""
+        if self._telemetry is None:
+            return None
+        self._update_telemetry(force=True)
+        return self._telemetry
 
     def submit(self, model_idx: int, frames: list[Frame]) -> asyncio.Future[list[Frame]]:
         if self._closed:
@@ -299,7 +313,7 @@ class FaultyDevice:
         first = self._submitted + 1
         self._submitted += len(frames)
         last = self._submitted
-        now = self._loop.time()
+        now = self.clock.now()
         for i, f in enumerate(self.script.faults):
             if i in self._fired:
                 continue
@@ -391,7 +405,7 @@ class FaultyDevice:
             job.out.set_exception(exc)
             return
         assert self._loop is not None
-        now = self._loop.time()
+        now = self.clock.now()
         release = max(now, self._stall_until)
         if release > now:
             self._counts["stalled_frames"] += job.frames
@@ -420,7 +434,7 @@ class FaultyDevice:
         """Resolve the head jobs whose release time has come, in submission order."""
         assert self._loop is not None
         model.timer = None
-        now = self._loop.time()
+        now = self.clock.now()
         while model.jobs:
             job = model.jobs[0]
             if job.out.done():
@@ -429,7 +443,7 @@ class FaultyDevice:
             if not job.ready or job.hung:
                 return
             if job.release > now:
-                model.timer = self._loop.call_at(job.release, self._pump, model)
+                model.timer = self.clock.call_later(job.release - now, self._pump, model)
                 return
             model.jobs.popleft()
             assert job.outputs is not None
@@ -438,7 +452,7 @@ class FaultyDevice:
 
     def _update_telemetry(self, force: bool = False) -> None:
         assert self._telemetry is not None
-        now = time.monotonic()
+        now = self.clock.now()
         if force or now - self._telemetry_at >= 0.05:
             self._telemetry_at = now
             self._telemetry.update([m.frames_out for m in self._models],
