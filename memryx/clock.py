@@ -271,8 +271,8 @@ class VirtualClock(Clock):
             if any(not _is_settle(h) for h in ready):  # (other clocks' settling: not work)
                 loop.call_soon(self._settle, 0)
                 return
-        elif rounds < self.SETTLE_ROUNDS:
-            loop.call_soon(self._settle, rounds + 1)
+        elif not rounds:  # let the loop run SETTLE_ROUNDS rounds, then look again
+            loop.call_soon(_spin, loop, self.SETTLE_ROUNDS, self._settle)
             return
         self._settling = False
         self._jump()
@@ -315,6 +315,14 @@ class VirtualClock(Clock):
                 break
             self._jump()
         self._now = max(self._now, target)
+
+
+def _spin(loop: asyncio.AbstractEventLoop, rounds: int, then: Callable[[int], None]) -> None:
+    """A round of the loop that does nothing; ``then(1)`` after ``rounds`` of them."""
+    if rounds > 1:
+        loop.call_soon(_spin, loop, rounds - 1, then)
+    else:
+        then(1)
 
 
 def _is_settle(handle: Any) -> bool:
