@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CallbackSignatureError, UsageError
+from ..clock import clock_of
 from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
 from .lane import Lane, Meter, Out
 from .runner import run_sync
@@ -291,12 +292,32 @@ class CallbackOutput:
         """Outputs handed to the callback (counted when it is called)."""
         self.role = f"the output callback of model {lane.idx}"
         self._consumer: ThreadConsumer[Out] | None = None
+        self._clock = clock_of(lane.device)
+        self._held = 0
+        """Virtual clock: outputs on the output thread, during which time stands still."""
 
     def start(self) -> None:
         if self.kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
+            consume: Callable[[list[Out]], Any] = self._call_batch
+            done: Callable[[Any], None] = self._batch_done
+            if self._clock.virtual:  # the thread's outputs count as work in progress
+                def consume(batch: list[Out]) -> Any:
+                    return self._call_batch(batch), len(batch)
+
+                def done(report: tuple[list[Any], int]) -> None:
+                    self._unhold(report[1])
+                    self._batch_done(report[0])
             self._consumer = ThreadConsumer(
-                f"memryx-output-{self.lane.idx}", self._call_batch, self._batch_done,
+                f"memryx-output-{self.lane.idx}", consume, done,
                 self.lane.budget.total, self.engine.stopping, OUTPUT_BATCH)
+
+    def _unhold(self, n: int) -> None:
+        if self._held <= 0:
+            return
+        self._held -= n
+        if self._held <= 0:
+            self._held = 0
+            self._clock.release()
 
     async def deliver(self, items: list[Out]) -> None:
         """On the loop: outputs of one device batch, in order."""
@@ -308,6 +329,11 @@ class CallbackOutput:
                 self._consumer.items.put_many_nowait(items)  # the budget bounds it
             except ChannelClosed:
                 self._drop(len(items))
+                return
+            if self._clock.virtual:
+                if not self._held:
+                    self._clock.hold()
+                self._held += len(items)
             return
         lane = self.lane
         model, meters = lane.meter, lane.streams
@@ -434,6 +460,7 @@ class CallbackOutput:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.items.abort()  # counted by the engine as in flight at the stop
+        self._unhold(self._held)
 
 
 def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ...]]) -> None:

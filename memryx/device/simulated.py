@@ -260,8 +260,12 @@ class SimulatedDevice:
         runners: list[Runner | None] = [None] * len(dfp.models)
         if self.backend is not None:
             backend = self.backend
-            runners = list(await run_sync(
-                lambda: [load_runner(m, backend) for m in dfp.models]))
+            self.clock.hold()  # virtual time stands still while the models load
+            try:
+                runners = list(await run_sync(
+                    lambda: [load_runner(m, backend) for m in dfp.models]))
+            finally:
+                self.clock.release()
         self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet("sim", self._on_task_error)
         for info, run in zip(dfp.models, runners, strict=True):

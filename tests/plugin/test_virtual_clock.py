@@ -192,7 +192,8 @@ async def test_get_temperature_reads_the_throttle_scenario_on_the_real_clock(
     device = FaultyDevice(script=Faults(Throttle(start_c=110.0)))
     async with mx.AsyncAccl(mx_test_dfp, device=device) as accl:
         assert accl.get_temperature() == pytest.approx(110.0, abs=0.5)
-        assert accl.get_temperature() == accl.statistics()["device"]["faults"]["temperature_c"]
+        assert accl.get_temperature() == pytest.approx(  # (real time: it cools meanwhile)
+            accl.statistics()["device"]["faults"]["temperature_c"], abs=0.1)
 
 
 # -- bad input and edge cases -------------------------------------------------------------------
@@ -261,3 +262,169 @@ async def test_one_clock_one_loop(mx_test_dfp: mx.Dfp) -> None:
     t.join(30)
     assert len(errors) == 1 and isinstance(errors[0], mx.UsageError)
     assert "another event loop" in str(errors[0])
+
+
+# -- attacks ------------------------------------------------------------------------------------
+async def paced_source(clock: VirtualClock, camera: SyntheticCamera) -> Any:
+    """An async input callback reading ``camera`` at its rate on ``clock``."""
+    it = aiter(camera)
+
+    async def source() -> Any:
+        item = await anext(it, None)
+        return None if item is None else item[1]
+    return source
+
+
+@pytest.mark.asyncio
+async def test_stop_mid_run(mx_test_dfp: mx.Dfp) -> None:
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=30, frames=10_000, clock=clock)
+    seen: list[float] = []
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock)
+                            ) as accl:
+        accl.connect_input(await paced_source(clock, camera))
+
+        def sink(*_: Any) -> None:
+            seen.append(clock.now())
+            if len(seen) == 100:
+                accl.stop()
+        accl.connect_output(sink)
+        await asyncio.wait_for(accl.await_done(), 30)
+    assert 100 <= len(seen) < 10_000
+    assert seen[:100] == pytest.approx(list(np.arange(100) / 30 + seen[0]))
+
+
+@pytest.mark.asyncio
+async def test_callbacks_that_block_on_wall_time(mx_test_dfp: mx.Dfp) -> None:
+    """A callback's own time.sleep is wall time: virtual time does not move meanwhile (and the
+    run does not hang); an async callback's asyncio.sleep is not a virtual wait either."""
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=30, frames=20, clock=clock)
+    seen: list[tuple[float, float]] = []
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock)
+                            ) as accl:
+        accl.connect_input(await paced_source(clock, camera))
+
+        def sink(*_: Any) -> None:
+            before = clock.now()
+            time.sleep(0.02)
+            seen.append((before, clock.now()))
+        accl.connect_output(sink)
+        await asyncio.wait_for(accl.await_done(), 30)
+    assert len(seen) == 20
+    stamps = [b for b, _ in seen]
+    assert stamps == sorted(stamps) and stamps[-1] >= 19 / 30
+
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=30, frames=20, clock=clock)
+    got = 0
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock)
+                            ) as accl:
+        accl.connect_input(await paced_source(clock, camera))
+
+        async def asink(*_: Any) -> None:
+            nonlocal got
+            await asyncio.sleep(0.005)  # real time: the app's, not the device's
+            got += 1
+        accl.connect_output(asink)
+        await asyncio.wait_for(accl.await_done(), 30)
+    assert got == 20
+
+
+@pytest.mark.asyncio
+async def test_cancelled_while_waiting_on_the_clock(mx_test_dfp: mx.Dfp) -> None:
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=1, frames=1000, clock=clock)
+    outputs = 0
+    five = asyncio.Event()
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock)
+                            ) as accl:
+        async def app() -> None:
+            nonlocal outputs
+            async for _, frame in camera:
+                await accl.arun(frame)
+                outputs += 1
+                if outputs == 5:
+                    five.set()
+        task = asyncio.ensure_future(app())
+        await five.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # the frame on the modeled chip still leaves it
+        stopped_at = clock.now()
+        await asyncio.sleep(0.05)
+        assert clock.now() == stopped_at  # nothing left waiting: time stands still
+        assert "timers=0" in repr(clock)
+        await accl.arun(camera.frame(0))  # the accelerator still works
+    assert outputs in (5, 6)
+
+
+@pytest.mark.asyncio
+async def test_two_accelerators_share_one_clock(mx_test_dfp: mx.Dfp) -> None:
+    async def run() -> tuple[list[float], list[float]]:
+        clock = VirtualClock()
+        results: tuple[list[float], list[float]] = ([], [])
+
+        async def one(fps: float, frames: int, out: list[float]) -> None:
+            camera = SyntheticCamera((1, 16), fps=fps, frames=frames, clock=clock)
+            device = SimulatedDevice(mode="timed", clock=clock)
+            async with mx.AsyncAccl(mx_test_dfp, device=device) as accl:
+                async for _, frame in camera:
+                    await accl.arun(frame)
+                    out.append(clock.now())
+        await asyncio.gather(one(30, 300, results[0]), one(25, 250, results[1]))
+        return results
+
+    first = await run()
+    assert first == await run()
+    assert np.allclose(np.diff(first[0]), 1 / 30) and np.allclose(np.diff(first[1]), 1 / 25)
+    assert first[0][-1] == pytest.approx(first[1][-1] - 249 / 25 + 299 / 30)
+
+
+@pytest.mark.asyncio
+async def test_closing_while_outputs_are_due(mx_test_dfp: mx.Dfp) -> None:
+    """Close with frames on the modeled chip and timers pending: no hang, nothing fires late."""
+    clock = VirtualClock()
+    device = SimulatedDevice(mode="timed", clock=clock)
+    accl = mx.AsyncAccl(mx_test_dfp, device=device)
+    await accl.__aenter__()
+    frame = np.zeros((1, 16), np.float32)
+    pending = [asyncio.ensure_future(accl.arun(frame)) for _ in range(50)]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(accl.aclose(), 10)
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, (np.ndarray, mx.ClosedError, asyncio.CancelledError))
+               for r in results)
+    await asyncio.sleep(0.05)
+    assert "timers=0" in repr(clock)
+
+
+@pytest.mark.asyncio
+async def test_hold_keeps_time_still() -> None:
+    clock = VirtualClock()
+    clock.hold()
+    slept = asyncio.ensure_future(clock.sleep(1.0))
+    await asyncio.sleep(0.05)
+    assert not slept.done() and clock.now() == 0.0
+    threading.Thread(target=clock.release).start()  # released from another thread
+    await asyncio.wait_for(slept, 5)
+    assert clock.now() == 1.0
+
+
+@pytest.mark.asyncio
+async def test_smoothing_on_the_virtual_clock(mx_test_dfp: mx.Dfp) -> None:
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=0, frames=300, clock=clock)
+    seen: list[float] = []
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock),
+                            client_options=mx.ClientOptions(smoothing=True, fps_target=100)
+                            ) as accl:
+        accl.connect_input(await paced_source(clock, camera))
+
+        async def sink(*_: Any) -> None:
+            seen.append(clock.now())
+        accl.connect_output(sink)
+        await asyncio.wait_for(accl.await_done(), 30)
+    assert len(seen) == 300 and seen == sorted(seen)
+    assert np.median(np.diff(seen)) == pytest.approx(0.01, rel=0.1)
