@@ -269,6 +269,8 @@ class FaultyDevice:
         self._throttle = throttle[0] if throttle else None
         self._telemetry: TelemetryModel | None = None
         self._telemetry_at = 0.0
+        if self._throttle is not None:  # readable before open (one chip until the DFP says)
+            self._telemetry = self._hot_module(1)
 
     # -- the Device protocol ------------------------------------------------------------------
     async def open(self, dfp: Dfp, group_id: int) -> None:
@@ -278,9 +280,18 @@ class FaultyDevice:
             fps = float((info.perf or {}).get("fps") or 0.0)
             self._models.append(_ModelState(fps=fps))
         if self._throttle is not None:
-            self._telemetry = TelemetryModel(dfp.num_chips, self.clock)
-            if self._throttle.start_c is not None:
-                self._telemetry.temperature_c = self._throttle.start_c
+            self._telemetry = self._hot_module(dfp.num_chips)
+
+    def _hot_module(self, chips: int) -> TelemetryModel:
+        """The modeled module of a Throttle scenario, at its start temperature (at open: at
+        the temperature read before, if it was)."""
+        assert self._throttle is not None
+        model = TelemetryModel(chips, self.clock)
+        if self._telemetry is not None:
+            model.temperature_c = self._telemetry.temperature_c
+        elif self._throttle.start_c is not None:
+            model.temperature_c = self._throttle.start_c
+        return model
 
     def limits(self, model_idx: int) -> Limits:
         return self.inner.limits(model_idx)

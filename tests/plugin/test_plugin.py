@@ -256,11 +256,11 @@ from memryx.device.simulated import SimulatedDevice
 from memryx.testing import Faults, FaultyDevice, Stall
 
 @pytest.mark.asyncio
-async def test_ten_minutes_at_30_fps(mx_virtual_clock, mx_accl, mx_camera):
+async def test_a_minute_at_30_fps(mx_virtual_clock, mx_accl, mx_camera):
     app = Classifier(mx_accl)
-    assert await app.run(mx_camera(fps=30, frames=18_000)) == 18_000
+    assert await app.run(mx_camera(fps=30, frames=1_800)) == 1_800
     stats = mx_accl.statistics()
-    assert stats["elapsed_s"] == pytest.approx(600, abs=0.1)
+    assert stats["elapsed_s"] == pytest.approx(60, abs=0.1)
     assert stats["models"][0]["fps"] == pytest.approx(30.0)
 
 class TestStallInVirtualTime:
