@@ -428,3 +428,62 @@ async def test_smoothing_on_the_virtual_clock(mx_test_dfp: mx.Dfp) -> None:
         await asyncio.wait_for(accl.await_done(), 30)
     assert len(seen) == 300 and seen == sorted(seen)
     assert np.median(np.diff(seen)) == pytest.approx(0.01, rel=0.1)
+
+
+@pytest.mark.asyncio
+async def test_trace_in_virtual_time(mx_test_dfp: mx.Dfp, tmp_path: Any) -> None:
+    import json
+
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=30, frames=90, clock=clock)
+    path = tmp_path / "trace.json"
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock)
+                            ) as accl:
+        accl.trace(path)
+        async for _, frame in camera:
+            await accl.arun(frame)
+    events = json.loads(path.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    device = [e for e in events if e.get("ph") == "X" and e.get("name") == "device"]
+    assert len(device) == 90
+    starts = sorted(e["ts"] for e in device)  # microseconds of virtual time
+    assert np.allclose(np.diff(starts), 1e6 / 30, atol=1.0)
+
+
+@pytest.mark.asyncio
+async def test_sync_paced_input_stopped_mid_run(mx_test_dfp: mx.Dfp) -> None:
+    """A plain input callback waiting on the virtual clock (fps_target) when the app stops:
+    its wait ends, nothing hangs, no thread is left."""
+    clock = VirtualClock()
+    camera = SyntheticCamera((1, 16), fps=0, frames=100_000, clock=clock)
+    seen = 0
+    async with mx.AsyncAccl(mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock),
+                            client_options=mx.ClientOptions(fps_target=1.0)) as accl:
+        def sink(*_: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 3:
+                accl.stop()
+        accl.connect_input(camera.read)
+        accl.connect_output(sink)
+        await asyncio.wait_for(accl.await_done(), 30)
+    assert 3 <= seen < 100
+
+
+@pytest.mark.asyncio
+async def test_streams_paced_in_virtual_time(mx_test_dfp: mx.Dfp) -> None:
+    clock = VirtualClock()
+    cameras = [SyntheticCamera((1, 16), fps=0, frames=60, seed=s, clock=clock) for s in (0, 1)]
+    seen: dict[int, list[float]] = {0: [], 1: []}
+    async with mx.MultiStreamAsyncAccl(
+            mx_test_dfp, device=SimulatedDevice(mode="timed", clock=clock),
+            client_options=mx.ClientOptions(fps_target=20.0)) as accl:
+        async def source(stream: int) -> Any:
+            return cameras[stream].read()
+
+        async def sink(stream: int, *_: Any) -> None:
+            seen[stream].append(clock.now())
+        accl.connect_streams(source, sink, 2)
+        await asyncio.wait_for(accl.await_done(), 30)
+    for times in seen.values():
+        assert len(times) == 60 and np.allclose(np.diff(times), 1 / 20)
