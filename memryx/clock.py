@@ -205,6 +205,9 @@ class VirtualClock(Clock):
         if self._loop is None or self._loop.is_closed():
             raise UsageError("a VirtualClock was waited on from a thread before an event loop "
                              "used it: open the device it drives first")
+        if threading.get_ident() == self._thread:
+            raise UsageError("VirtualClock.wait() called on its event loop's thread, which it "
+                             "would block for ever: on the loop, await clock.sleep()")
         if stop.is_set():
             return True
         if delay <= 0:

@@ -487,3 +487,40 @@ async def test_streams_paced_in_virtual_time(mx_test_dfp: mx.Dfp) -> None:
         await asyncio.wait_for(accl.await_done(), 30)
     for times in seen.values():
         assert len(times) == 60 and np.allclose(np.diff(times), 1 / 20)
+
+
+@pytest.mark.asyncio
+async def test_a_blocking_wait_on_the_loop_thread_is_refused() -> None:
+    clock = VirtualClock()
+    await clock.sleep(0.1)  # bound to this loop
+    with pytest.raises(mx.UsageError, match="would block for ever"):
+        clock.wait(1.0, threading.Event())
+
+
+@pytest.mark.asyncio
+async def test_an_app_with_its_own_tasks_and_queue_is_deterministic(mx_test_dfp: mx.Dfp
+                                                                     ) -> None:
+    """More hops than the core's own: a reader task feeding a bounded queue, two workers."""
+    async def run() -> list[tuple[int, float]]:
+        clock = VirtualClock()
+        camera = SyntheticCamera((1, 16), fps=60, frames=600, clock=clock)
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        done: list[tuple[int, float]] = []
+        device = SimulatedDevice(mode="timed", clock=clock)
+        async with mx.AsyncAccl(mx_test_dfp, device=device) as accl:
+            async def reader() -> None:
+                async for i, frame in camera:
+                    await queue.put((i, frame))
+                for _ in range(2):
+                    await queue.put(None)
+
+            async def worker() -> None:
+                while (item := await queue.get()) is not None:
+                    await accl.arun(item[1])
+                    done.append((item[0], clock.now()))
+            await asyncio.gather(reader(), worker(), worker())
+        return done
+
+    first = await run()
+    assert len(first) == 600
+    assert first == await run()
