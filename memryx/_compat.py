@@ -11,10 +11,8 @@ and frames: the engine below sees ordinary frames and callbacks.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +23,7 @@ from ._core.callbacks import CallbackKind, classify
 from ._exceptions import ModelIndexError, ShapeError
 from ._options import ClientOptions, Resolved, SchedulerOptions
 from ._pacing import Pacer, Smoother, delivering, paced
+from .clock import REAL_CLOCK, Clock, clock_of
 from .dfp import CHIP_GEN
 
 if TYPE_CHECKING:
@@ -116,9 +115,10 @@ class TelemetryModel:
     TAU_S = 8.0
     THROTTLE_C = 100.0
 
-    def __init__(self, chips: int) -> None:
+    def __init__(self, chips: int, clock: Clock = REAL_CLOCK) -> None:
         self.chips = chips
-        self._t = time.monotonic()
+        self.clock = clock
+        self._t = clock.now()
         self._frames: list[int] | None = None
         self.utilisation = 0.0
         self.power_w = chips * self.IDLE_W
@@ -129,7 +129,7 @@ class TelemetryModel:
 
     def update(self, frames_out: list[int], modeled_fps: list[float]) -> None:
         with self._lock:
-            now = time.monotonic()
+            now = self.clock.now()
             dt = now - self._t
             if self._frames is not None and dt > 0:
                 u = sum((n - p) / dt / f for n, p, f in
@@ -233,8 +233,21 @@ class CompatMixin:
             raise ModelIndexError(f"device_id {device_id} is not one of this accelerator's "
                                   f"devices {self._compat.device_ids}")
 
+    def _clock(self) -> Clock:
+        """The clock the accelerator's device keeps time by (virtual in tests)."""
+        engine = getattr(self, "_engine", None)
+        return clock_of(getattr(engine, "device", None))
+
     def _read_telemetry(self, device_id: int) -> TelemetryModel:
         self._check_device_id(device_id)
+        engine = getattr(self, "_engine", None)
+        modeled = getattr(getattr(engine, "device", None), "telemetry", None)
+        own = modeled() if callable(modeled) else None
+        if isinstance(own, TelemetryModel):  # the device models it (a Throttle fault scenario)
+            return own
+        clock = self._clock()
+        if self._telemetry.clock is not clock:  # the device keeps virtual time: so does this
+            self._telemetry = TelemetryModel(self._dfp.num_chips, clock)
         stats = self.statistics()  # type: ignore[attr-defined]
         frames = [int(m.get("frames_out", 0)) for m in stats["models"]]
         fps = []
@@ -310,7 +323,7 @@ class CompatMixin:
         def conv(frame: Any) -> Any:
             return _convert_in(frame, model, chip_only) if frame is not None else None
 
-        gate = Pacer(fps, self._compat_stop) if fps else None
+        gate = Pacer(fps, self._compat_stop, self._clock()) if fps else None
         return paced(fn, gate, conv if needs_convert else None)
 
     def _wrap_stream_input(self, fn: Callable[[int], Any], model_idx: int) -> Callable[..., Any]:
@@ -324,12 +337,13 @@ class CompatMixin:
             return fn
         pacers: dict[int, Pacer] = {}
         stop = self._compat_stop
+        clock = self._clock()
         kind = classify(fn)
 
         def gate_for(stream: int) -> Pacer | None:
             if not fps:
                 return None
-            return pacers.setdefault(stream, Pacer(fps, stop))
+            return pacers.setdefault(stream, Pacer(fps, stop, clock))
 
         def conv(frame: Any) -> Any:
             if frame is None or not needs_convert:
@@ -343,7 +357,7 @@ class CompatMixin:
                 if gate is not None:
                     d = gate.delay()
                     if d > 0:
-                        await asyncio.sleep(d)
+                        await clock.sleep(d)
                 return conv(await fn(stream))
             return coro
         if kind is not CallbackKind.SYNC:
@@ -354,7 +368,7 @@ class CompatMixin:
             gate = gate_for(stream)
             if gate is not None:
                 d = gate.delay()
-                if d > 0 and stop.wait(d):
+                if d > 0 and clock.wait(d, stop):
                     return None
             return conv(fn(stream))
         return sync
@@ -380,7 +394,8 @@ class CompatMixin:
         if not smoothing:
             return delivering(fn, None, conv)
         if not with_stream:
-            return delivering(fn, Smoother(self._compat_stop), conv if chip else None)
+            return delivering(fn, Smoother(self._compat_stop, self._clock()),
+                              conv if chip else None)
         # one smoother per stream: streams are delivered independently
         stop = self._compat_stop
         inner: dict[int, Callable[..., Any]] = {}
@@ -389,7 +404,7 @@ class CompatMixin:
             stream = args[0]
             wrapped = inner.get(stream)
             if wrapped is None:
-                gate = gates.setdefault(stream, Smoother(stop))
+                gate = gates.setdefault(stream, Smoother(stop, self._clock()))
                 wrapped = inner[stream] = delivering(fn, gate, conv if chip else None)
             return wrapped(*args)
 

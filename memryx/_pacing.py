@@ -6,16 +6,15 @@ generator, ``async def``, async generator), so the engine treats it as the user'
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ._core.callbacks import CallbackKind, classify
+from .clock import REAL_CLOCK, Clock
 
 __all__ = ["Pacer", "Smoother", "delivering", "paced", "stream_router"]
 
@@ -23,7 +22,8 @@ __all__ = ["Pacer", "Smoother", "delivering", "paced", "stream_router"]
 class Pacer:
     """Calls at most ``fps`` times a second, evenly (a missed slot is not made up twice)."""
 
-    def __init__(self, fps: float, stop: threading.Event) -> None:
+    def __init__(self, fps: float, stop: threading.Event, clock: Clock = REAL_CLOCK) -> None:
+        self.clock = clock
         self.interval = 1.0 / fps
         self.next = 0.0
         self.stop = stop
@@ -31,7 +31,7 @@ class Pacer:
 
     def delay(self) -> float:
         with self.lock:
-            now = time.monotonic()
+            now = self.clock.now()
             at = max(now, self.next)
             self.next = at + self.interval
             return at - now
@@ -50,7 +50,8 @@ class Smoother:
     WINDOW = 32
     SPEEDUP = 0.95
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: threading.Event, clock: Clock = REAL_CLOCK) -> None:
+        self.clock = clock
         self.times: deque[float] = deque(maxlen=self.WINDOW)
         self.next = 0.0
         self.stop = stop
@@ -58,7 +59,7 @@ class Smoother:
 
     def delay(self) -> float:
         with self.lock:
-            now = time.monotonic()
+            now = self.clock.now()
             self.times.append(now)
             if len(self.times) < 2:
                 self.next = now
@@ -84,7 +85,7 @@ def paced(fn: Callable[..., Any], gate: Pacer | None,
         def sync(*args: Any) -> Any:
             if gate is not None:
                 d = gate.delay()
-                if d > 0 and gate.stop.wait(d):
+                if d > 0 and gate.clock.wait(d, gate.stop):
                     return None
             return conv(fn(*args))
         return sync
@@ -94,7 +95,7 @@ def paced(fn: Callable[..., Any], gate: Pacer | None,
             if gate is not None:
                 d = gate.delay()
                 if d > 0:
-                    await asyncio.sleep(d)
+                    await gate.clock.sleep(d)
             return conv(await fn(*args))
         return coro
     if kind is CallbackKind.GENERATOR:
@@ -103,7 +104,7 @@ def paced(fn: Callable[..., Any], gate: Pacer | None,
             for item in fn(*args):
                 if gate is not None:
                     d = gate.delay()
-                    if d > 0 and gate.stop.wait(d):
+                    if d > 0 and gate.clock.wait(d, gate.stop):
                         return
                 yield conv(item)
         return gen
@@ -114,7 +115,7 @@ def paced(fn: Callable[..., Any], gate: Pacer | None,
             if gate is not None:
                 d = gate.delay()
                 if d > 0:
-                    await asyncio.sleep(d)
+                    await gate.clock.sleep(d)
             yield conv(item)
     return agen
 
@@ -129,14 +130,14 @@ def delivering(fn: Callable[..., Any], gate: Smoother | None,
             if gate is not None:
                 d = gate.delay()
                 if d > 0:
-                    await asyncio.sleep(d)
+                    await gate.clock.sleep(d)
             return await fn(*conv(args))
         return coro
 
     def sync(*args: Any) -> Any:
         if gate is not None:
             d = gate.delay()
-            if d > 0 and gate.stop.wait(d):
+            if d > 0 and gate.clock.wait(d, gate.stop):
                 return None
         return fn(*conv(args))
     return sync

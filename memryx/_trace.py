@@ -25,7 +25,8 @@ each behind ``if tracer.on:``::
     if tracer.on:
         tracer.frame(stream, model, "device", t0, t1, frame_no)
 
-Times are ``time.monotonic()`` seconds (any one clock; the file starts at the
+Times are seconds of the device's clock (``time.monotonic()``, or a test's
+:class:`memryx.clock.VirtualClock`; the file starts at the
 earliest event).
 
 The public API built on it:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from numpy.typing import NDArray
 
 from ._compat import TelemetryModel
 from ._exceptions import ClosedError, DeviceError, UsageError
+from .clock import Clock, Timer, clock_of
 from .device.base import Device, Limits
 
 if TYPE_CHECKING:
@@ -230,8 +230,8 @@ class _ModelState:
     frames_out: int = 0
     last_release: float = 0.0
     last_done: float = 0.0
-    """When the inner device last completed a job of this model (loop time)."""
-    timer: asyncio.TimerHandle | None = None
+    """When the inner device last completed a job of this model (its clock's time)."""
+    timer: Timer | None = None
 
 
 class FaultyDevice:
@@ -269,6 +269,8 @@ class FaultyDevice:
         self._throttle = throttle[0] if throttle else None
         self._telemetry: TelemetryModel | None = None
         self._telemetry_at = 0.0
+        if self._throttle is not None:  # readable before open (one chip until the DFP says)
+            self._telemetry = self._hot_module(1)
 
     # -- the Device protocol ------------------------------------------------------------------
     async def open(self, dfp: Dfp, group_id: int) -> None:
@@ -278,12 +280,35 @@ class FaultyDevice:
             fps = float((info.perf or {}).get("fps") or 0.0)
             self._models.append(_ModelState(fps=fps))
         if self._throttle is not None:
-            self._telemetry = TelemetryModel(dfp.num_chips)
-            if self._throttle.start_c is not None:
-                self._telemetry.temperature_c = self._throttle.start_c
+            self._telemetry = self._hot_module(dfp.num_chips)
+
+    def _hot_module(self, chips: int) -> TelemetryModel:
+        """The modeled module of a Throttle scenario, at its start temperature (at open: at
+        the temperature read before, if it was)."""
+        assert self._throttle is not None
+        model = TelemetryModel(chips, self.clock)
+        if self._telemetry is not None:
+            model.temperature_c = self._telemetry.temperature_c
+        elif self._throttle.start_c is not None:
+            model.temperature_c = self._throttle.start_c
+        return model
 
     def limits(self, model_idx: int) -> Limits:
         return self.inner.limits(model_idx)
+
+    @property
+    def clock(self) -> Clock:
+        """The inner device's clock: stalls, jitter and throttling keep its time (virtual
+        when the inner device runs on a :class:`~memryx.clock.VirtualClock`)."""
+        return clock_of(self.inner)
+
+    def telemetry(self) -> TelemetryModel | None:
+        """The modeled temperature, pressure and power of a :class:`Throttle` scenario
+        (None without one); ``get_temperature()`` and friends read it."""
+        if self._telemetry is None:
+            return None
+        self._update_telemetry(force=True)
+        return self._telemetry
 
     def submit(self, model_idx: int, frames: list[Frame]) -> asyncio.Future[list[Frame]]:
         if self._closed:
@@ -299,7 +324,7 @@ class FaultyDevice:
         first = self._submitted + 1
         self._submitted += len(frames)
         last = self._submitted
-        now = self._loop.time()
+        now = self.clock.now()
         for i, f in enumerate(self.script.faults):
             if i in self._fired:
                 continue
@@ -391,7 +416,7 @@ class FaultyDevice:
             job.out.set_exception(exc)
             return
         assert self._loop is not None
-        now = self._loop.time()
+        now = self.clock.now()
         release = max(now, self._stall_until)
         if release > now:
             self._counts["stalled_frames"] += job.frames
@@ -420,7 +445,7 @@ class FaultyDevice:
         """Resolve the head jobs whose release time has come, in submission order."""
         assert self._loop is not None
         model.timer = None
-        now = self._loop.time()
+        now = self.clock.now()
         while model.jobs:
             job = model.jobs[0]
             if job.out.done():
@@ -429,7 +454,7 @@ class FaultyDevice:
             if not job.ready or job.hung:
                 return
             if job.release > now:
-                model.timer = self._loop.call_at(job.release, self._pump, model)
+                model.timer = self.clock.call_later(job.release - now, self._pump, model)
                 return
             model.jobs.popleft()
             assert job.outputs is not None
@@ -438,7 +463,7 @@ class FaultyDevice:
 
     def _update_telemetry(self, force: bool = False) -> None:
         assert self._telemetry is not None
-        now = time.monotonic()
+        now = self.clock.now()
         if force or now - self._telemetry_at >= 0.05:
             self._telemetry_at = now
             self._telemetry.update([m.frames_out for m in self._models],

@@ -17,6 +17,10 @@ that does not ask for one. See ``docs/testing-your-app.md``.
 * ``mx_camera``: a factory of synthetic cameras: ``mx_camera(fps=30, frames=90)``
   gives numbered, reproducible frames for ``mx_test_dfp``'s input at that rate.
 * ``mx_leak_check``: the leak checks alone, for tests that make their own accelerators.
+* ``mx_virtual_clock``: a :class:`memryx.clock.VirtualClock` for the test. A test that
+  asks for it gets ``mx_device`` in ``timed`` mode on that clock (the MX3's modeled
+  rate and latency, in virtual time), and ``mx_camera`` paces its frames by it: a
+  run of minutes of camera time takes seconds, with the same timestamps every run.
 
 The fixtures fail the test (at teardown) when the app leaked an accelerator
 (created during the test and left open), a thread, or frames (accepted by
@@ -49,6 +53,7 @@ import memryx as mx
 
 from . import _lifecycle
 from ._exceptions import UsageError
+from .clock import REAL_CLOCK, Clock, VirtualClock, clock_of
 from .device.base import Device
 from .faults import FaultNotReachedWarning
 
@@ -182,10 +187,28 @@ def mx_test_dfp() -> mx.Dfp:
 
 
 @pytest.fixture
-def mx_device() -> Device:
-    """The device ``mx_accl`` uses: the simulated MX3 in ``fast`` mode (override it)."""
+def mx_virtual_clock() -> VirtualClock:
+    """A virtual clock for this test: ``mx_device`` runs in ``timed`` mode on it and
+    ``mx_camera`` paces by it (see :mod:`memryx.clock`)."""
+    return VirtualClock()
+
+
+def _test_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
+    if "mx_virtual_clock" not in request.fixturenames:
+        return None
+    clock = request.getfixturevalue("mx_virtual_clock")
+    return clock if isinstance(clock, VirtualClock) else None
+
+
+@pytest.fixture
+def mx_device(request: pytest.FixtureRequest) -> Device:
+    """The device ``mx_accl`` uses: the simulated MX3 in ``fast`` mode, or in ``timed``
+    mode on ``mx_virtual_clock`` when the test uses that (override it)."""
     from .device.simulated import SimulatedDevice
 
+    clock = _test_clock(request)
+    if clock is not None:
+        return SimulatedDevice(mode="timed", clock=clock)
     return SimulatedDevice(mode="fast")
 
 
@@ -199,6 +222,14 @@ async def _mx_accl(request: pytest.FixtureRequest, mx_test_dfp: mx.Dfp,
                   mx_device: Device) -> AsyncIterator[mx.AsyncAccl]:
     """An AsyncAccl on ``mx_test_dfp`` and ``mx_device``, closed after the test."""
     _needs_async_test(request, "mx_accl")
+    clock = _test_clock(request)
+    if clock is not None and clock_of(mx_device) is not clock:
+        pytest.fail(
+            f"the test uses mx_virtual_clock but mx_device ({getattr(mx_device, 'name', '?')!r}, "
+            f"{type(mx_device).__name__}) does not keep its time: only the in-process "
+            "simulated device runs on a virtual clock (SimulatedDevice(clock=mx_virtual_clock),"
+            " or a FaultyDevice wrapping one); a device server or an fd device keeps real "
+            "time", pytrace=False)
     check = LeakCheck()
     accl = mx.AsyncAccl(mx_test_dfp, device=mx_device)
     try:
@@ -335,11 +366,13 @@ class SyntheticCamera:
     element. ``async for i, frame in camera`` yields ``frames`` of them, paced
     at ``fps`` on the loop's clock (``fps=0``: as fast as taken); iterating again
     starts again at frame 0. ``read()`` is the SDK-style input callback: the next
-    frame, or None after the last.
+    frame, or None after the last. ``clock``: a :class:`memryx.clock.VirtualClock` to
+    pace by (``mx_camera`` passes ``mx_virtual_clock`` when the test uses it); frame
+    ``i`` is then due at ``start + i / fps`` in virtual time.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any = np.float32, *, fps: float = 30.0,
-                 frames: int = 30, seed: int = 0) -> None:
+                 frames: int = 30, seed: int = 0, clock: Clock | None = None) -> None:
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or \
                 not (fps >= 0 and fps < float("inf")):
             raise ValueError(f"fps must be a finite number >= 0, got {fps!r}")
@@ -350,6 +383,7 @@ class SyntheticCamera:
         self.fps = float(fps)
         self.frames = frames
         self.seed = seed
+        self.clock = clock
         self._next = 0
 
     def frame(self, index: int) -> NDArray[Any]:
@@ -371,27 +405,30 @@ class SyntheticCamera:
         return self.frame(self._next - 1)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, NDArray[Any]]]:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        clock = self.clock or REAL_CLOCK
+        start = clock.now()
         for i in range(self.frames):
             if self.fps:
-                delay = start + i / self.fps - loop.time()
+                delay = start + i / self.fps - clock.now()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await clock.sleep(delay)
             yield i, self.frame(i)
 
 
 @pytest.fixture
-def mx_camera(mx_test_dfp: mx.Dfp) -> Callable[..., SyntheticCamera]:
+def mx_camera(request: pytest.FixtureRequest, mx_test_dfp: mx.Dfp
+              ) -> Callable[..., SyntheticCamera]:
     """A factory: ``mx_camera(fps=30, frames=30, seed=0, shape=None, dtype=None)``; the shape
-    and dtype default to ``mx_test_dfp``'s first input port."""
+    and dtype default to ``mx_test_dfp``'s first input port; paced by ``mx_virtual_clock``
+    when the test uses it."""
     port = mx_test_dfp.models[0].inputs[0]
+    clock = _test_clock(request)
 
     def make(fps: float = 30.0, frames: int = 30, *, seed: int = 0,
              shape: tuple[int, ...] | None = None, dtype: Any = None) -> SyntheticCamera:
         return SyntheticCamera(shape if shape is not None else tuple(port.shape),
                                dtype if dtype is not None else port.dtype,
-                               fps=fps, frames=frames, seed=seed)
+                               fps=fps, frames=frames, seed=seed, clock=clock)
 
     return make
 

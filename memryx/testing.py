@@ -529,6 +529,7 @@ def synthetic_frame(label: int, size: int = 64, seed: int = 0) -> npt.NDArray[np
     return frame
 
 # Fault injection for testing applications (see memryx.faults and docs/testing-your-app.md).
+from .clock import VirtualClock  # noqa: E402
 from .faults import (  # noqa: E402
     DeviceFault,
     FaultNotReachedWarning,
@@ -542,5 +543,6 @@ from .faults import (  # noqa: E402
     fault,
 )
 
+__all__ += ["VirtualClock"]
 __all__ += ["DeviceFault", "FaultNotReachedWarning", "FaultScriptError", "Faults",
             "FaultyDevice", "Hang", "Jitter", "Stall", "Throttle", "fault"]

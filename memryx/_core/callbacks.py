@@ -29,11 +29,11 @@ import contextlib
 import enum
 import functools
 import inspect
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CallbackSignatureError, UsageError
+from ..clock import clock_of
 from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
 from .lane import Lane, Meter, Out
 from .runner import run_sync
@@ -160,15 +160,15 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
 
     def traced(item: Any, t: float, done: float) -> Any:
         frame = prepare(item)
-        return frame, done, t, time.monotonic()
+        return frame, done, t, lane.now()
 
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
 
         def produce() -> Any:
-            t = time.monotonic()
+            t = lane.now()
             item = next(gen, END)
-            done = time.monotonic()
+            done = lane.now()
             meter.input_s += done - t
             if item is None or item is END:
                 return END
@@ -176,12 +176,12 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
     else:
 
         def produce() -> Any:
-            t = time.monotonic()
+            t = lane.now()
             try:
                 item = fn(*args)
             except StopIteration:
                 return END
-            done = time.monotonic()
+            done = lane.now()
             meter.input_s += done - t
             if item is None:
                 return END
@@ -242,7 +242,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
             used = 0
             try:
                 while used < got:
-                    t = time.monotonic()
+                    t = lane.now()
                     try:
                         item = await (anext(agen) if agen is not None else fn(*args))
                     except (StopAsyncIteration, StopIteration):
@@ -251,7 +251,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                         if _stop_iteration(exc):
                             return
                         raise
-                    done = time.monotonic()
+                    done = lane.now()
                     meter.input_s += done - t
                     if item is None:
                         return
@@ -260,7 +260,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                     if tracer.on:
                         k = meter.frames_in
                         tracer.frame(stream, lane.idx, "input callback", t, done, k)
-                        tracer.frame(stream, lane.idx, "pre-processing", done, time.monotonic(),
+                        tracer.frame(stream, lane.idx, "pre-processing", done, lane.now(),
                                      k)
                     lane.put((None, stream, done), frame, meter)
                     used += 1
@@ -292,12 +292,32 @@ class CallbackOutput:
         """Outputs handed to the callback (counted when it is called)."""
         self.role = f"the output callback of model {lane.idx}"
         self._consumer: ThreadConsumer[Out] | None = None
+        self._clock = clock_of(lane.device)
+        self._held = 0
+        """Virtual clock: outputs on the output thread, during which time stands still."""
 
     def start(self) -> None:
         if self.kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
+            consume: Callable[[list[Out]], Any] = self._call_batch
+            done: Callable[[Any], None] = self._batch_done
+            if self._clock.virtual:  # the thread's outputs count as work in progress
+                def consume(batch: list[Out]) -> Any:
+                    return self._call_batch(batch), len(batch)
+
+                def done(report: tuple[list[Any], int]) -> None:
+                    self._unhold(report[1])
+                    self._batch_done(report[0])
             self._consumer = ThreadConsumer(
-                f"memryx-output-{self.lane.idx}", self._call_batch, self._batch_done,
+                f"memryx-output-{self.lane.idx}", consume, done,
                 self.lane.budget.total, self.engine.stopping, OUTPUT_BATCH)
+
+    def _unhold(self, n: int) -> None:
+        if self._held <= 0:
+            return
+        self._held -= n
+        if self._held <= 0:
+            self._held = 0
+            self._clock.release()
 
     async def deliver(self, items: list[Out]) -> None:
         """On the loop: outputs of one device batch, in order."""
@@ -309,6 +329,11 @@ class CallbackOutput:
                 self._consumer.items.put_many_nowait(items)  # the budget bounds it
             except ChannelClosed:
                 self._drop(len(items))
+                return
+            if self._clock.virtual:
+                if not self._held:
+                    self._clock.hold()
+                self._held += len(items)
             return
         lane = self.lane
         model, meters = lane.meter, lane.streams
@@ -323,24 +348,24 @@ class CallbackOutput:
                     return
                 stream, outputs, t0, ready, k = item
                 self.handed += 1
-                started = time.monotonic()
+                started = lane.now()
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
-                        called = time.monotonic()
+                        called = lane.now()
                     await fn(*((stream, *res) if with_idx else res))
                     if k >= 0 and tracer.on:
-                        _trace_out(tracer, stream, lane.idx, k, started, called)
+                        _trace_out(tracer, stream, lane.idx, k, started, called, lane.now())
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise
-                    self._done_one(item, exc, started, time.monotonic())
+                    self._done_one(item, exc, started, lane.now())
                     continue
                 except BaseException as exc:
-                    self._done_one(item, exc, started, time.monotonic())
+                    self._done_one(item, exc, started, lane.now())
                     continue
-                spent = time.monotonic() - started
+                spent = lane.now() - started
                 meter = meters.get(stream) or lane.stream_meter(stream)
                 model.delivered(t0, ready)
                 meter.delivered(t0, ready)
@@ -359,27 +384,27 @@ class CallbackOutput:
         report: list[tuple[Out, BaseException | None, float, float]] = []
         stopping = self.engine.stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
-        tracer, model = self.lane.tracer, self.lane.idx
+        tracer, model, now = self.lane.tracer, self.lane.idx, self.lane.now
         for item in batch:
             if stopping.is_set() or self.failed:
                 break  # stopped: no callback after stop() returns
             stream, outputs, _, _, k = item
             self.handed += 1  # from here on the frame is the callback's
-            started = time.monotonic()
+            started = now()
             try:
                 res = finish(outputs)
                 if k >= 0:  # traced
-                    called = time.monotonic()
+                    called = now()
                 result = fn(*((stream, *res) if with_idx else res))
                 if result is not None:
                     _not_awaited(result, self.role)
                 if k >= 0 and tracer.on:
-                    _trace_out(tracer, stream, model, k, started, called)
+                    _trace_out(tracer, stream, model, k, started, called, now())
             except BaseException as exc:
                 self.failed = True
-                report.append((item, exc, started, time.monotonic()))
+                report.append((item, exc, started, now()))
                 break  # the callback raised: it is not called again
-            report.append((item, None, started, time.monotonic()))
+            report.append((item, None, started, now()))
         if len(report) < len(batch):
             report.append(((-1, [], 0.0, 0.0, -1), None, 0.0,
                            float(len(batch) - len(report))))
@@ -435,6 +460,7 @@ class CallbackOutput:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.items.abort()  # counted by the engine as in flight at the stop
+        self._unhold(self._held)
 
 
 def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ...]]) -> None:
@@ -448,8 +474,8 @@ def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ..
             tracer.frame(stream, model, "pre-processing", done, prepared, k)
 
 
-def _trace_out(tracer: Any, stream: int, model: int, k: int, started: float, called: float
-               ) -> None:
+def _trace_out(tracer: Any, stream: int, model: int, k: int, started: float, called: float,
+               ended: float) -> None:
     """Record a traced frame's last two stages: post-processing, then the output callback."""
     tracer.frame(stream, model, "post-processing", started, called, k)
-    tracer.frame(stream, model, "output callback", called, time.monotonic(), k)
+    tracer.frame(stream, model, "output callback", called, ended, k)

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ClosedError, NotConnectedError, UsageError
 from .._trace import Tracer
+from ..clock import clock_of
 from .aio import Budget, TaskSet
 from .callbacks import CallbackOutput, check_signature, feed
 from .lane import Frame, Lane
@@ -231,7 +231,7 @@ class Engine:
             self.lanes.append(lane)
             lane.start(self._tasks)
         self.started = True
-        self.started_at = time.monotonic()
+        self.started_at = clock_of(self.device).now()
 
     def notify(self) -> None:
         self._changed.wake()
@@ -481,13 +481,13 @@ class Engine:
                             (frame,) = await lane.aprepare_many([frames[k]])
                             self.check_open()
                             if pre:
-                                lane.trace_pre(pre, time.monotonic())
-                            lane.put((sink, k, time.monotonic()), frame)
+                                lane.trace_pre(pre, lane.now())
+                            lane.put((sink, k, lane.now()), frame)
                             done += 1
                     else:
                         prepared = lane.prepare_traced(frames[i:i + got]) if lane.tracer.on \
                             else [lane.prepare(d) for d in frames[i:i + got]]
-                        now = time.monotonic()
+                        now = lane.now()
                         lane.put_many([(sink, i + k, now) for k in range(got)], prepared)
                         done = got
                 except BaseException:
@@ -520,7 +520,7 @@ class Engine:
                     try:
                         pre = lane.trace_clock()
                         (frame,) = await lane.aprepare_many([data])
-                        prepared = time.monotonic() if pre else 0.0
+                        prepared = lane.now() if pre else 0.0
                         self.check_open()
                         await lane.budget.take(1)
                     except BaseException:
@@ -528,7 +528,7 @@ class Engine:
                         raise
                     if pre:
                         lane.trace_pre(pre, prepared)
-                    lane.put((sink, submitted, time.monotonic()), frame)
+                    lane.put((sink, submitted, lane.now()), frame)
                     submitted += 1
             except Exception as exc:
                 bad_input = exc  # raised after the outputs of the frames before it
@@ -571,7 +571,7 @@ class Engine:
         lane = self.request_lane(model_idx)
         pre = lane.trace_clock()
         (frame,) = await lane.aprepare_many([data])
-        prepared = time.monotonic() if pre else 0.0
+        prepared = lane.now() if pre else 0.0
         self.check_open()
         window = sink.bind(lane)
         lane.sinks.add(sink)  # from now on a close or a fault reaches this send
@@ -592,7 +592,7 @@ class Engine:
         lane.sinks.add(sink)
         if pre:
             lane.trace_pre(pre, prepared)
-        lane.put((sink, 0, time.monotonic()), frame)
+        lane.put((sink, 0, lane.now()), frame)
 
     async def receive(self, model_idx: int, sink: ChannelSink, *, nowait: bool = False
                       ) -> Frame:
@@ -612,7 +612,7 @@ class Engine:
     # -- statistics ---------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
         """Counters per model and per stream; see ``docs/api.md`` for every field."""
-        elapsed = time.monotonic() - self.started_at if self.started_at else 0.0
+        elapsed = clock_of(self.device).now() - self.started_at if self.started else 0.0
         models = []
         for lane in self.lanes:
             entry: dict[str, Any] = {"model_idx": lane.idx, "name": lane.model.name,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._trace import Tracer
+from ..clock import clock_of
 from .aio import Budget, TaskSet
 from .processing import PortSpec, Processor, as_array_list, conform
 from .runner import run_sync
@@ -129,6 +129,8 @@ class Lane:
         self.model = model
         self.idx = model.index
         self.device = device
+        #: What the lane's timestamps are read from: the device's clock (virtual in tests).
+        self.now = clock_of(device).now
         self.limits = limits
         self.budget = Budget(frame_budget(limits))
         self.specs = tuple(PortSpec(self.idx, p.port, p.layer, p.shape, p.dtype)
@@ -301,12 +303,12 @@ class Lane:
                 continue
             tags, fut = inflight[0]
             if not fut.done():
-                waiting = time.monotonic()
+                waiting = self.now()
                 await asyncio.wait((fut,))  # not `await fut`: our cancellation is not its
-                self.device_wait_s += time.monotonic() - waiting
+                self.device_wait_s += self.now() - waiting
             inflight.popleft()
             outputs = fut.result()  # a device fault raises: the task set reports it
-            ready = time.monotonic()
+            ready = self.now()
             traced = None
             if self._traced_flight and self._traced_flight[0][0] is fut:
                 traced = self._trace_device(ready)
@@ -346,7 +348,7 @@ class Lane:
                 else:
                     sink.deliver(key, result)
                 meter.delivered(t0, ready)
-            self.meter.output_s += time.monotonic() - ready
+            self.meter.output_s += self.now() - ready
             self.budget.give(len(requests))
         if callback:
             while self.callback_sink is None:  # input connected first: wait for the output
@@ -363,20 +365,20 @@ class Lane:
                     numbers: list[int] | None = None) -> list[Frame | BaseException]:
         results: list[Frame | BaseException] = []
         for n, (_, _, _, outs) in enumerate(requests):
-            started = time.monotonic() if numbers is not None else 0.0
+            started = self.now() if numbers is not None else 0.0
             try:
                 results.append(self.finish(outs))
             except Exception as exc:
                 results.append(exc)
             if numbers is not None and numbers[n] >= 0:
-                self.tracer.frame(0, self.idx, "post-processing", started, time.monotonic(),
+                self.tracer.frame(0, self.idx, "post-processing", started, self.now(),
                                   numbers[n])
         return results
 
     # -- tracing (only called when the tracer is on) ---------------------------------------------
     def trace_clock(self) -> float:
         """Now, if tracing is on, else 0.0 (a request frame's pre-processing starts)."""
-        return time.monotonic() if self.tracer.on else 0.0
+        return self.now() if self.tracer.on else 0.0
 
     def trace_pre(self, t0: float, t1: float) -> None:
         """A request frame about to be put was pre-processed from t0 to t1."""
@@ -389,14 +391,14 @@ class Lane:
         out: list[Frame] = []
         base = self.meter.frames_in
         for j, data in enumerate(items):
-            t0 = time.monotonic()
+            t0 = self.now()
             out.append(self.prepare(data))
-            self.tracer.frame(0, self.idx, "pre-processing", t0, time.monotonic(), base + j)
+            self.tracer.frame(0, self.idx, "pre-processing", t0, self.now(), base + j)
         return out
 
     def _trace_put(self, tags: Iterable[Tag], stream: Meter | None) -> None:
         """Frames queued: number them (per stream; request frames on stream 0, per model)."""
-        now = time.monotonic()
+        now = self.now()
         base = stream.frames_in if stream is not None else self.meter.frames_in
         traced = self._traced
         for i, (sink, key, _) in enumerate(tags):
@@ -409,7 +411,7 @@ class Lane:
         batch = traced[max(0, start - offset):max(0, end - offset)]
         if not batch:
             return
-        tracer, model, now = self.tracer, self.idx, time.monotonic()
+        tracer, model, now = self.tracer, self.idx, self.now()
         for stream, k, queued in batch:
             tracer.frame(stream, model, "queued", queued, now, k)
         resolved_at: list[float] = []
@@ -419,7 +421,7 @@ class Lane:
             # the collector may have taken the outputs first (its wake-up ran before this
             # callback): then its time is the end of both the device stage and busy interval
             if not resolved_at:
-                resolved_at.append(time.monotonic())
+                resolved_at.append(self.now())
             if tracer.on:
                 tracer.busy(model, now, resolved_at[0])
 

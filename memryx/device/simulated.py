@@ -57,7 +57,8 @@ from numpy.typing import NDArray
 
 from .._core.aio import TaskSet
 from .._core.runner import run_sync
-from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError
+from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError, UsageError
+from ..clock import REAL_CLOCK, Clock, Timer
 from ._compute import (
     DEFAULT_CACHE_SIZE,
     ReuseCache,
@@ -199,13 +200,17 @@ class SimulatedDevice:
         backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
             ``$MEMRYX_SIM_BACKEND``, else onnxruntime).
         cache_size: ``"reuse"`` mode: distinct frames whose outputs are kept (default 1024).
+        clock: what the timing model keeps time by: :data:`memryx.clock.REAL_CLOCK` by
+            default; a :class:`memryx.clock.VirtualClock` runs the device in virtual time
+            (frames are then computed on the loop thread; not in ``"sampled"`` mode,
+            whose outputs depend on how fast the host computes).
     """
 
     name = "sim"
 
     def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
                  queue_depth: int = 4, backend: str | None = None,
-                 cache_size: int | None = None) -> None:
+                 cache_size: int | None = None, clock: Clock | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
         check_int("queue_depth", queue_depth, allow_none=False)
@@ -214,6 +219,16 @@ class SimulatedDevice:
         check_int("cache_size", cache_size)
         if cache_size is not None and mode != "reuse":
             raise ValueError(f"cache_size is an option of mode 'reuse', not of mode {mode!r}")
+        if clock is None:
+            clock = REAL_CLOCK
+        if not isinstance(clock, Clock):
+            raise TypeError(f"clock must be a memryx.clock.Clock (REAL_CLOCK or a VirtualClock), "
+                            f"got {type(clock).__name__}")
+        if clock.virtual and mode == "sampled":
+            raise UsageError("mode 'sampled' cannot run on a VirtualClock: which frames it "
+                             "computes depends on how fast the host is; use mode 'timed', "
+                             "'reuse' or 'shapes'")
+        self.clock = clock
         self.groups = groups
         self.mode = mode
         self.paced = mode in PACED_MODES
@@ -227,7 +242,7 @@ class SimulatedDevice:
         self.queue_depth = queue_depth
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timers: set[Timer] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._fault: BaseException | None = None
@@ -241,11 +256,16 @@ class SimulatedDevice:
                 f"group_id {group_id} out of range: the simulated device has {self.groups} "
                 f"chip group(s) (valid: 0..{self.groups - 1})"
             )
+        self.clock.bind(asyncio.get_running_loop())
         runners: list[Runner | None] = [None] * len(dfp.models)
         if self.backend is not None:
             backend = self.backend
-            runners = list(await run_sync(
-                lambda: [load_runner(m, backend) for m in dfp.models]))
+            self.clock.hold()  # virtual time stands still while the models load
+            try:
+                runners = list(await run_sync(
+                    lambda: [load_runner(m, backend) for m in dfp.models]))
+            finally:
+                self.clock.release()
         self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet("sim", self._on_task_error)
         for info, run in zip(dfp.models, runners, strict=True):
@@ -300,7 +320,7 @@ class SimulatedDevice:
         if self._fault is not None:
             fut.set_exception(self._lost(model))
             return fut
-        now = time.monotonic()
+        now = self.clock.now()
         job = _Job(frames, fut, [model.admit(now) for _ in frames])
         model.frames_in += len(frames)
         if model.run is None:  # shapes modes
@@ -321,7 +341,7 @@ class SimulatedDevice:
             if hits is not None:
                 self._release(model, job, hits)
                 return fut
-        if model.frame_cost < INLINE_COST_S and not model.workers:
+        if (model.frame_cost < INLINE_COST_S and not model.workers) or self.clock.virtual:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
             self._computed(model, job, self._compute(model, job.frames))
         else:
@@ -413,21 +433,21 @@ class SimulatedDevice:
             return
         assert self._loop is not None
         release = job.times[-1][1]
-        now = time.monotonic()
+        now = self.clock.now()
         if release - now > 0:
-            when = self._loop.time() + (release - now) - model.oversleep
-            handle = self._loop.call_at(when, self._due, model, job, outputs, release)
+            handle = self.clock.call_later(release - now - model.oversleep, self._due, model,
+                                           job, outputs, release)
             self._timers.add(handle)
             job.future.add_done_callback(lambda _f: self._forget(handle))
             return
         self._resolve(model, job, outputs, release)
 
-    def _forget(self, handle: asyncio.TimerHandle) -> None:
+    def _forget(self, handle: Timer) -> None:
         handle.cancel()
         self._timers.discard(handle)
 
     def _due(self, model: _Model, job: _Job, outputs: Slots, release: float) -> None:
-        late = time.monotonic() - release  # the loop wakes timers a little late: aim earlier
+        late = self.clock.now() - release  # the loop wakes timers a little late: aim earlier
         model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
         self._resolve(model, job, outputs, None)
 
@@ -447,7 +467,7 @@ class SimulatedDevice:
                 model.parked.append((job, outputs, job.times[-1][1]))
                 return
             outputs = [sampler.outputs_for(seq) for seq in job.seqs]
-        now = time.monotonic()
+        now = self.clock.now()
         behind = now - release if release is not None else 0.0
         late = behind > LATE_TOLERANCE_S
         if late:
@@ -476,7 +496,7 @@ class SimulatedDevice:
 
     def _unpark(self, model: _Model) -> None:
         """Sampled mode: a frame was computed; answer the jobs that waited for one."""
-        now = time.monotonic()
+        now = self.clock.now()
         while model.parked:
             job, outputs, release = model.parked[0]
             assert model.sampler is not None

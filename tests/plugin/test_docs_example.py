@@ -27,15 +27,16 @@ def output_blocks() -> list[str]:
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
     files = page_files()
-    assert sorted(files) == ["app.py", "conftest.py", "pytest.ini", "test_app.py"]
+    assert sorted(files) == ["app.py", "conftest.py", "pytest.ini", "test_app.py",
+                             "test_long_run.py"]
     (pytester.path / "pytest.ini").write_text(files["pytest.ini"])
-    for name in ("app.py", "conftest.py", "test_app.py"):
+    for name in ("app.py", "conftest.py", "test_app.py", "test_long_run.py"):
         (pytester.path / name).write_text(files[name])
     return pytester
 
 
 def test_the_worked_example_passes(project: pytest.Pytester) -> None:
-    result = project.runpytest("-q", "-p", "no:cacheprovider")
+    result = project.runpytest("test_app.py", "-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=6)
     assert "6 passed" in output_blocks()[0]
 
@@ -44,7 +45,7 @@ def test_the_mishandled_fault_fails_as_the_page_shows(project: pytest.Pytester) 
     app = project.path / "app.py"
     assert "except mx.DeviceError" in app.read_text()
     app.write_text(app.read_text().replace("except mx.DeviceError", "except TimeoutError"))
-    result = project.runpytest("-q", "-ra", "-p", "no:cacheprovider")
+    result = project.runpytest("test_app.py", "-q", "-ra", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, failed=2)
     shown = output_blocks()[1]
     # every line the page shows is in the output, in order (but "..." elisions, the
@@ -61,3 +62,10 @@ def test_the_mishandled_fault_fails_as_the_page_shows(project: pytest.Pytester) 
         expected.append(text.replace("[", "[[]") + "*")
     result.stdout.fnmatch_lines(expected)
     assert "2 failed, 4 passed" in shown
+
+
+@pytest.mark.timeout(300)  # a hang guard: 12 minutes of camera time, twice
+def test_the_virtual_clock_example_passes(project: pytest.Pytester) -> None:
+    result = project.runpytest("test_long_run.py", "-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    assert "6 passed" in output_blocks()[2]

@@ -245,3 +245,55 @@ async def test_over_the_socket_and_a_server_that_stops_answering(mx_server, mx_t
 """)
     result = user_project.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+VIRTUAL_CLOCK_TESTS = """
+import numpy as np
+import pytest
+from app import Classifier
+from memryx.device.base import open_device
+from memryx.device.simulated import SimulatedDevice
+from memryx.testing import Faults, FaultyDevice, Stall
+
+@pytest.mark.asyncio
+async def test_a_minute_at_30_fps(mx_virtual_clock, mx_accl, mx_camera):
+    app = Classifier(mx_accl)
+    assert await app.run(mx_camera(fps=30, frames=1_800)) == 1_800
+    stats = mx_accl.statistics()
+    assert stats["elapsed_s"] == pytest.approx(60, abs=0.1)
+    assert stats["models"][0]["fps"] == pytest.approx(30.0)
+
+class TestStallInVirtualTime:
+    @pytest.fixture
+    def mx_device(self, mx_virtual_clock):
+        inner = SimulatedDevice(mode="timed", clock=mx_virtual_clock)
+        return FaultyDevice(inner, Faults(Stall(after_frame=100, ms=2_000)))
+
+    @pytest.mark.asyncio
+    async def test_a_two_second_stall(self, mx_virtual_clock, mx_accl, mx_camera):
+        app = Classifier(mx_accl)
+        assert await app.run(mx_camera(fps=30, frames=300)) == 300
+        stats = mx_accl.statistics()
+        assert stats["device"]["faults"]["stalled_frames"] == 1
+        assert stats["models"][0]["latency_ms"]["mean"] > 6.0  # one frame of 300 waited 2 s ...
+        assert mx_virtual_clock.now() == pytest.approx(299 / 30, abs=0.01)  # ... then caught up
+
+class TestOnAServer:
+    @pytest.fixture
+    def mx_device(self, mx_server):
+        return open_device(mx_server.address)
+
+    @pytest.mark.asyncio
+    async def test_cannot(self, mx_virtual_clock, mx_accl):
+        pass
+"""
+
+
+def test_virtual_clock_fixture(user_project: pytest.Pytester) -> None:
+    user_project.makepyfile(test_app=VIRTUAL_CLOCK_TESTS)
+    result = user_project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=2)
+    result.stdout.fnmatch_lines([
+        "*ERROR at setup of TestOnAServer.test_cannot*",
+        "the test uses mx_virtual_clock but mx_device ('fd'*) does not keep its time: only "
+        "the in-process simulated device runs on a virtual clock*"])
