@@ -18,8 +18,10 @@ Mapping (see ``docs/migrating.md``):
   (``memryx serve``): a Unix socket path (a directory means its ``memryx.sock``),
   or a host name with ``manager_port`` for TCP (``tcp://host:port``).
 * ``scheduler_options``: validated always; in simulation the ifmap queue size
-  sets the device's input buffer. A device server schedules with its own
-  options (``memryx serve --frame-limit ...``).
+  sets the device's input buffer. On a device server, when given, they travel
+  to the server, which schedules this client's turns by them (capped by its own
+  limits; what applies is in ``statistics()["device"]["scheduler"]``); when not
+  given, the server's own options apply (``memryx serve --frame-limit ...``).
 * ``client_options``: ``fps_target`` paces input callbacks, ``smoothing`` evens
   out output delivery (both in the facade, :mod:`memryx._compat`).
 """
@@ -30,7 +32,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,7 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
     for name, value in (("local_mode", local_mode), ("ignore_manager", ignore_manager)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    scheduler_given = scheduler_options is not None
     if scheduler_options is None:
         scheduler_options = SchedulerOptions()
     elif not isinstance(scheduler_options, SchedulerOptions):
@@ -273,6 +276,9 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
             options.setdefault("groups", group_id + 1)
         if scheduler_options != SchedulerOptions():
             options.setdefault("queue_depth", scheduler_options.ifmap_queue_size)
+    elif isinstance(spec, str) and scheduler_given:
+        # a device server: the options travel in the HELLO and the server applies them
+        options.setdefault("scheduler", asdict(scheduler_options))
     return Resolved(device=device, device_options=options, group_id=group_id, device_ids=ids,
                     stream_workers=stream_workers, use_model_shape=shape,
                     scheduler_options=scheduler_options, client_options=client_options,

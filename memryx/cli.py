@@ -274,7 +274,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     )
 
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
-                               ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
+                               ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue,
+                               max_time_limit_ms=args.max_time_limit_ms)
     uids = frozenset(int(u) for u in args.allow_uid.split(",") if u) if args.allow_uid else None
     limits = ServerLimits(
         max_connections=args.max_connections,
@@ -421,10 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames a model may send per turn on the chip")
     p.add_argument("--time-limit-ms", type=float, default=250.0,
                    help="how long a model's turn on the chip may last")
+    p.add_argument("--max-time-limit-ms", type=float, default=None,
+                   help="the longest turn a client may ask for (its SchedulerOptions); "
+                        "default: 1000 or --time-limit-ms, the larger")
     p.add_argument("--ifmap-queue", type=int, default=16,
-                   help="frames a client may have in flight per model")
+                   help="frames a client may have in flight per model (also the most a "
+                        "client may ask for)")
     p.add_argument("--ofmap-queue", type=int, default=21,
-                   help="outputs buffered per model for a slow client")
+                   help="frames of one model on the chip at once (also the most a client "
+                        "may ask for)")
     p.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                         "(needs memryx[metrics]; port 0 picks a free one)")

@@ -40,7 +40,7 @@ from . import _metrics
 from . import protocol as p
 from ._auth import PreambleReader, tokens_match
 from ._listen import peer_uid
-from ._scheduler import ChipScheduler
+from ._scheduler import ChipScheduler, ClientSchedule, client_schedule
 from .simulated import SimulatedDevice
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 #: Seconds a refused connection is given to read why before it is dropped.
 REFUSED_GRACE = 1.0
+#: Why a turn on the chip ended: its frame or time limit while another slot waited, no
+#: frame left, a client not reading its outputs, or a limit reached with nobody waiting.
+TURN_ENDS = ("frame_limit", "time_limit", "empty", "unread", "renewed")
 
 
 @dataclass
@@ -71,13 +74,50 @@ class Slot:
         field(default_factory=deque)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     has_work: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a frame was queued (for a turn that holds the chip waiting for one)."""
+    left_chip: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when an output left the chip (for a turn waiting for room on it)."""
     unanswered: int = 0
     frames_in: int = 0
     frames_out: int = 0
+    turns: int = 0
+    turn_frames_max: int = 0
+    turn_frames_total: int = 0
+    turn_ms_max: float = 0.0
+    turn_ends: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TURN_ENDS, 0))
+
+    def queued(self) -> bool:
+        """Whether frames of this slot wait for the chip."""
+        return self.frames[1].statistics().current_buffer_used > 0
+
+    def _end_turn(self, sent: int, why: str, started: float) -> None:
+        self.turn_ms_max = max(self.turn_ms_max, (time.monotonic() - started) * 1000)
+        self.turns += 1
+        self.turn_frames_max = max(self.turn_frames_max, sent)
+        self.turn_frames_total += sent
+        self.turn_ends[why] += 1
+
+    @staticmethod
+    async def _until(event: asyncio.Event, deadline: float) -> bool:
+        """Wait for ``event`` until ``deadline`` (monotonic); whether it is set."""
+        if event.is_set():
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), remaining)
+        return event.is_set()
 
     async def run(self, scheduler: ChipScheduler, device: SimulatedDevice) -> None:
-        """Wait for frames and a reading client, take a turn on the chip, drain."""
-        opts = scheduler.options
+        """Wait for frames and a reading client, take a turn on the chip, drain.
+
+        The turn follows the client's :class:`ClientSchedule`: at most
+        ``frame_limit`` frames or ``time_limit_ms``, at most ``ofmap_queue`` frames
+        on the chip at once; with ``stop_on_empty`` off, a turn that runs out of
+        frames while another slot waits keeps the chip until its time is up.
+        """
         recv = self.frames[1]
         session = self.session
         while True:
@@ -90,33 +130,67 @@ class Slot:
                 return  # its client is gone: no more turns
             await scheduler.acquire(self)
             try:
-                started = time.monotonic()
-                sent = 0
-                item: Item | None = first
-                while item is not None:
-                    seq, arrays, nbytes = item
-                    self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
-                    self.drained.clear()
-                    self.has_work.set()
-                    session.dequeued(nbytes)
-                    sent += 1
-                    if not session.can_write():
-                        break  # the client does not read: no more chip time until it does
-                    if sent >= opts.frame_limit or \
-                            (time.monotonic() - started) * 1000 >= opts.time_limit_ms:
-                        if scheduler.contended():
-                            break
-                        started, sent = time.monotonic(), 0  # nobody waits: a new turn
-                    try:
-                        item = recv.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        item = None
+                await self._turn(scheduler, device, first)
                 # Hand the chip over empty: another model waits, so let ours drain.
                 # Draining never waits for the client: outputs are written at once.
-                if scheduler.contended() and self.in_flight:
+                if scheduler.contended(self) and self.in_flight:
                     await self.drained.wait()
             finally:
                 scheduler.release(self)
+
+    async def _turn(self, scheduler: ChipScheduler, device: SimulatedDevice, first: Item
+                    ) -> None:
+        opts = self.session.schedule
+        recv = self.frames[1]
+        session = self.session
+        started = time.monotonic()
+        sent = 0
+        item: Item | None = first
+        while item is not None:
+            while len(self.in_flight) >= opts.ofmap_queue:
+                # the chip holds all it may of ours: the oldest leaves in a frame time
+                self.left_chip.clear()
+                await self.left_chip.wait()
+            seq, arrays, nbytes = item
+            self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
+            self.drained.clear()
+            self.has_work.set()
+            session.dequeued(nbytes)
+            sent += 1
+            if not session.can_write():
+                self._end_turn(sent, "unread", started)  # no more chip time until the client reads
+                return
+            now = time.monotonic()
+            over = "frame_limit" if sent >= opts.frame_limit else \
+                "time_limit" if (now - started) * 1000 >= opts.time_limit_ms else None
+            if over is not None:
+                if scheduler.contended(self):
+                    self._end_turn(sent, over, started)
+                    return
+                self._end_turn(sent, "renewed", started)  # nobody waits: a new turn
+                started, sent = now, 0
+            try:
+                item = recv.receive_nowait()
+            except anyio.EndOfStream:
+                item = None
+            except anyio.WouldBlock:
+                item = None
+                if not opts.stop_on_empty and scheduler.contended(self):
+                    # hold the chip for the rest of the turn, for this client's next frame
+                    self.arrived.clear()
+                    deadline = started + opts.time_limit_ms / 1000
+                    while item is None and await self._until(self.arrived, deadline):
+                        self.arrived.clear()
+                        try:
+                            item = recv.receive_nowait()
+                        except anyio.WouldBlock:
+                            continue
+                        except anyio.EndOfStream:
+                            break
+                    if item is None:
+                        self._end_turn(sent, "time_limit", started)
+                        return
+        self._end_turn(sent, "empty", started)
 
     async def collect(self, device: SimulatedDevice) -> None:
         """Outputs of this model back to the client, in order, without waiting for it."""
@@ -129,6 +203,7 @@ class Slot:
             (outputs,) = await fut
             self.in_flight.popleft()
             self.frames_out += 1
+            self.left_chip.set()
             _metrics.recorder().frame_out(self.model_idx, self.session)
             self.unanswered -= 1
             self.session.send(p.Output(self.model_idx, seq, outputs))
@@ -147,6 +222,8 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.device: SimulatedDevice | None = None
         self.slots: list[Slot] = []
+        #: This client's turns: the server's options until its HELLO asks for its own.
+        self.schedule: ClientSchedule = client_schedule(server.scheduler.options, None)
         self.tasks = TaskSet("session", self._on_error)
         self.peer = "?"
         self.born = self.last_rx = time.monotonic()
@@ -223,6 +300,8 @@ class Session(asyncio.Protocol):
             self._fail("protocol", str(exc))
             return
         for event in events:
+            if self._closing:
+                return  # failed on an earlier event of the same read
             try:
                 self._handle(event)
             except (p.ProtocolError, MemryxError, ValueError) as exc:
@@ -317,8 +396,17 @@ class Session(asyncio.Protocol):
     def _handle(self, event: Any) -> None:
         if isinstance(event, p.Hello):
             self.peer = f"{event.client} pid {event.pid} ({self.peer})"
+            try:
+                self.schedule = client_schedule(self.server.scheduler.options, event.scheduler)
+            except ValueError as exc:
+                self._fail("ValueError", f"the device server refused the scheduler options: "
+                                         f"{exc}")
+                return
+            if event.scheduler is not None:
+                log.info("client %s schedules %s", self.peer, self.schedule.wire())
             self._send(p.Welcome(f"memryx-server {__version__}", self.limits.max_message_bytes,
-                                 idle_timeout=self.limits.idle_timeout))
+                                 idle_timeout=self.limits.idle_timeout,
+                                 scheduler=self.schedule.wire()))
         elif isinstance(event, p.Open):
             self.opened = True
             self._pending_open = event
@@ -361,6 +449,7 @@ class Session(asyncio.Protocol):
         arrays = list(event.arrays)
         nbytes = sum(a.nbytes for a in arrays)
         slot.frames[0].send_nowait((event.seq, arrays, nbytes))  # room: unanswered < capacity
+        slot.arrived.set()
         slot.unanswered += 1
         slot.frames_in += 1
         _metrics.recorder().frame_in(event.model, self)
@@ -372,8 +461,7 @@ class Session(asyncio.Protocol):
         if self.device is not None:
             self._fail("state", "this connection has a DFP open already")
             return
-        device = SimulatedDevice(mode=self.server.mode,
-                                 queue_depth=self.server.scheduler.options.ofmap_queue)
+        device = SimulatedDevice(mode=self.server.mode, queue_depth=self.schedule.ofmap_queue)
         try:
             await device.open(dfp, group_id)
         except (MemryxError, ValueError, TypeError) as exc:
@@ -384,10 +472,11 @@ class Session(asyncio.Protocol):
             await device.aclose()
             return
         self.device = device
-        cap = self.server.scheduler.options.ifmap_queue
+        cap = self.schedule.ifmap_queue
         for m in dfp.models:
             slot = Slot(self, m.index, cap, open_channel(cap))
             self.slots.append(slot)
+            self.server.scheduler.register(slot)
             self.tasks.spawn(slot.run(self.server.scheduler, device), f"slot-{m.index}")
             self.tasks.spawn(slot.collect(device), f"collect-{m.index}")
         self._send(p.Opened(tuple(p.OpenedModel(cap) for _ in dfp.models)))
@@ -440,8 +529,12 @@ class Session(asyncio.Protocol):
     def statistics(self) -> dict[str, Any]:
         return {
             "models": [{"model_idx": s.model_idx, "frames_in": s.frames_in,
-                        "frames_out": s.frames_out, "in_flight": s.unanswered}
+                        "frames_out": s.frames_out, "in_flight": s.unanswered,
+                        "turns": s.turns, "turn_frames_max": s.turn_frames_max,
+                        "turn_frames_mean": s.turn_frames_total / s.turns if s.turns else 0.0,
+                        "turn_ms_max": s.turn_ms_max, "turn_ends": dict(s.turn_ends)}
                        for s in self.slots],
+            "schedule": self.schedule.wire(),
             "device": self.device.statistics() if self.device else None,
             "scheduler": self.server.scheduler_stats(),
         }
