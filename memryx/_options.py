@@ -9,8 +9,10 @@ options, a chip group and the facade's own settings.
 
 Mapping (see ``docs/migrating.md``):
 
-* ``device_ids``: one id; in simulation each id is a simulated device of its
-  own, on a device server the id is the chip group the server opens.
+* ``device_ids``: in simulation each id is a simulated device of its own, on a
+  device server the id is the chip group the server opens. Several ids: one
+  accelerator over several devices (:mod:`memryx.device.multi`), each batch to
+  the least busy one, outputs in order.
 * ``local_mode`` / ``ignore_manager``: the process owns its device: the
   in-process simulated MX3 (never a device server, whatever ``$MEMRYX_DEVICE``
   says).
@@ -55,6 +57,9 @@ def device_options() -> frozenset[str]:
             if param.kind is inspect.Parameter.KEYWORD_ONLY:
                 names.add(param.name)
     return frozenset(names)
+
+#: The most devices one accelerator may run on (``device_ids``).
+MAX_DEVICES = 64
 
 #: The SDK's manager address default (2.x); given explicitly, it selects the server.
 SDK_MANAGER_ADDR = "/run/mxa_manager/"
@@ -140,6 +145,14 @@ class Resolved:
     local: bool
     ignored: list[str] = field(default_factory=list)
 
+    def options_for(self, device_id: int) -> dict[str, Any]:
+        """The device options of one of several devices (a simulated one has chip groups
+        up to its id)."""
+        options = dict(self.device_options)
+        if "groups" in options:
+            options["groups"] = device_id + 1
+        return options
+
 
 def _device_ids(value: Any) -> list[int]:
     if isinstance(value, bool):
@@ -161,10 +174,8 @@ def _device_ids(value: Any) -> list[int]:
             raise ValueError(f"device ids must be >= 0, got {i}")
     if len(set(ids)) != len(ids):
         raise ValueError(f"device_ids repeats a device: {ids}")
-    if len(ids) > 1:
-        raise UsageError(
-            f"device_ids={ids}: one accelerator object runs on one device here; create one "
-            f"accelerator per device id (e.g. AsyncAccl(dfp, device_ids=[{ids[1]}]))")
+    if len(ids) > MAX_DEVICES:
+        raise ValueError(f"device_ids names {len(ids)} devices, at most {MAX_DEVICES}")
     return ids
 
 
@@ -270,6 +281,10 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
                               manager_port)
 
     spec = device if device is not None else os.environ.get("MEMRYX_DEVICE", "sim")
+    if len(ids) > 1 and not isinstance(spec, str):
+        raise UsageError(f"device_ids={ids} runs one device per id, made from a device spec "
+                         "('sim', 'unix:PATH', 'tcp://HOST:PORT'); a Device object is one "
+                         "device: give device= a spec string or a single device id")
     if isinstance(spec, str) and spec.partition(":")[0] in ("sim", "simulated"):
         if device_ids is not None and group_id >= 0:
             # in simulation each device id is a simulated device of its own

@@ -302,7 +302,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
     try:
         serve(args.socket, mode=args.mode, options=options, limits=limits, tcp=args.tcp,
-              token=token, insecure=args.insecure, tls=tls)
+              token=token, insecure=args.insecure, tls=tls, groups=args.groups)
     except ServerRunningError as exc:
         sys.stderr.write(f"memryx serve: error: {exc}\n")
         return 3
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="timed", choices=MODES,
                    help="how the shared device computes (default: timed; see memryx bench "
                         "--help)")
+    p.add_argument("--groups", type=int, default=1, metavar="N",
+                   help="chip groups (devices) clients may open: group_id / device_ids "
+                        "0..N-1, each a chip of its own (default: 1)")
     p.add_argument("--frame-limit", type=int, default=20,
                    help="frames a model may send per turn on the chip")
     p.add_argument("--time-limit-ms", type=float, default=250.0,

@@ -224,6 +224,8 @@ class Session(asyncio.Protocol):
         self.slots: list[Slot] = []
         #: This client's turns: the server's options until its HELLO asks for its own.
         self.schedule: ClientSchedule = client_schedule(server.scheduler.options, None)
+        #: The scheduler of the chip group this client opened.
+        self.chip: ChipScheduler = server.scheduler
         self.tasks = TaskSet("session", self._on_error)
         self.peer = "?"
         self.born = self.last_rx = time.monotonic()
@@ -319,7 +321,7 @@ class Session(asyncio.Protocol):
         self._closing = True
         self._can_write.set()
         for slot in self.slots:
-            self.server.scheduler.drop(slot)
+            self.chip.drop(slot)
         self.server.spawn(self._cleanup(), "cleanup")
         log.info("client %s disconnected (%d connected)", self.peer, len(self.server.sessions))
 
@@ -461,7 +463,8 @@ class Session(asyncio.Protocol):
         if self.device is not None:
             self._fail("state", "this connection has a DFP open already")
             return
-        device = SimulatedDevice(mode=self.server.mode, queue_depth=self.schedule.ofmap_queue)
+        device = SimulatedDevice(mode=self.server.mode, queue_depth=self.schedule.ofmap_queue,
+                                 groups=self.server.groups)
         try:
             await device.open(dfp, group_id)
         except (MemryxError, ValueError, TypeError) as exc:
@@ -472,12 +475,13 @@ class Session(asyncio.Protocol):
             await device.aclose()
             return
         self.device = device
+        self.chip = self.server.schedulers[group_id]  # in range: the device checked it
         cap = self.schedule.ifmap_queue
         for m in dfp.models:
             slot = Slot(self, m.index, cap, open_channel(cap))
             self.slots.append(slot)
-            self.server.scheduler.register(slot)
-            self.tasks.spawn(slot.run(self.server.scheduler, device), f"slot-{m.index}")
+            self.chip.register(slot)
+            self.tasks.spawn(slot.run(self.chip, device), f"slot-{m.index}")
             self.tasks.spawn(slot.collect(device), f"collect-{m.index}")
         self._send(p.Opened(tuple(p.OpenedModel(cap) for _ in dfp.models)))
         log.info("client %s opened %r", self.peer, dfp)
