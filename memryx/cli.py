@@ -202,12 +202,13 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
                            model_idx=args.model_idx, progress=bar, timeline=timeline,
                            trace=trace, trace_frames=args.trace_frames, rate=args.rate,
-                           **options)
+                           device=args.device, **options)
     if plot or html:
         from ._plot import bench_figure, write_html
 
         fig = bench_figure(timeline, title=f"{Path(args.dfp).name}: model {args.model_idx} "
-                           f"({result['model']}), {args.mode} mode, {args.streams} stream(s)")
+                           f"({result['model']}), {result['mode']} mode, {args.streams} "
+                           "stream(s)")
         if plot is not None:
             with _no_leftovers(plot):
                 fig.save_png(plot)
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", parents=[common],
-                       help="run a DFP on the simulated device and measure it",
+                       help="run a DFP on the simulated device (or a device server) and measure it",
                        description="Run a DFP on the simulated MX3 with random frames and "
                                    "report frames/s and latency per stream.")
     p.add_argument("dfp", metavar="FILE.dfp", help="the DFP file to run")
@@ -368,8 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames to run, over all streams (default: 1000)")
     p.add_argument("--streams", type=_at_least(1), default=1, metavar="N",
                    help="input streams sharing the model (default: 1)")
-    p.add_argument("--mode", default="timed", choices=MODES,
-                   help="paced like the MX3: timed (every frame computed, default), reuse "
+    p.add_argument("--device", metavar="SPEC",
+                   help="where to run: a device server (unix:PATH, tcp://HOST:PORT) or "
+                        "sim (default: $MEMRYX_DEVICE, else the simulated MX3); a server "
+                        "computes in its own mode (memryx serve --mode)")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="simulated device only; paced like the MX3: timed (every frame "
+                        "computed, default), reuse "
                         "(each distinct frame computed once), sampled (frames the host "
                         "cannot compute get recent real outputs), shapes (zeros); unpaced: "
                         "fast (every frame, as fast as this host computes), shapes-unpaced")
