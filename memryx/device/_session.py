@@ -88,8 +88,10 @@ class Slot:
     turn_ends: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TURN_ENDS, 0))
 
     def queued(self) -> bool:
-        """Whether frames of this slot wait for the chip."""
-        return self.frames[1].statistics().current_buffer_used > 0
+        """Whether frames of this slot wait for the chip, for a client that reads its
+        outputs (one that does not gets no turn until it does: it contends for nothing)."""
+        return self.frames[1].statistics().current_buffer_used > 0 and \
+            self.session.can_write() and not self.session.closing
 
     def _end_turn(self, sent: int, why: str, started: float) -> None:
         self.turn_ms_max = max(self.turn_ms_max, (time.monotonic() - started) * 1000)

@@ -148,3 +148,21 @@ def test_over_a_device_server_one_connection_per_id(tmp_path, mlp_dfp):
             mx.SyncAccl(mlp_dfp, device_ids=[0, 2], device=srv.address)
     finally:
         srv.stop()
+
+
+def test_server_killed_under_two_device_ids(tmp_path, identity_dfp):
+    srv = ServerProcess(tmp_path, "--groups", "2")
+    try:
+        seen = threading.Event()
+        accl = mx.AsyncAccl(identity_dfp, device_ids=[0, 1], device=srv.address, timeout=10)
+        accl.connect_input(lambda: np.zeros((1, 4), np.float32))
+        accl.connect_output(lambda y: seen.set())
+        assert seen.wait(20)
+        srv.kill()
+        t0 = time.monotonic()
+        with pytest.raises(mx.DeviceError):
+            accl.wait()
+        accl.shutdown()
+        assert time.monotonic() - t0 < 20
+    finally:
+        srv.stop()

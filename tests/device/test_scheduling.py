@@ -307,3 +307,28 @@ def test_protocol_hello_and_welcome_carry_the_options_both_ways():
     # without them, as before (an old peer): None
     c2, s2 = p.Connection(p.Role.CLIENT), p.Connection(p.Role.SERVER)
     assert s2.receive_data(c2.send_bytes(p.Hello("c", 1)))[0].scheduler is None
+
+
+def test_bad_options_then_open_in_the_same_write_get_one_error(server, mlp_dfp):
+    """A hostile client pipelines OPEN behind a HELLO with bad options: one fatal error
+    and nothing after it (no DFP requested, no device opened)."""
+    data = mlp_dfp.to_bytes()
+    conn = p.Connection(p.Role.CLIENT)
+    conn.send(p.Hello("pipelined", os.getpid()))
+    raw = _raw_hello({"protocol": 1, "client": "pipelined", "pid": 1,
+                      "scheduler": {"frame_limit": -1}})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.path))
+    try:
+        sock.sendall(raw + p.HEADER.pack(p.MAGIC, 1, p.Kind.OPEN, 0, 0, 36)
+                     + p.dfp_digest(data) + bytes(4))
+        rest = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(65536):
+                rest += chunk
+    finally:
+        sock.close()
+    events = conn.receive_data(rest) if rest else []
+    # one fatal error (the pipelined OPEN breaks the protocol before the HELLO is answered)
+    assert len(events) == 1 and isinstance(events[0], p.Error) and events[0].fatal, events
