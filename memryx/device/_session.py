@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections import deque
@@ -86,6 +87,11 @@ class Slot:
     turn_frames_total: int = 0
     turn_ms_max: float = 0.0
     turn_ends: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TURN_ENDS, 0))
+    modeled: tuple[float, float] | None = None
+    """(frame interval, latency) in seconds of the modeled chip, in a paced mode."""
+    last_entry: float = -math.inf
+    chip_free_at: float = 0.0
+    """When the modeled chip has let out the last frame of ours (paced modes)."""
 
     def queued(self) -> bool:
         """Whether frames of this slot wait for the chip, for a client that reads its
@@ -136,9 +142,26 @@ class Slot:
                 # Hand the chip over empty: another model waits, so let ours drain.
                 # Draining never waits for the client: outputs are written at once.
                 if scheduler.contended(self) and self.in_flight:
-                    await self.drained.wait()
+                    await self._drain()
             finally:
                 scheduler.release(self)
+
+    async def _drain(self) -> None:
+        """Until our frames left the chip: in a paced mode, when the modeled chip let the
+        last one out (a host slower than the chip does not hold the chip longer: the
+        outputs follow when computed), else when their outputs are back."""
+        if self.modeled is None:
+            await self.drained.wait()
+        else:
+            await self._until(self.drained, self.chip_free_at)
+
+    def _entered(self) -> None:
+        """A frame entered the modeled chip now."""
+        if self.modeled is not None:
+            interval, latency = self.modeled
+            entry = max(time.monotonic(), self.last_entry + interval)
+            self.last_entry = entry
+            self.chip_free_at = max(self.chip_free_at, entry + latency)
 
     async def _turn(self, scheduler: ChipScheduler, device: SimulatedDevice, first: Item
                     ) -> None:
@@ -155,6 +178,7 @@ class Slot:
                 await self.left_chip.wait()
             seq, arrays, nbytes = item
             self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
+            self._entered()
             self.drained.clear()
             self.has_work.set()
             session.dequeued(nbytes)
@@ -479,8 +503,13 @@ class Session(asyncio.Protocol):
         self.device = device
         self.chip = self.server.schedulers[group_id]  # in range: the device checked it
         cap = self.schedule.ifmap_queue
+        stats = device.statistics()
         for m in dfp.models:
             slot = Slot(self, m.index, cap, open_channel(cap))
+            fig = stats["models"][m.index] if stats.get("paced") else {}
+            fps, latency = fig.get("modeled_fps"), fig.get("modeled_latency_ms")
+            if fps and latency is not None:
+                slot.modeled = (1.0 / fps, latency / 1000.0)
             self.slots.append(slot)
             self.chip.register(slot)
             self.tasks.spawn(slot.run(self.chip, device), f"slot-{m.index}")
