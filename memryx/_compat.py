@@ -131,13 +131,13 @@ class TelemetryModel:
         with self._lock:
             now = time.monotonic()
             dt = now - self._t
-            if dt > 0:  # the interval ran at the power of the last reading (idle at first)
-                self._energy += self.power_w * dt
-            if self._frames is not None and dt > 0:
+            if dt > 0:  # the frames since the last reading (since the start, at first)
+                before = self._frames if self._frames is not None else [0] * len(frames_out)
                 u = sum((n - p) / dt / f for n, p, f in
-                        zip(frames_out, self._frames, modeled_fps, strict=True) if f > 0)
+                        zip(frames_out, before, modeled_fps, strict=True) if f > 0)
                 self.utilisation = min(1.0, max(0.0, u))
                 self.power_w = self.chips * (self.IDLE_W + self.utilisation * self.ACTIVE_W)
+                self._energy += self.power_w * dt  # the interval ran at that power
                 steady = self.AMBIENT_C + self.THERMAL_C_PER_W * self.power_w
                 self.temperature_c = steady + (self.temperature_c - steady) * \
                     float(np.exp(-dt / self.TAU_S))
