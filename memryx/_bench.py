@@ -3,6 +3,7 @@ through the public API only (the callbacks' own clock readings and ``statistics(
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._exceptions import UsageError
 from ._progress import Progress
 from .dfp import Dfp, PortInfo
 
@@ -68,13 +70,27 @@ def _written_since(path: Path, since: float) -> bool:
         return False
 
 
-def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int = 0,
-              progress: Progress | None = None, timeline: Timeline | None = None,
-              trace: Path | None = None, trace_frames: int = 10_000,
-              rate: float | None = None, **device_options: Any) -> dict[str, Any]:
+def _server_spec(device: str | None) -> str | None:
+    """The device server ``device`` (else ``$MEMRYX_DEVICE``) names, or None: simulated."""
+    from .device.base import DEVICE_ENV
+
+    spec = device if device is not None else os.environ.get(DEVICE_ENV, "sim")
+    return None if spec.partition(":")[0] in ("sim", "simulated") else spec
+
+
+def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str | None = None,
+              model_idx: int = 0, progress: Progress | None = None,
+              timeline: Timeline | None = None, trace: Path | None = None,
+              trace_frames: int = 10_000, rate: float | None = None,
+              device: str | None = None, **device_options: Any) -> dict[str, Any]:
     """Run ``frames`` frames spread over ``streams`` streams; return the figures.
 
     ``rate``: frames/s each stream offers, like a camera (None: as fast as taken).
+    ``device``: a device spec (default ``$MEMRYX_DEVICE``, else the simulated MX3);
+    ``mode`` (default ``"timed"``) and ``device_options`` configure the simulated
+    device. A device server computes in its own mode (``memryx serve --mode``), so
+    with one ``mode`` and the simulator's options are refused, and the result's
+    ``mode`` is ``"server"``.
 
     ``timeline`` (a :class:`Timeline`) is filled from the callbacks' own clock
     readings when given; ``trace``: the engine's own trace of the last
@@ -82,6 +98,18 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
     """
     from .accl import MultiStreamAsyncAccl
 
+    server = _server_spec(device)
+    if server is not None:
+        given = ([f"mode={mode!r}"] if mode is not None else []) + sorted(device_options)
+        if given:
+            raise UsageError(f"{', '.join(given)}: these set up the simulated device, but the "
+                             f"benchmark runs on the device server {server}, which computes "
+                             "in its own mode (memryx serve --mode); leave them out")
+        accl_options: dict[str, Any] = {"device": server}
+    else:
+        accl_options = {"mode": mode or "timed", **device_options}
+        if device is not None:
+            accl_options["device"] = device
     model = dfp.model(model_idx)
     rng = np.random.default_rng(0)
     pool = [_random_frame(model.inputs, rng) for _ in range(8)]
@@ -114,7 +142,7 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
         if progress is not None:
             progress.update(count)
 
-    accl = MultiStreamAsyncAccl(dfp, mode=mode, **device_options)
+    accl = MultiStreamAsyncAccl(dfp, **accl_options)
     cpu = time.process_time()
     tl.start = time.monotonic()
     try:
@@ -134,7 +162,9 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str, model_idx: int 
     cpu = time.process_time() - cpu
     stats = accl.statistics()
     m = stats["models"][model_idx]
-    dev = stats["device"]["models"][model_idx]
+    models = stats["device"].get("models")  # a device server's are its own
+    dev = models[model_idx] if models else {}
+    mode = "server" if server is not None else accl_options["mode"]
     per_stream = {int(s): v["fps"] for s, v in m["streams"].items()}
     result: dict[str, Any] = {
         "model": model.name, "model_idx": model_idx, "mode": mode, "frames": m["frames_out"],
@@ -176,12 +206,18 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
     ``rate`` asked for less), ``"host-processing"`` (the device kept chip timing but the
     host side did not take the outputs that fast), ``"host-simulation"`` (this host
     cannot compute the model at the chip's rate in this mode: ``suggested_mode`` keeps
-    it) or ``"unpaced"`` (a mode without chip timing: the frames/s is this host's).
+    it), ``"unpaced"`` (a mode without chip timing: the frames/s is this host's) or
+    ``"server"`` (a device server: its own mode paces the chip).
     Judged on ``steady_fps``, the rate of the second half of the run.
     """
     from .device.simulated import KEEPS_TIMING
 
     fps, modeled, mode = r.get("steady_fps") or r["fps"], r.get("modeled_fps"), r["mode"]
+    if mode == "server":
+        return {"bound": "server", "suggested_mode": None,
+                "text": f"device server: {fps:,.1f} fps through the socket; the server's own "
+                        "mode paces the chip (memryx serve --mode), and the figures include "
+                        "the round trip to it"}
     if not r.get("paced") or not modeled:
         return {"bound": "unpaced", "suggested_mode": None,
                 "text": f"unpaced: {mode} mode has no chip timing, so {fps:,.1f} fps is what "

@@ -131,12 +131,13 @@ class TelemetryModel:
         with self._lock:
             now = self.clock.now()
             dt = now - self._t
-            if self._frames is not None and dt > 0:
+            if dt > 0:  # the frames since the last reading (since the start, at first)
+                before = self._frames if self._frames is not None else [0] * len(frames_out)
                 u = sum((n - p) / dt / f for n, p, f in
-                        zip(frames_out, self._frames, modeled_fps, strict=True) if f > 0)
+                        zip(frames_out, before, modeled_fps, strict=True) if f > 0)
                 self.utilisation = min(1.0, max(0.0, u))
-                self._energy += self.power_w * dt
                 self.power_w = self.chips * (self.IDLE_W + self.utilisation * self.ACTIVE_W)
+                self._energy += self.power_w * dt  # the interval ran at that power
                 steady = self.AMBIENT_C + self.THERMAL_C_PER_W * self.power_w
                 self.temperature_c = steady + (self.temperature_c - steady) * \
                     float(np.exp(-dt / self.TAU_S))
@@ -162,14 +163,14 @@ class CompatMixin:
     _dfp: Dfp
     _compat: Resolved
     _compat_stop: threading.Event
-    _telemetry: TelemetryModel
+    _telemetry: dict[int, TelemetryModel]
     _post_set: set[int]
     _pre_set: set[int]
 
     def _compat_init(self, resolved: Resolved) -> None:
         self._compat = resolved
         self._compat_stop = threading.Event()
-        self._telemetry = TelemetryModel(self._dfp.num_chips)
+        self._telemetry = {i: TelemetryModel(self._dfp.num_chips) for i in resolved.device_ids}
         self._post_set = set()
         self._pre_set = set()
 
@@ -250,12 +251,19 @@ class CompatMixin:
             self._telemetry = TelemetryModel(self._dfp.num_chips, clock)
         stats = self.statistics()  # type: ignore[attr-defined]
         frames = [int(m.get("frames_out", 0)) for m in stats["models"]]
+        per_device = (stats.get("device") or {}).get("devices")
+        if per_device is not None:  # several devices: this one's share of the frames
+            mine = per_device.get(device_id, {})
+            frames = [int(n) - int(q) for n, q in zip(
+                mine.get("frames_submitted", []), mine.get("frames_in_flight", []),
+                strict=True)]
         fps = []
         for m in self._dfp.models:
             fps.append(float((m.perf or {}).get("fps") or 0.0))
+        telemetry = self._telemetry[device_id]
         if len(frames) == len(fps):
-            self._telemetry.update(frames, fps)
-        return self._telemetry
+            telemetry.update(frames, fps)
+        return telemetry
 
     def get_temperature(self, device_id: int = 0) -> float:
         """Modeled die temperature (°C) of device ``device_id`` — a model, not a sensor

@@ -9,8 +9,10 @@ options, a chip group and the facade's own settings.
 
 Mapping (see ``docs/migrating.md``):
 
-* ``device_ids``: one id; in simulation each id is a simulated device of its
-  own, on a device server the id is the chip group the server opens.
+* ``device_ids``: in simulation each id is a simulated device of its own, on a
+  device server the id is the chip group the server opens. Several ids: one
+  accelerator over several devices (:mod:`memryx.device.multi`), each batch to
+  the least busy one, outputs in order.
 * ``local_mode`` / ``ignore_manager``: the process owns its device: the
   in-process simulated MX3 (never a device server, whatever ``$MEMRYX_DEVICE``
   says).
@@ -18,8 +20,10 @@ Mapping (see ``docs/migrating.md``):
   (``memryx serve``): a Unix socket path (a directory means its ``memryx.sock``),
   or a host name with ``manager_port`` for TCP (``tcp://host:port``).
 * ``scheduler_options``: validated always; in simulation the ifmap queue size
-  sets the device's input buffer. A device server schedules with its own
-  options (``memryx serve --frame-limit ...``).
+  sets the device's input buffer. On a device server, when given, they travel
+  to the server, which schedules this client's turns by them (capped by its own
+  limits; what applies is in ``statistics()["device"]["scheduler"]``); when not
+  given, the server's own options apply (``memryx serve --frame-limit ...``).
 * ``client_options``: ``fps_target`` paces input callbacks, ``smoothing`` evens
   out output delivery (both in the facade, :mod:`memryx._compat`).
 """
@@ -30,7 +34,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,9 @@ def device_options() -> frozenset[str]:
             if param.kind is inspect.Parameter.KEYWORD_ONLY:
                 names.add(param.name)
     return frozenset(names)
+
+#: The most devices one accelerator may run on (``device_ids``).
+MAX_DEVICES = 64
 
 #: The SDK's manager address default (2.x); given explicitly, it selects the server.
 SDK_MANAGER_ADDR = "/run/mxa_manager/"
@@ -138,6 +145,14 @@ class Resolved:
     local: bool
     ignored: list[str] = field(default_factory=list)
 
+    def options_for(self, device_id: int) -> dict[str, Any]:
+        """The device options of one of several devices (a simulated one has chip groups
+        up to its id)."""
+        options = dict(self.device_options)
+        if "groups" in options:
+            options["groups"] = device_id + 1
+        return options
+
 
 def _device_ids(value: Any) -> list[int]:
     if isinstance(value, bool):
@@ -159,10 +174,8 @@ def _device_ids(value: Any) -> list[int]:
             raise ValueError(f"device ids must be >= 0, got {i}")
     if len(set(ids)) != len(ids):
         raise ValueError(f"device_ids repeats a device: {ids}")
-    if len(ids) > 1:
-        raise UsageError(
-            f"device_ids={ids}: one accelerator object runs on one device here; create one "
-            f"accelerator per device id (e.g. AsyncAccl(dfp, device_ids=[{ids[1]}]))")
+    if len(ids) > MAX_DEVICES:
+        raise ValueError(f"device_ids names {len(ids)} devices, at most {MAX_DEVICES}")
     return ids
 
 
@@ -203,6 +216,7 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
     for name, value in (("local_mode", local_mode), ("ignore_manager", ignore_manager)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    scheduler_given = scheduler_options is not None
     if scheduler_options is None:
         scheduler_options = SchedulerOptions()
     elif not isinstance(scheduler_options, SchedulerOptions):
@@ -267,12 +281,19 @@ def resolve(cls_name: str, *, device_ids: Any, use_model_shape: Any, local_mode:
                               manager_port)
 
     spec = device if device is not None else os.environ.get("MEMRYX_DEVICE", "sim")
+    if len(ids) > 1 and not isinstance(spec, str):
+        raise UsageError(f"device_ids={ids} runs one device per id, made from a device spec "
+                         "('sim', 'unix:PATH', 'tcp://HOST:PORT'); a Device object is one "
+                         "device: give device= a spec string or a single device id")
     if isinstance(spec, str) and spec.partition(":")[0] in ("sim", "simulated"):
         if device_ids is not None and group_id >= 0:
             # in simulation each device id is a simulated device of its own
             options.setdefault("groups", group_id + 1)
         if scheduler_options != SchedulerOptions():
             options.setdefault("queue_depth", scheduler_options.ifmap_queue_size)
+    elif isinstance(spec, str) and scheduler_given:
+        # a device server: the options travel in the HELLO and the server applies them
+        options.setdefault("scheduler", asdict(scheduler_options))
     return Resolved(device=device, device_options=options, group_id=group_id, device_ids=ids,
                     stream_workers=stream_workers, use_model_shape=shape,
                     scheduler_options=scheduler_options, client_options=client_options,

@@ -77,6 +77,7 @@ from ._options import ClientOptions, SchedulerOptions, resolve
 from ._pacing import stream_router
 from ._trace import DEFAULT_FRAMES, Tracer
 from .device.base import Device, open_device
+from .device.multi import MultiDevice
 from .dfp import Dfp
 
 __all__ = ["AsyncAccl", "MultiStreamAsyncAccl", "SyncAccl"]
@@ -133,8 +134,7 @@ class _Accelerator(CompatMixin):
         self._compat_init(resolved)
         self._post_outputs: dict[int, int | None] = {}
         self._stream_groups: dict[int, list[tuple[int, int, Callable[..., Any]]]] = {}
-        self._engine_args = (resolved.group_id, resolved.device, resolved.stream_workers,
-                             resolved.device_options)
+        self._resolved = resolved
         self._tracer = Tracer.from_env()  # MEMRYX_TRACE=path: on from the start
         if self._tracer.path is not None:
             _check_trace_path(self._tracer.path, f"MEMRYX_TRACE={os.environ.get('MEMRYX_TRACE')}"
@@ -153,9 +153,14 @@ class _Accelerator(CompatMixin):
 
     # -- lifecycle ------------------------------------------------------------------------
     def _make_engine(self) -> Engine:
-        group_id, device, stream_workers, options = self._engine_args
-        engine = Engine(self._dfp, open_device(device, **options), group_id,
-                        stream_workers=stream_workers)
+        r = self._resolved
+        device: Device
+        if len(r.device_ids) > 1:  # one accelerator over several devices
+            device = MultiDevice([open_device(r.device, **r.options_for(i))
+                                  for i in r.device_ids], r.device_ids)
+        else:
+            device = open_device(r.device, **r.device_options)
+        engine = Engine(self._dfp, device, r.group_id, stream_workers=r.stream_workers)
         engine.tracer = self._tracer
         return engine
 

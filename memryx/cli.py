@@ -202,12 +202,13 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         result = run_bench(dfp, frames=args.frames, streams=args.streams, mode=args.mode,
                            model_idx=args.model_idx, progress=bar, timeline=timeline,
                            trace=trace, trace_frames=args.trace_frames, rate=args.rate,
-                           **options)
+                           device=args.device, **options)
     if plot or html:
         from ._plot import bench_figure, write_html
 
         fig = bench_figure(timeline, title=f"{Path(args.dfp).name}: model {args.model_idx} "
-                           f"({result['model']}), {args.mode} mode, {args.streams} stream(s)")
+                           f"({result['model']}), {result['mode']} mode, {args.streams} "
+                           "stream(s)")
         if plot is not None:
             with _no_leftovers(plot):
                 fig.save_png(plot)
@@ -274,7 +275,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     )
 
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
-                               ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue)
+                               ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue,
+                               max_time_limit_ms=args.max_time_limit_ms)
     uids = frozenset(int(u) for u in args.allow_uid.split(",") if u) if args.allow_uid else None
     limits = ServerLimits(
         max_connections=args.max_connections,
@@ -301,7 +303,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
     try:
         serve(args.socket, mode=args.mode, options=options, limits=limits, tcp=args.tcp,
-              token=token, insecure=args.insecure, tls=tls)
+              token=token, insecure=args.insecure, tls=tls, groups=args.groups)
     except ServerRunningError as exc:
         sys.stderr.write(f"memryx serve: error: {exc}\n")
         return 3
@@ -359,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", parents=[common],
-                       help="run a DFP on the simulated device and measure it",
+                       help="run a DFP on the simulated device (or a device server) and measure it",
                        description="Run a DFP on the simulated MX3 with random frames and "
                                    "report frames/s and latency per stream.")
     p.add_argument("dfp", metavar="FILE.dfp", help="the DFP file to run")
@@ -367,8 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames to run, over all streams (default: 1000)")
     p.add_argument("--streams", type=_at_least(1), default=1, metavar="N",
                    help="input streams sharing the model (default: 1)")
-    p.add_argument("--mode", default="timed", choices=MODES,
-                   help="paced like the MX3: timed (every frame computed, default), reuse "
+    p.add_argument("--device", metavar="SPEC",
+                   help="where to run: a device server (unix:PATH, tcp://HOST:PORT) or "
+                        "sim (default: $MEMRYX_DEVICE, else the simulated MX3); a server "
+                        "computes in its own mode (memryx serve --mode)")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="simulated device only; paced like the MX3: timed (every frame "
+                        "computed, default), reuse "
                         "(each distinct frame computed once), sampled (frames the host "
                         "cannot compute get recent real outputs), shapes (zeros); unpaced: "
                         "fast (every frame, as fast as this host computes), shapes-unpaced")
@@ -417,14 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="timed", choices=MODES,
                    help="how the shared device computes (default: timed; see memryx bench "
                         "--help)")
+    p.add_argument("--groups", type=int, default=1, metavar="N",
+                   help="chip groups (devices) clients may open: group_id / device_ids "
+                        "0..N-1, each a chip of its own (default: 1)")
     p.add_argument("--frame-limit", type=int, default=20,
                    help="frames a model may send per turn on the chip")
     p.add_argument("--time-limit-ms", type=float, default=250.0,
                    help="how long a model's turn on the chip may last")
+    p.add_argument("--max-time-limit-ms", type=float, default=None,
+                   help="the longest turn a client may ask for (its SchedulerOptions); "
+                        "default: 1000 or --time-limit-ms, the larger")
     p.add_argument("--ifmap-queue", type=int, default=16,
-                   help="frames a client may have in flight per model")
+                   help="frames a client may have in flight per model (also the most a "
+                        "client may ask for)")
     p.add_argument("--ofmap-queue", type=int, default=21,
-                   help="outputs buffered per model for a slow client")
+                   help="frames of one model on the chip at once (also the most a client "
+                        "may ask for)")
     p.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics "
                         "(needs memryx[metrics]; port 0 picks a free one)")

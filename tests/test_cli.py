@@ -360,3 +360,29 @@ def test_model_callback_times_are_the_sum_of_their_streams_and_within_wall_time(
     # one output callback at a time per model: its total fits in the run's wall time
     assert m["output_callback_s"] <= stats["elapsed_s"]
     assert m["output_callback_s"] >= 180 * 0.002 * 0.9
+
+
+# -- bench against a device server ----------------------------------------------------------
+def test_bench_runs_on_a_device_server(workdir, tmp_path):
+    from tests.conftest import ServerProcess
+
+    srv = ServerProcess(tmp_path, "--mode", "fast")
+    try:
+        env_run = subprocess.run(
+            [sys.executable, "-m", "memryx", "bench", "m.dfp", "--frames", "60", "--streams",
+             "2", "--json", "-q"], cwd=workdir, capture_output=True, text=True, timeout=120,
+            check=False, env={**os.environ, "MEMRYX_DEVICE": srv.address})
+        assert env_run.returncode == 0, env_run.stderr
+        result = json.loads(env_run.stdout)
+        assert result["frames"] == 60 and result["mode"] == "server"
+        assert result["verdict"]["bound"] == "server"
+        text = memryx("bench", "m.dfp", "--frames", "30", "--device", srv.address, "-q",
+                      cwd=workdir, timeout=120)
+        assert text.returncode == 0, text.stderr
+        assert "server mode" in text.stdout and "verdict    device server" in text.stdout
+        # the simulator's options make no sense there: said in one line, no traceback
+        done = memryx("bench", "m.dfp", "--frames", "10", "--device", srv.address,
+                      "--mode", "reuse", cwd=workdir)
+        one_line_error(done, 1, "mode='reuse'", "memryx serve --mode")
+    finally:
+        srv.stop()

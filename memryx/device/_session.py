@@ -24,15 +24,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-import anyio
 from numpy.typing import NDArray
 
 from .._core.aio import TaskSet
-from .._core.channel import ReceiveEnd, SendEnd, get, open_channel
+from .._core.channel import open_channel
 from .._exceptions import MemryxError
 from .._version import __version__
 from ..dfp import Dfp
@@ -40,7 +37,8 @@ from . import _metrics
 from . import protocol as p
 from ._auth import PreambleReader, tokens_match
 from ._listen import peer_uid
-from ._scheduler import ChipScheduler
+from ._scheduler import ChipScheduler, ClientSchedule, client_schedule
+from ._slot import Slot
 from .simulated import SimulatedDevice
 
 if TYPE_CHECKING:
@@ -50,92 +48,12 @@ __all__ = ["Session", "Slot"]
 
 log = logging.getLogger("memryx.server")
 Array = NDArray[Any]
-Item = tuple[int, list[Array], int]  # seq, arrays, bytes
 
 #: Bytes of unread outputs above which a client's models get no turn on the chip.
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 #: Seconds a refused connection is given to read why before it is dropped.
 REFUSED_GRACE = 1.0
-
-
-@dataclass
-class Slot:
-    """One model of one client session, as the scheduler sees it."""
-
-    session: Session
-    model_idx: int
-    capacity: int
-    frames: tuple[SendEnd[Item], ReceiveEnd[Item]]
-    in_flight: deque[tuple[int, asyncio.Future[list[list[Array]]]]] = \
-        field(default_factory=deque)
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    has_work: asyncio.Event = field(default_factory=asyncio.Event)
-    unanswered: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
-
-    async def run(self, scheduler: ChipScheduler, device: SimulatedDevice) -> None:
-        """Wait for frames and a reading client, take a turn on the chip, drain."""
-        opts = scheduler.options
-        recv = self.frames[1]
-        session = self.session
-        while True:
-            try:
-                first = await get(recv)
-            except anyio.EndOfStream:
-                return
-            await session.writable()
-            if session.closing:
-                return  # its client is gone: no more turns
-            await scheduler.acquire(self)
-            try:
-                started = time.monotonic()
-                sent = 0
-                item: Item | None = first
-                while item is not None:
-                    seq, arrays, nbytes = item
-                    self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
-                    self.drained.clear()
-                    self.has_work.set()
-                    session.dequeued(nbytes)
-                    sent += 1
-                    if not session.can_write():
-                        break  # the client does not read: no more chip time until it does
-                    if sent >= opts.frame_limit or \
-                            (time.monotonic() - started) * 1000 >= opts.time_limit_ms:
-                        if scheduler.contended():
-                            break
-                        started, sent = time.monotonic(), 0  # nobody waits: a new turn
-                    try:
-                        item = recv.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        item = None
-                # Hand the chip over empty: another model waits, so let ours drain.
-                # Draining never waits for the client: outputs are written at once.
-                if scheduler.contended() and self.in_flight:
-                    await self.drained.wait()
-            finally:
-                scheduler.release(self)
-
-    async def collect(self, device: SimulatedDevice) -> None:
-        """Outputs of this model back to the client, in order, without waiting for it."""
-        while True:
-            if not self.in_flight:
-                self.has_work.clear()
-                await self.has_work.wait()
-                continue
-            seq, fut = self.in_flight[0]
-            (outputs,) = await fut
-            self.in_flight.popleft()
-            self.frames_out += 1
-            _metrics.recorder().frame_out(self.model_idx, self.session)
-            self.unanswered -= 1
-            self.session.send(p.Output(self.model_idx, seq, outputs))
-            if not self.in_flight:
-                self.drained.set()
-
-
 class Session(asyncio.Protocol):
     """One client connection (``kind`` "unix" or "tcp")."""
 
@@ -147,6 +65,10 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.device: SimulatedDevice | None = None
         self.slots: list[Slot] = []
+        #: This client's turns: the server's options until its HELLO asks for its own.
+        self.schedule: ClientSchedule = client_schedule(server.scheduler.options, None)
+        #: The scheduler of the chip group this client opened.
+        self.chip: ChipScheduler = server.scheduler
         self.tasks = TaskSet("session", self._on_error)
         self.peer = "?"
         self.born = self.last_rx = time.monotonic()
@@ -222,6 +144,8 @@ class Session(asyncio.Protocol):
             self._fail("protocol", str(exc))
             return
         for event in events:
+            if self._closing:
+                return  # failed on an earlier event of the same read
             try:
                 self._handle(event)
             except (p.ProtocolError, MemryxError, ValueError) as exc:
@@ -239,7 +163,7 @@ class Session(asyncio.Protocol):
         self._closing = True
         self._can_write.set()
         for slot in self.slots:
-            self.server.scheduler.drop(slot)
+            self.chip.drop(slot)
         self.server.spawn(self._cleanup(), "cleanup")
         log.info("client %s disconnected (%d connected)", self.peer, len(self.server.sessions))
 
@@ -316,8 +240,17 @@ class Session(asyncio.Protocol):
     def _handle(self, event: Any) -> None:
         if isinstance(event, p.Hello):
             self.peer = f"{event.client} pid {event.pid} ({self.peer})"
+            try:
+                self.schedule = client_schedule(self.server.scheduler.options, event.scheduler)
+            except ValueError as exc:
+                self._fail("ValueError", f"the device server refused the scheduler options: "
+                                         f"{exc}")
+                return
+            if event.scheduler is not None:
+                log.info("client %s schedules %s", self.peer, self.schedule.wire())
             self._send(p.Welcome(f"memryx-server {__version__}", self.limits.max_message_bytes,
-                                 idle_timeout=self.limits.idle_timeout))
+                                 idle_timeout=self.limits.idle_timeout,
+                                 scheduler=self.schedule.wire()))
         elif isinstance(event, p.Open):
             self.opened = True
             self._pending_open = event
@@ -360,6 +293,7 @@ class Session(asyncio.Protocol):
         arrays = list(event.arrays)
         nbytes = sum(a.nbytes for a in arrays)
         slot.frames[0].send_nowait((event.seq, arrays, nbytes))  # room: unanswered < capacity
+        slot.arrived.set()
         slot.unanswered += 1
         slot.frames_in += 1
         _metrics.recorder().frame_in(event.model, self)
@@ -371,8 +305,8 @@ class Session(asyncio.Protocol):
         if self.device is not None:
             self._fail("state", "this connection has a DFP open already")
             return
-        device = SimulatedDevice(mode=self.server.mode,
-                                 queue_depth=self.server.scheduler.options.ofmap_queue)
+        device = SimulatedDevice(mode=self.server.mode, queue_depth=self.schedule.ofmap_queue,
+                                 groups=self.server.groups)
         try:
             await device.open(dfp, group_id)
         except (MemryxError, ValueError, TypeError) as exc:
@@ -383,11 +317,18 @@ class Session(asyncio.Protocol):
             await device.aclose()
             return
         self.device = device
-        cap = self.server.scheduler.options.ifmap_queue
+        self.chip = self.server.schedulers[group_id]  # in range: the device checked it
+        cap = self.schedule.ifmap_queue
+        stats = device.statistics()
         for m in dfp.models:
             slot = Slot(self, m.index, cap, open_channel(cap))
+            fig = stats["models"][m.index] if stats.get("paced") else {}
+            fps, latency = fig.get("modeled_fps"), fig.get("modeled_latency_ms")
+            if fps and latency is not None:
+                slot.modeled = (1.0 / fps, latency / 1000.0)
             self.slots.append(slot)
-            self.tasks.spawn(slot.run(self.server.scheduler, device), f"slot-{m.index}")
+            self.chip.register(slot)
+            self.tasks.spawn(slot.run(self.chip, device), f"slot-{m.index}")
             self.tasks.spawn(slot.collect(device), f"collect-{m.index}")
         self._send(p.Opened(tuple(p.OpenedModel(cap) for _ in dfp.models)))
         log.info("client %s opened %r", self.peer, dfp)
@@ -439,8 +380,12 @@ class Session(asyncio.Protocol):
     def statistics(self) -> dict[str, Any]:
         return {
             "models": [{"model_idx": s.model_idx, "frames_in": s.frames_in,
-                        "frames_out": s.frames_out, "in_flight": s.unanswered}
+                        "frames_out": s.frames_out, "in_flight": s.unanswered,
+                        "turns": s.turns, "turn_frames_max": s.turn_frames_max,
+                        "turn_frames_mean": s.turn_frames_total / s.turns if s.turns else 0.0,
+                        "turn_ms_max": s.turn_ms_max, "turn_ends": dict(s.turn_ends)}
                        for s in self.slots],
+            "schedule": self.schedule.wire(),
             "device": self.device.statistics() if self.device else None,
             "scheduler": self.server.scheduler_stats(),
         }

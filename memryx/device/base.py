@@ -104,10 +104,10 @@ def open_device(spec: str | Device | None = None, **options: Any) -> Device:
     if (kind == "unix" and arg) or (kind in ("tcp", "tcps") and arg.startswith("//")):
         from .fd import FdDevice
 
-        unknown = sorted(set(options) - {"timeout", "token", "tls"})
+        unknown = sorted(set(options) - {"timeout", "token", "tls", "scheduler"})
         if unknown:
             raise TypeError(f"the fd device takes no options; got {unknown} (only timeout=, "
-                            "token= and tls=; set the mode and scheduler on the server: "
+                            "token=, tls= and scheduler=; set the mode on the server: "
                             "memryx serve --help)")
         return FdDevice(text, **options)
     raise ValueError(f"unknown device {text!r}: expected 'sim', 'sim:MODE' or "

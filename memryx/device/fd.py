@@ -35,6 +35,7 @@ import os
 import socket
 import ssl
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -90,13 +91,26 @@ class FdDevice:
     ``tcps://HOST:PORT``. ``timeout``: the deadline of every wait, in seconds.
     ``token``: the TCP shared secret (default ``$MEMRYX_TOKEN``). ``tls``: the
     client context for ``tcps`` (default: the system's trusted CAs).
+    ``scheduler``: this client's turns on the shared chip, with the SDK's
+    ``SchedulerOptions`` names (``frame_limit``, ``time_limit`` in ms,
+    ``stop_on_empty``, ``ifmap_queue_size``, ``ofmap_queue_size``; any subset);
+    None: the server's own. What the server applies is :attr:`schedule` (also in
+    :meth:`statistics`) once open.
     """
 
     name = "fd"
 
     def __init__(self, address: str | os.PathLike[str], *, timeout: float | None = None,
-                 token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+                 token: str | None = None, tls: ssl.SSLContext | None = None,
+                 scheduler: Mapping[str, Any] | None = None) -> None:
         self.address = Address.parse(os.fspath(address))
+        if scheduler is not None and not isinstance(scheduler, Mapping):
+            raise TypeError(f"scheduler must be a mapping of scheduler options, got "
+                            f"{type(scheduler).__name__}")
+        self._asked = dict(scheduler) if scheduler is not None else None
+        #: The scheduler options the server applies to this client (None until open, or
+        #: from a server that predates per-client options).
+        self.schedule: dict[str, Any] | None = None
         self.path = self.address.path or str(self.address)
         self.timeout = resolve_timeout(timeout)
         self._token = client_token(token)
@@ -118,6 +132,8 @@ class FdDevice:
         self._pending_writes: deque[Any] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._write_lock = anyio.Lock()
+        self._stats_lock = anyio.Lock()
+        self._stats_seq = 0
         self._fault: DeviceError | None = None
         self._closed = False
         self.frames_in = 0
@@ -134,8 +150,13 @@ class FdDevice:
         try:
             if self.address.scheme != "unix":
                 await self._write_raw(preamble(self._token))
-            await self._write(p.Hello(f"memryx {__version__}", os.getpid()))
+            await self._write(p.Hello(f"memryx {__version__}", os.getpid(), self._asked))
             welcome = await self._reply(p.Welcome, "connecting")
+            self.schedule = dict(welcome.scheduler) if welcome.scheduler is not None else None
+            if self._asked and self.schedule is None:
+                log.warning("the device server at %s does not take per-client scheduler "
+                            "options (an older server): its own apply, not %s",
+                            self.address, self._asked)
             self._watchdog.keepalive_every = welcome.idle_timeout / 3
             data = dfp.to_bytes()
             await self._write(p.Open(p.dfp_digest(data), group_id))  # the one hash of this open
@@ -381,7 +402,17 @@ class FdDevice:
         return {"device": self.name, "address": str(self.address),
                 "frames_in": self.frames_in, "frames_out": self.frames_out,
                 "in_flight": sum(len(s) for s in self._sent),
+                "scheduler": dict(self.schedule) if self.schedule is not None else None,
                 "fault": str(self._fault) if self._fault else None}
+
+    async def server_statistics(self) -> dict[str, Any]:
+        """The server's statistics of this connection (its models' frames and turns on the
+        chip, the schedule it applies) and of its scheduler."""
+        async with self._stats_lock:  # one request at a time: replies come in order
+            self._stats_seq = (self._stats_seq + 1) & 0x7FFFFFFF
+            await self._write(p.Stats(0x80000000 | self._stats_seq))  # keep-alives count from 1
+            reply = await self._reply(p.StatsReply, "reading the server's statistics")
+        return dict(reply.data)
 
     def _shutdown(self) -> None:
         """Stop reading, close the fd, wake every waiter (they see the fault or ClosedError)."""

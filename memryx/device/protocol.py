@@ -36,9 +36,11 @@ Messages
 ======================  ======  =================================================
 kind                    sender  payload
 ======================  ======  =================================================
-HELLO                   client  JSON ``{"protocol": 1, "client": str, "pid": int}``
+HELLO                   client  JSON ``{"protocol": 1, "client": str, "pid": int,
+                                "scheduler": {...}}`` (scheduler optional)
 WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int,
-                                "idle_timeout": float}`` (idle_timeout optional)
+                                "idle_timeout": float, "scheduler": {...}}``
+                                (idle_timeout and scheduler optional)
 OPEN                    client  32-byte sha256 of the DFP bytes, u32 group_id
 NEED_DFP                server  empty: the server has no cached copy of that DFP
 DFP                     client  the DFP bytes (their sha256 must equal OPEN's)
@@ -65,6 +67,21 @@ kind now, and at every header that the running total stays within its
 ``max_payload``; no other message may come between. So payloads of any size
 (beyond the u32 length of one header) pass, and ``max_payload`` bounds the
 whole message, not a piece of it.
+
+Scheduler options
+-----------------
+
+HELLO's optional ``scheduler`` object asks for this client's turns on the
+chip, with the SDK's names: ``frame_limit`` (int >= 1), ``time_limit`` (ms,
+>= 0; 0: the server's longest turn), ``stop_on_empty`` (bool),
+``ifmap_queue_size`` and ``ofmap_queue_size`` (ints >= 1). The server checks
+them (a value it cannot take ends that connection with a fatal ``options``
+ERROR), caps them by its own maxima and answers WELCOME with the ``scheduler``
+object it applies, every field present. A client that sends none gets the
+server's own options, and WELCOME still reports them. The fields were added
+without a version bump: a peer ignores JSON fields it does not know, so a
+server that predates them simply applies its own options and sends no
+``scheduler`` back (the client then knows its options were not applied).
 
 JSON payloads are UTF-8, decode to an object, nest at most
 :data:`MAX_JSON_DEPTH` containers deep and contain no NaN / Infinity. Header
@@ -296,6 +313,8 @@ class Hello:
 
     client: str
     pid: int
+    scheduler: Mapping[str, Any] | None = None
+    """The scheduler options asked for (see *Scheduler options*), or None: the server's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +329,9 @@ class Welcome:
     server: str
     max_payload: int
     idle_timeout: float = 0.0
+    scheduler: Mapping[str, Any] | None = None
+    """The scheduler options the server applies to this client (None: a server that
+    predates per-client options)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,6 +652,16 @@ def _bool(value: Any, what: str) -> bool:
     return value
 
 
+def _object(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        _fail(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _optional_object(value: Any, what: str) -> Mapping[str, Any] | None:
+    return None if value is None else _object(value, what)
+
+
 def _protocol_field(obj: Mapping[str, Any], kind: Kind) -> None:
     version = obj.get("protocol")
     if isinstance(version, bool) or version != PROTOCOL_VERSION:
@@ -655,13 +687,15 @@ def _decode(kind: Kind, model: int, seq: int, payload: bytearray) -> Event:
     if kind is Kind.HELLO:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
-        return Hello(_str(obj.get("client"), "HELLO.client"), _int(obj.get("pid"), "HELLO.pid"))
+        return Hello(_str(obj.get("client"), "HELLO.client"), _int(obj.get("pid"), "HELLO.pid"),
+                     _optional_object(obj.get("scheduler"), "HELLO.scheduler"))
     if kind is Kind.WELCOME:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
         return Welcome(_str(obj.get("server"), "WELCOME.server"),
                        _int(obj.get("max_payload"), "WELCOME.max_payload", 1, MAX_MESSAGE),
-                       _seconds(obj.get("idle_timeout", 0.0), "WELCOME.idle_timeout"))
+                       _seconds(obj.get("idle_timeout", 0.0), "WELCOME.idle_timeout"),
+                       _optional_object(obj.get("scheduler"), "WELCOME.scheduler"))
     if kind is Kind.OPEN:
         dfp_hash, group_id = _OPEN.unpack(payload)
         return Open(dfp_hash, group_id)
@@ -953,9 +987,12 @@ class Connection:
         model = seq = 0
         pieces: list[bytes | memoryview] = []
         if isinstance(event, Hello):
-            pieces.append(_encode_json({"protocol": PROTOCOL_VERSION,
-                                        "client": _str(event.client, "HELLO.client"),
-                                        "pid": _int(event.pid, "HELLO.pid")}, kind))
+            hello: dict[str, Any] = {"protocol": PROTOCOL_VERSION,
+                                     "client": _str(event.client, "HELLO.client"),
+                                     "pid": _int(event.pid, "HELLO.pid")}
+            if event.scheduler is not None:
+                hello["scheduler"] = dict(_object(event.scheduler, "HELLO.scheduler"))
+            pieces.append(_encode_json(hello, kind))
         elif isinstance(event, Welcome):
             limit = _int(event.max_payload, "WELCOME.max_payload", 1, self.max_payload)
             welcome: dict[str, Any] = {"protocol": PROTOCOL_VERSION,
@@ -963,6 +1000,8 @@ class Connection:
                                        "max_payload": limit}
             if event.idle_timeout:
                 welcome["idle_timeout"] = _seconds(event.idle_timeout, "WELCOME.idle_timeout")
+            if event.scheduler is not None:
+                welcome["scheduler"] = dict(_object(event.scheduler, "WELCOME.scheduler"))
             pieces.append(_encode_json(welcome, kind))
         elif isinstance(event, Open):
             if not isinstance(event.dfp_hash, bytes) or len(event.dfp_hash) != _HASH_SIZE:

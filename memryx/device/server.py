@@ -68,14 +68,18 @@ class DeviceServer:
     """Serves one simulated MX3 on a Unix socket and/or a TCP address.
 
     ``path``: the Unix socket (default :func:`default_socket_path` when ``tcp``
-    is not given either). ``tcp``: ``"HOST:PORT"``; it needs ``token`` (the
-    shared secret clients send) unless ``insecure``; ``tls`` wraps it.
+    is not given either). ``groups``: chip groups (devices) a client may open,
+    ``group_id`` 0..groups-1, each a chip with its own scheduler. ``tcp``:
+    ``"HOST:PORT"``; it needs ``token`` (the shared secret clients send) unless
+    ``insecure``; ``tls`` wraps it.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, mode: str = "timed",
                  options: SchedulerOptions | None = None, limits: ServerLimits | None = None,
                  tcp: str | None = None, token: str | None = None, insecure: bool = False,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, groups: int = 1) -> None:
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 64:
+            raise ValueError(f"groups must be an int in [1, 64], got {groups!r}")
         self.limits = limits or ServerLimits()
         self.path: Path | None = (Path(path) if path is not None
                                   else default_socket_path(create=True) if tcp is None else None)
@@ -88,7 +92,11 @@ class DeviceServer:
         self.token = token or None
         self.tls = tls
         self.mode = mode
-        self.scheduler = ChipScheduler(options or SchedulerOptions())
+        self.groups = groups
+        #: One scheduler per chip group (``group_id`` of a client's OPEN): each group is a
+        #: chip of its own, shared by the clients that opened it.
+        self.schedulers = [ChipScheduler(options or SchedulerOptions()) for _ in range(groups)]
+        self.scheduler = self.schedulers[0]
         self.sessions: set[Session] = set()
         self.tcp_address: tuple[str, int] | None = None
         self._dfps: OrderedDict[bytes, tuple[Dfp, int]] = OrderedDict()
@@ -117,8 +125,10 @@ class DeviceServer:
             self._dfps.popitem(last=False)
 
     def scheduler_stats(self) -> dict[str, Any]:
-        return {"options": asdict(self.scheduler.options), "turns": self.scheduler.turns,
-                "swaps": self.scheduler.swaps, "clients": len(self.sessions)}
+        return {"options": asdict(self.scheduler.options),
+                "turns": sum(s.turns for s in self.schedulers),
+                "swaps": sum(s.swaps for s in self.schedulers), "groups": self.groups,
+                "clients": len(self.sessions)}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
