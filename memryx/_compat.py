@@ -242,13 +242,17 @@ class CompatMixin:
     def _read_telemetry(self, device_id: int) -> TelemetryModel:
         self._check_device_id(device_id)
         engine = getattr(self, "_engine", None)
-        modeled = getattr(getattr(engine, "device", None), "telemetry", None)
+        device = getattr(engine, "device", None)
+        parts, ids = getattr(device, "devices", None), getattr(device, "ids", None)
+        if isinstance(parts, list) and isinstance(ids, list) and device_id in ids:
+            device = parts[ids.index(device_id)]  # several devices: this id's own
+        modeled = getattr(device, "telemetry", None)
         own = modeled() if callable(modeled) else None
         if isinstance(own, TelemetryModel):  # the device models it (a Throttle fault scenario)
             return own
         clock = self._clock()
-        if self._telemetry.clock is not clock:  # the device keeps virtual time: so does this
-            self._telemetry = TelemetryModel(self._dfp.num_chips, clock)
+        if self._telemetry[device_id].clock is not clock:  # virtual time: so does this
+            self._telemetry[device_id] = TelemetryModel(self._dfp.num_chips, clock)
         stats = self.statistics()  # type: ignore[attr-defined]
         frames = [int(m.get("frames_out", 0)) for m in stats["models"]]
         per_device = (stats.get("device") or {}).get("devices")
