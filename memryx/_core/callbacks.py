@@ -151,11 +151,15 @@ async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[A
         engine.stream_ended(lane)
 
 
-async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
-                            args: tuple[Any, ...], stream: int, meter: Meter, share: int,
-                            kind: CallbackKind, role: str) -> None:
-    # A frame from the thread: (frame, callback returned), and when traced also (callback
-    # called, pre-processing done); the loop numbers and records them as it queues them.
+def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], meter: Meter,
+                  kind: CallbackKind, role: str) -> tuple[Callable[[], Any], Any]:
+    """``(produce, generator or None)``: ``produce()`` runs on a thread, calls the input
+    callback once and returns the prepared frame, or :data:`END`.
+
+    A frame from the thread is ``(frame, callback returned)``, and when traced also
+    ``(callback called, pre-processing done)``; the loop numbers and records them as it
+    queues them.
+    """
     prepare, tracer = lane.prepare, lane.tracer
 
     def traced(item: Any, t: float, done: float) -> Any:
@@ -165,7 +169,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
 
-        def produce() -> Any:
+        def produce_next() -> Any:
             t = time.monotonic()
             item = next(gen, END)
             done = time.monotonic()
@@ -173,20 +177,30 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             if item is None or item is END:
                 return END
             return traced(item, t, done) if tracer.on else (prepare(item), done)
-    else:
 
-        def produce() -> Any:
-            t = time.monotonic()
-            try:
-                item = fn(*args)
-            except StopIteration:
-                return END
-            done = time.monotonic()
-            meter.input_s += done - t
-            if item is None:
-                return END
-            _not_awaited(item, role)
-            return traced(item, t, done) if tracer.on else (prepare(item), done)
+        return produce_next, gen
+
+    def produce() -> Any:
+        t = time.monotonic()
+        try:
+            item = fn(*args)
+        except StopIteration:
+            return END
+        done = time.monotonic()
+        meter.input_s += done - t
+        if item is None:
+            return END
+        _not_awaited(item, role)
+        return traced(item, t, done) if tracer.on else (prepare(item), done)
+
+    return produce, None
+
+
+async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
+                            args: tuple[Any, ...], stream: int, meter: Meter, share: int,
+                            kind: CallbackKind, role: str) -> None:
+    tracer = lane.tracer
+    produce, gen = make_producer(lane, fn, args, meter, kind, role)
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
@@ -225,7 +239,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             meter.frames_in += left
             lane.dropped += left
         budget.give(outstanding)  # frames left in the channel held units too
-        if kind is CallbackKind.GENERATOR and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
+        if gen is not None and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
             with contextlib.suppress(Exception):
                 gen.close()  # a generator still running on an abandoned thread is left to it
     if producer.error is not None:
