@@ -8,11 +8,15 @@ of the loop from it. Here the streams of one model share:
   and any free worker calls its callback for every credit it holds, then takes
   the next ready stream. A stream is served by one worker at a time, so its
   callback never runs concurrently with itself and its frames stay in order.
-  The pool starts with :data:`BASE_WORKERS` (at most one per stream) and grows,
-  up to ``stream_workers`` (default :data:`MAX_WORKERS`, at most one per
-  stream), when streams are ready while every worker has been stuck inside one
-  callback for longer than :data:`STUCK_S`: a callback that blocks (a camera
-  waiting for its next frame) does not hold the other streams up for long.
+  The pool starts with up to :data:`BASE_WORKERS` threads. Quick callbacks are
+  all run by whichever worker is awake (waking a second thread costs more than
+  the call); callbacks that take :data:`PARALLEL_S` or more on average are run
+  by several workers at once. When streams are ready and no worker is free to
+  take them while one is stuck in a callback for :data:`STUCK_S` or more (or
+  callbacks are slow), the pool grows, up to ``stream_workers`` (default
+  :data:`MAX_WORKERS`) and never beyond one worker per stream: a callback that
+  blocks (a camera waiting for its next frame) does not hold the other streams
+  up for long. A worker added that way ends after :data:`RETIRE_S` without work.
 * **one channel to the loop**: workers put ``(stream, frame)`` into it as each
   frame is made; the loop takes everything that is ready in one wake-up and
   queues it in the lane, whichever streams it came from.
@@ -51,9 +55,13 @@ BASE_WORKERS = max(2, os.cpu_count() or 1)
 #: The most workers of one pool when ``stream_workers`` is not given (or -1).
 MAX_WORKERS = 64
 #: A worker inside one callback for longer than this counts as stuck (blocked).
-STUCK_S = 0.02
+STUCK_S = 0.005
 #: A worker added for stuck ones ends after this long without work.
 RETIRE_S = 1.0
+#: Callbacks that take longer than this on average are run by several workers at once
+#: (up to :data:`BASE_WORKERS`); quicker ones by one worker, which is cheaper than
+#: waking another thread for them.
+PARALLEL_S = 200e-6
 #: How often the loop looks for stuck workers while streams wait.
 TICK_S = 0.01
 
@@ -105,6 +113,9 @@ class StreamPool:
         self._ready: deque[_Stream] = deque()
         self._since: dict[int, float] = {}  # worker -> when its callback started (0: none)
         self._next_worker = 0
+        self._sleeping = 0  # workers waiting for a ready stream (under the lock)
+        self.cost = 0.0
+        """Running average of a callback call's duration (seconds, written by workers)."""
         self._halted = False
         self._want: asyncio.Future[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -134,12 +145,16 @@ class StreamPool:
                 await granter
             self._stop()
 
+    def _wanted(self) -> int:
+        """Units the streams could take now (each up to the cap)."""
+        cap = self._cap()
+        return sum(cap - s.outstanding for s in self.streams
+                   if not s.ended and s.outstanding < cap)
+
     async def _grant(self) -> None:
         budget = self.lane.budget
         while True:
-            cap = self._cap()
-            want = sum(cap - s.outstanding for s in self.streams
-                       if not s.ended and s.outstanding < cap)
+            want = self._wanted()
             if want <= 0:
                 self._want = asyncio.get_running_loop().create_future()
                 try:
@@ -148,7 +163,10 @@ class StreamPool:
                     self._want = None
                 continue
             got = await budget.take(want)
-            left = self._distribute(got, cap)
+            more = self._wanted() - got  # frames that came in while we waited freed more
+            if more > 0:
+                got += budget.take_nowait(more)
+            left = self._distribute(got, self._cap())
             if left:
                 budget.give(left)
 
@@ -180,8 +198,11 @@ class StreamPool:
                         s.queued = True
                         self._ready.append(s)
                         woken += 1
-                if woken:
-                    self._lock.notify(woken)
+                if woken and self._sleeping:
+                    if self.cost >= PARALLEL_S:
+                        self._lock.notify(woken)
+                    elif not self._free_awake():  # nobody awake to take them
+                        self._lock.notify(1)
             self._arm_tick()
         return units
 
@@ -294,19 +315,29 @@ class StreamPool:
         return min(self.limit, max(1, self._live))
 
     def _check(self) -> None:
-        """Streams wait while workers are stuck in callbacks: add workers, so that
-        :data:`BASE_WORKERS` of them are free (within the limit)."""
+        """Streams are ready and nobody takes them: wake sleeping workers, or add workers
+        when the busy ones are stuck in a callback (or callbacks are slow: then each
+        ready stream may have a worker, within the limit)."""
         self._tick = None
         if self._halted:
             return
-        now = time.monotonic()
+        slow = self.cost >= PARALLEL_S
         with self._lock:
-            waiting = len(self._ready)
-            free = sum(1 for t in self._since.values() if not t or now - t < STUCK_S)
-        if waiting and free < min(BASE_WORKERS, waiting):
-            self._grow(min(waiting, BASE_WORKERS) - free)
+            waiting, sleeping = len(self._ready), self._sleeping
+            free = self._free_awake()
+            if waiting and sleeping and (slow or not free):
+                self._lock.notify(waiting)
+        if waiting and not sleeping and (slow or not free):
+            self._grow(min(waiting, BASE_WORKERS))
         if waiting or any(not s.ended and s.outstanding for s in self.streams):
             self._arm_tick()
+
+    def _free_awake(self) -> int:
+        """Under the lock: workers awake and not stuck in a callback (they will take the
+        next ready stream)."""
+        now = time.monotonic()
+        free = sum(1 for t in self._since.values() if not t or now - t < STUCK_S)
+        return free - self._sleeping
 
     def _grow(self, n: int) -> None:
         with self._lock:
@@ -340,7 +371,11 @@ class StreamPool:
             if idle >= RETIRE_S and len(self._since) > BASE_WORKERS:
                 return None  # grown for callbacks that blocked; not needed any more
             t = time.monotonic()
-            lock.wait(0.25)  # also notices a stop set without a wake-up
+            self._sleeping += 1
+            try:
+                lock.wait(0.25)  # also notices a stop set without a wake-up
+            finally:
+                self._sleeping -= 1
             idle += time.monotonic() - t
         if self._stopped():
             return None
@@ -365,7 +400,7 @@ class StreamPool:
                     for _ in range(n):
                         if self._stopped():
                             return
-                        since[k] = time.monotonic()
+                        since[k] = started = time.monotonic()
                         try:
                             if gate is not None:
                                 with gate:
@@ -375,6 +410,7 @@ class StreamPool:
                         except BaseException as exc:
                             item = _Failed(exc)
                         since[k] = 0.0
+                        self.cost += 0.05 * (time.monotonic() - started - self.cost)
                         if item is END or isinstance(item, _Failed):
                             s.done = True
                             channel.put_from_thread((s, item), stop)
