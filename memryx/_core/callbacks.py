@@ -328,16 +328,16 @@ class CallbackOutput:
         model, meters = lane.meter, lane.streams
         fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
             lane.finish_blocks
-        tracer = lane.tracer
+        tracer, engine = lane.tracer, self.engine
         done = 0
+        started = time.monotonic()  # each frame's hand-over starts where the last one ended
         try:
             for n, item in enumerate(items):
-                if self.failed or self.engine.closed:
+                if self.failed or engine.closed:
                     self._drop(len(items) - n)
                     return
                 stream, outputs, t0, ready, k = item
                 self.handed += 1
-                started = time.monotonic()
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
@@ -349,12 +349,18 @@ class CallbackOutput:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise
-                    self._done_one(item, exc, started, time.monotonic())
+                    now = time.monotonic()
+                    self._done_one(item, exc, started, now)
+                    started = now
                     continue
                 except BaseException as exc:
-                    self._done_one(item, exc, started, time.monotonic())
+                    now = time.monotonic()
+                    self._done_one(item, exc, started, now)
+                    started = now
                     continue
-                spent = time.monotonic() - started
+                now = time.monotonic()
+                spent = now - started
+                started = now
                 meter = meters.get(stream) or lane.stream_meter(stream)
                 model.delivered(t0, ready)
                 meter.delivered(t0, ready)
@@ -364,7 +370,7 @@ class CallbackOutput:
         finally:
             if done:
                 lane.budget.give(done)
-                self.engine.lane_progress(lane)
+                engine.lane_progress(lane)
 
     def _call_batch(self, batch: list[Out]
                     ) -> list[tuple[Out, BaseException | None, float, float]]:
