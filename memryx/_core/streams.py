@@ -308,7 +308,7 @@ class StreamPool:
 
     # -- growing the pool --------------------------------------------------------------------
     def _arm_tick(self) -> None:
-        if self._tick is None and len(self._since) < self._max_workers():
+        if self._tick is None and not self._halted:
             self._tick = asyncio.get_running_loop().call_later(TICK_S, self._check)
 
     def _max_workers(self) -> int:

@@ -344,3 +344,30 @@ async def test_aclose_at_every_point_of_a_run(identity_dfp):
             await asyncio.sleep(delay)
         st = accl.statistics()["models"][0]
         assert st["in_flight"] == 0, (delay, st)
+
+
+def test_a_blocked_stream_within_stream_workers_does_not_slow_the_others(identity_dfp):
+    """With the pool at its limit, one worker stuck in a blocking callback: the other
+    one serves every other stream (a sleeping worker is woken by the loop's tick)."""
+    release = threading.Event()
+    src = Streams(4, 300)
+
+    def source(s: int) -> np.ndarray | None:
+        if s == 0:
+            release.wait(30)
+            return None
+        return src.source(s)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp, stream_workers=2)
+    accl.connect_streams(source, src.sink, 4)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 15:
+            if all(len(src.got[s]) == 300 for s in (1, 2, 3)):
+                break
+            time.sleep(0.01)
+        src.check([1, 2, 3])
+    finally:
+        release.set()
+    accl.wait()
+    accl.close()
