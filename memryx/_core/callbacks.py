@@ -250,6 +250,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                         meter: Meter, share: int, kind: CallbackKind, role: str) -> None:
     agen = fn(*args) if kind is CallbackKind.ASYNC_GENERATOR else None
     budget, tracer = lane.budget, lane.tracer
+    prepare, blocks = lane.prepare, lane.prepare_blocks  # fixed once the input is connected
     try:
         while True:
             got = await budget.take(share)
@@ -269,8 +270,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                     meter.input_s += done - t
                     if item is None:
                         return
-                    frame = (await run_sync(lane.prepare, item)) if lane.prepare_blocks \
-                        else lane.prepare(item)
+                    frame = (await run_sync(prepare, item)) if blocks else prepare(item)
                     if tracer.on:
                         k = meter.frames_in
                         tracer.frame(stream, lane.idx, "input callback", t, done, k)
