@@ -371,3 +371,43 @@ def test_a_blocked_stream_within_stream_workers_does_not_slow_the_others(identit
         release.set()
     accl.wait()
     accl.close()
+
+
+def test_base_exceptions_and_hidden_coroutines_from_a_stream_are_reraised_as_themselves(
+        identity_dfp):
+    src = Streams(4, 20)
+
+    def source(s: int) -> np.ndarray | None:
+        if s == 1:
+            raise KeyboardInterrupt("stream 1 interrupted")
+        return src.source(s)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, src.sink, 4)
+    with pytest.raises(KeyboardInterrupt, match="stream 1 interrupted"):
+        accl.wait()
+    accl.close()
+    src.check([0, 2, 3])
+
+    async def frame_later() -> np.ndarray:
+        return val(0, 0)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(lambda s: frame_later(), lambda s, y: None, 3)
+    with pytest.raises(mx.UsageError, match="returned an awaitable"):
+        accl.wait()
+    accl.close()
+
+
+def test_plain_and_async_streams_added_to_one_model(identity_dfp):
+    src = Streams(6, 25)
+
+    async def async_source(s: int) -> np.ndarray | None:
+        return src.source(s)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(src.source, src.sink, 3)
+    accl.connect_streams(async_source, src.sink, 3)  # streams 3..5 run on the loop
+    accl.wait()
+    accl.close()
+    src.check(range(6))
