@@ -328,7 +328,7 @@ class StreamPool:
             if waiting and sleeping and (slow or not free):
                 self._lock.notify(waiting)
         if waiting and not sleeping and (slow or not free):
-            self._grow(min(waiting, BASE_WORKERS))
+            self._grow(waiting if slow else min(waiting, BASE_WORKERS))
         if waiting or any(not s.ended and s.outstanding for s in self.streams):
             self._arm_tick()
 

@@ -411,3 +411,33 @@ def test_plain_and_async_streams_added_to_one_model(identity_dfp):
     accl.wait()
     accl.close()
     src.check(range(6))
+
+
+def test_camera_like_streams_that_sleep_for_their_next_frame_keep_their_rate(identity_dfp):
+    """Each callback blocks until its stream's next frame is due: the pool grows so that
+    the streams wait in parallel, not one after the other."""
+    count, rate, frames_each = 24, 100.0, 40  # 0.4 s of frames per stream
+    sent, got = [0] * count, [0] * count
+    start = [0.0]
+
+    def source(s: int) -> np.ndarray | None:
+        if sent[s] == frames_each:
+            return None
+        delay = start[0] + sent[s] / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sent[s] += 1
+        return val(s, 0)
+
+    def sink(s: int, y: np.ndarray) -> None:
+        got[s] += 1
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    start[0] = time.monotonic()
+    accl.connect_streams(source, sink, count)
+    accl.wait()
+    elapsed = time.monotonic() - start[0]
+    accl.close()
+    assert got == [frames_each] * count
+    # one after the other they would take count x 0.4 s; in parallel about 0.4 s
+    assert elapsed < count * frames_each / rate / 2, elapsed
