@@ -2,8 +2,9 @@
 
 A callback is classified once, at connect time:
 
-* a plain function (or generator function) runs on a persistent thread of its
-  own: one per input stream, one per output callback; never on the loop thread;
+* a plain function (or generator function) runs on a persistent thread: one per
+  input callback (the streams of ``MultiStreamAsyncAccl`` share a pool of them,
+  see :mod:`.streams`), one per output callback; never on the loop thread;
 * an ``async def`` function or async generator function runs on the loop;
   ``functools.partial`` objects and callable objects whose ``__call__`` is
   ``async def`` count as ``async def``.
