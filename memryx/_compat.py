@@ -65,6 +65,23 @@ def _is_chip_frame(arr: Any, port: PortInfo) -> bool:
     return arr.shape == chip and arr.shape not in (model, unbatched)
 
 
+def _same(frame: Any) -> Any:
+    return frame
+
+
+def _converter(model: ModelInfo, chip_only: bool) -> Callable[[Any], Any]:
+    """``_convert_in`` for the frames of one input callback (None passes through); an
+    array of a one-input model that is not in the chip layout is returned at once."""
+    chip = model.inputs[0].chip_shape if len(model.inputs) == 1 and not chip_only else None
+
+    def conv(frame: Any) -> Any:
+        if frame is None or (chip is not None and type(frame) is np.ndarray
+                             and frame.shape != chip):
+            return frame
+        return _convert_in(frame, model, chip_only)
+    return conv
+
+
 def _convert_in(frame: Any, model: ModelInfo, chip_only: bool) -> Any:
     """Frames in the chip layout to the model's shapes (one array or one per port)."""
     ports = model.inputs
@@ -332,9 +349,7 @@ class CompatMixin:
         if not fps and not needs_convert:
             return fn
 
-        def conv(frame: Any) -> Any:
-            return _convert_in(frame, model, chip_only) if frame is not None else None
-
+        conv = _converter(model, chip_only)
         gate = Pacer(fps, self._compat_stop, self._clock()) if fps else None
         return paced(fn, gate, conv if needs_convert else None)
 
@@ -357,10 +372,7 @@ class CompatMixin:
                 return None
             return pacers.setdefault(stream, Pacer(fps, stop, clock))
 
-        def conv(frame: Any) -> Any:
-            if frame is None or not needs_convert:
-                return frame
-            return _convert_in(frame, model, chip_only)
+        conv = _converter(model, chip_only) if needs_convert else _same
 
         if kind is CallbackKind.ASYNC:
             @functools.wraps(fn)

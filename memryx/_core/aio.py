@@ -163,9 +163,13 @@ class Channel(Generic[T]):
 
     def abort(self) -> int:
         """Close and drop every item; returns how many were dropped."""
+        return len(self.abort_items())
+
+    def abort_items(self) -> list[T]:
+        """Close and drop every item; returns the dropped items."""
         with self._lock:
-            dropped = len(self._items)
-            self.dropped += dropped
+            dropped = list(self._items)
+            self.dropped += len(dropped)
             self._items.clear()
             self._aborted = True
         self.close()

@@ -2,8 +2,9 @@
 
 A callback is classified once, at connect time:
 
-* a plain function (or generator function) runs on a persistent thread of its
-  own: one per input stream, one per output callback; never on the loop thread;
+* a plain function (or generator function) runs on a persistent thread: one per
+  input callback (the streams of ``MultiStreamAsyncAccl`` share a pool of them,
+  see :mod:`.streams`), one per output callback; never on the loop thread;
 * an ``async def`` function or async generator function runs on the loop;
   ``functools.partial`` objects and callable objects whose ``__call__`` is
   ``async def`` count as ``async def``.
@@ -151,11 +152,15 @@ async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[A
         engine.stream_ended(lane)
 
 
-async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
-                            args: tuple[Any, ...], stream: int, meter: Meter, share: int,
-                            kind: CallbackKind, role: str) -> None:
-    # A frame from the thread: (frame, callback returned), and when traced also (callback
-    # called, pre-processing done); the loop numbers and records them as it queues them.
+def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], meter: Meter,
+                  kind: CallbackKind, role: str) -> tuple[Callable[[], Any], Any]:
+    """``(produce, generator or None)``: ``produce()`` runs on a thread, calls the input
+    callback once and returns the prepared frame, or :data:`END`.
+
+    A frame from the thread is ``(frame, callback returned)``, and when traced also
+    ``(callback called, pre-processing done)``; the loop numbers and records them as it
+    queues them.
+    """
     prepare, tracer = lane.prepare, lane.tracer
 
     def traced(item: Any, t: float, done: float) -> Any:
@@ -165,7 +170,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
 
-        def produce() -> Any:
+        def produce_next() -> Any:
             t = lane.now()
             item = next(gen, END)
             done = lane.now()
@@ -173,20 +178,30 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             if item is None or item is END:
                 return END
             return traced(item, t, done) if tracer.on else (prepare(item), done)
-    else:
 
-        def produce() -> Any:
-            t = lane.now()
-            try:
-                item = fn(*args)
-            except StopIteration:
-                return END
-            done = lane.now()
-            meter.input_s += done - t
-            if item is None:
-                return END
-            _not_awaited(item, role)
-            return traced(item, t, done) if tracer.on else (prepare(item), done)
+        return produce_next, gen
+
+    def produce() -> Any:
+        t = lane.now()
+        try:
+            item = fn(*args)
+        except StopIteration:
+            return END
+        done = lane.now()
+        meter.input_s += done - t
+        if item is None:
+            return END
+        _not_awaited(item, role)
+        return traced(item, t, done) if tracer.on else (prepare(item), done)
+
+    return produce, None
+
+
+async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
+                            args: tuple[Any, ...], stream: int, meter: Meter, share: int,
+                            kind: CallbackKind, role: str) -> None:
+    tracer = lane.tracer
+    produce, gen = make_producer(lane, fn, args, meter, kind, role)
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
@@ -225,7 +240,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             meter.frames_in += left
             lane.dropped += left
         budget.give(outstanding)  # frames left in the channel held units too
-        if kind is CallbackKind.GENERATOR and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
+        if gen is not None and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
             with contextlib.suppress(Exception):
                 gen.close()  # a generator still running on an abandoned thread is left to it
     if producer.error is not None:
@@ -236,6 +251,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                         meter: Meter, share: int, kind: CallbackKind, role: str) -> None:
     agen = fn(*args) if kind is CallbackKind.ASYNC_GENERATOR else None
     budget, tracer = lane.budget, lane.tracer
+    prepare, blocks = lane.prepare, lane.prepare_blocks  # fixed once the input is connected
     try:
         while True:
             got = await budget.take(share)
@@ -255,8 +271,7 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                     meter.input_s += done - t
                     if item is None:
                         return
-                    frame = (await run_sync(lane.prepare, item)) if lane.prepare_blocks \
-                        else lane.prepare(item)
+                    frame = (await run_sync(prepare, item)) if blocks else prepare(item)
                     if tracer.on:
                         k = meter.frames_in
                         tracer.frame(stream, lane.idx, "input callback", t, done, k)
@@ -339,16 +354,16 @@ class CallbackOutput:
         model, meters = lane.meter, lane.streams
         fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
             lane.finish_blocks
-        tracer = lane.tracer
+        tracer, engine = lane.tracer, self.engine
         done = 0
+        started = lane.now()  # each frame's hand-over starts where the last one ended
         try:
             for n, item in enumerate(items):
-                if self.failed or self.engine.closed:
+                if self.failed or engine.closed:
                     self._drop(len(items) - n)
                     return
                 stream, outputs, t0, ready, k = item
                 self.handed += 1
-                started = lane.now()
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
@@ -360,12 +375,18 @@ class CallbackOutput:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise
-                    self._done_one(item, exc, started, lane.now())
+                    now = lane.now()
+                    self._done_one(item, exc, started, now)
+                    started = now
                     continue
                 except BaseException as exc:
-                    self._done_one(item, exc, started, lane.now())
+                    now = lane.now()
+                    self._done_one(item, exc, started, now)
+                    started = now
                     continue
-                spent = lane.now() - started
+                now = lane.now()
+                spent = now - started
+                started = now
                 meter = meters.get(stream) or lane.stream_meter(stream)
                 model.delivered(t0, ready)
                 meter.delivered(t0, ready)
@@ -375,7 +396,7 @@ class CallbackOutput:
         finally:
             if done:
                 lane.budget.give(done)
-                self.engine.lane_progress(lane)
+                engine.lane_progress(lane)
 
     def _call_batch(self, batch: list[Out]
                     ) -> list[tuple[Out, BaseException | None, float, float]]:

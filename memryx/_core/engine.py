@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -29,155 +28,30 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import ClosedError, NotConnectedError, UsageError
 from .._trace import Tracer
 from ..clock import clock_of
-from .aio import Budget, TaskSet
-from .callbacks import CallbackOutput, check_signature, feed
+from .aio import TaskSet
+from .callbacks import (
+    CallbackKind,
+    CallbackOutput,
+    check_signature,
+    classify,
+    feed,
+    make_producer,
+)
 from .lane import Frame, Lane
 from .processing import Processor
+from .sinks import BatchSink, ChannelSink, StreamSink, Waiter
+from .streams import StreamPool
 
 if TYPE_CHECKING:
     from ..device.base import Device
     from ..dfp import Dfp
 
-__all__ = ["BatchSink", "ChannelSink", "Engine", "StreamSink"]
+__all__ = ["BatchSink", "ChannelSink", "Engine", "StreamSink"]  # the sinks: from .sinks
 
 log = logging.getLogger("memryx.core")
 
-#: Outputs a ``SyncAccl`` holds per model for ``receive`` (beyond the frame budget,
-#: which holds more on the way) before ``send`` waits.
-RECEIVE_DEPTH = 16
 #: Errors kept for ``wait()`` at most (each ends a stream, so there are few).
 MAX_ERRORS = 64
-
-
-class _Waiter:
-    """Wake-ups for loop tasks (cheaper than a new Event per wait)."""
-
-    def __init__(self) -> None:
-        self._futs: list[asyncio.Future[None]] = []
-
-    async def wait(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._futs.append(fut)
-        try:
-            await fut
-        finally:
-            if fut in self._futs:
-                self._futs.remove(fut)
-
-    def wake(self) -> None:
-        futs, self._futs = self._futs, []
-        for fut in futs:
-            if not fut.done():
-                fut.set_result(None)
-
-
-class BatchSink:
-    """The outputs of one ``run`` / ``arun`` request, by position."""
-
-    def __init__(self, n: int) -> None:
-        self.results: list[Frame | None] = [None] * n
-        self.remaining = n
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self._waiter = _Waiter()
-
-    def deliver(self, key: int, outputs: Frame) -> None:
-        if self.cancelled:
-            return
-        self.results[key] = outputs
-        self.remaining -= 1
-        if self.remaining == 0:
-            self._waiter.wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self._waiter.wake()
-
-    async def wait(self) -> list[Frame]:
-        while self.remaining and self.error is None:
-            await self._waiter.wait()
-        if self.error is not None and self.remaining:
-            raise self.error
-        return [r for r in self.results if r is not None]
-
-
-class _QueueSink:
-    """Outputs waiting in order for a consumer; taking one is all or nothing."""
-
-    def __init__(self) -> None:
-        self.outputs: deque[Frame] = deque()
-        self.error: BaseException | None = None
-        self.closed = False
-        self._waiter = _Waiter()
-
-    def deliver(self, key: int, outputs: Frame) -> None:
-        if not self.closed:
-            self.outputs.append(outputs)
-            self._waiter.wake()
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self._waiter.wake()
-
-    def close(self) -> None:
-        self.closed = True
-        self.outputs.clear()
-        self._waiter.wake()
-
-    def take_nowait(self) -> Frame | None:
-        if self.outputs:
-            return self.outputs.popleft()
-        if self.error is not None:
-            raise self.error
-        if self.closed:
-            raise ClosedError("the accelerator is closed")
-        return None
-
-    async def take(self) -> Frame:
-        """The next output. Cancelled while waiting: nothing was taken."""
-        while True:
-            out = self.take_nowait()
-            if out is not None:
-                return out
-            await self._waiter.wait()
-
-
-class ChannelSink(_QueueSink):
-    """Outputs of ``SyncAccl.send`` frames, waiting for ``receive``.
-
-    ``window`` bounds frames sent and not yet received; the lane never waits
-    for this sink, so ``run`` on the same model is never stuck behind it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.window: Budget | None = None
-
-    def bind(self, lane: Lane) -> Budget:
-        if self.window is None:
-            self.window = Budget(RECEIVE_DEPTH + lane.budget.total)
-        return self.window
-
-    def fail(self, exc: BaseException) -> None:
-        super().fail(exc)
-        if self.window is not None:
-            self.window.fail(exc)  # a send waiting for room sees it too
-
-    def take_nowait(self) -> Frame | None:
-        out = super().take_nowait()
-        if out is not None and self.window is not None:
-            self.window.give(1)
-        return out
-
-
-class StreamSink(_QueueSink):
-    """Outputs of one ``astream``, at most ``window`` in flight or waiting."""
-
-    def __init__(self, window: int) -> None:
-        super().__init__()
-        self.slots = Budget(window)
 
 
 class Engine:
@@ -196,7 +70,7 @@ class Engine:
         self.closed = False
         self.started = False
         self.started_at = 0.0
-        self._changed = _Waiter()
+        self._changed = Waiter()
         self._tasks: TaskSet | None = None
         self._feeders: TaskSet | None = None
         self._feeders_of: dict[int, list[asyncio.Task[Any]]] = {}
@@ -205,6 +79,8 @@ class Engine:
         self._outputs: dict[int, CallbackOutput] = {}
         #: Set when the accelerator stops: threads call no more user code.
         self.stopping = threading.Event()
+        self.stream_workers = stream_workers
+        self._pools: dict[int, StreamPool] = {}
         #: Bounds how many input callbacks run at once (``stream_workers``).
         self.input_gate = threading.BoundedSemaphore(stream_workers) \
             if stream_workers is not None else None
@@ -346,20 +222,10 @@ class Engine:
             raise UsageError(f"the input of model {model_idx} is already connected")
         if lane.sinks:
             raise UsageError(f"model {model_idx} is in use by run/send requests")
-        assert self._feeders is not None
         self._inputs.add(model_idx)
-        streams = range(stream_count) if stream_count is not None else [0]
-        share = max(1, lane.budget.total // len(streams))
-        self._open_streams[model_idx] = len(streams)
-        tasks = self._feeders_of.setdefault(model_idx, [])
-        for stream in streams:
-            args = (stream,) if stream_count is not None else ()
-            role = f"the input callback of model {model_idx}"
-            if stream_count is not None:
-                role += f", stream {stream}"
-            lane.stream_meter(stream)
-            tasks.append(self._feeders.spawn(feed(self, lane, fn, args, stream, share, role),
-                                             f"feed-{model_idx}-{stream}"))
+        streams = range(stream_count) if stream_count is not None else range(1)
+        self._open_streams[model_idx] = 0
+        self._start_streams(lane, fn, streams, stream_count is not None)
 
     def add_streams(self, model_idx: int, fn: Callable[..., Any], first: int, count: int
                     ) -> None:
@@ -371,16 +237,33 @@ class Engine:
         if self._open_streams.get(model_idx, 0) <= 0:
             raise UsageError(f"every stream of model {model_idx} has ended, so no stream can "
                              "be added (use a new accelerator)")
+        self._start_streams(lane, fn, range(first, first + count), True)
+
+    def _start_streams(self, lane: Lane, fn: Callable[..., Any], streams: range, multi: bool
+                       ) -> None:
+        """Start feeding ``lane`` from ``fn`` (``fn(stream)`` for each stream when ``multi``):
+        plain callbacks of streams on the lane's worker pool, the rest one task each."""
         assert self._feeders is not None
-        total = self._open_streams[model_idx] + count
-        share = max(1, lane.budget.total // total)
-        self._open_streams[model_idx] += count
-        tasks = self._feeders_of.setdefault(model_idx, [])
-        for stream in range(first, first + count):
-            role = f"the input callback of model {model_idx}, stream {stream}"
-            lane.stream_meter(stream)
-            tasks.append(self._feeders.spawn(feed(self, lane, fn, (stream,), stream, share, role),
-                                             f"feed-{model_idx}-{stream}"))
+        idx = lane.idx
+        self._open_streams[idx] = self._open_streams.get(idx, 0) + len(streams)
+        tasks = self._feeders_of.setdefault(idx, [])
+        kind = classify(fn)
+        pool = None
+        if multi and kind in (CallbackKind.SYNC, CallbackKind.GENERATOR):
+            pool = self._pools.get(idx)
+            if pool is None or pool.finished:
+                pool = self._pools[idx] = StreamPool(self, lane, self.stream_workers)
+                tasks.append(self._feeders.spawn(pool.run(), f"streams-{idx}"))
+        share = max(1, lane.budget.total // self._open_streams[idx])
+        for stream in streams:
+            args = (stream,) if multi else ()
+            role = f"the input callback of model {idx}" + (f", stream {stream}" if multi else "")
+            meter = lane.stream_meter(stream)
+            if pool is not None:
+                pool.add(stream, *make_producer(lane, fn, args, meter, kind, role), role)
+                continue
+            tasks.append(self._feeders.spawn(feed(self, lane, fn, args, stream, share, role),
+                                             f"feed-{idx}-{stream}"))
 
     def connect_output(self, model_idx: int, fn: Callable[..., Any], with_stream_idx: bool
                        ) -> None:

@@ -304,7 +304,7 @@ class Lane:
             tags, fut = inflight[0]
             if not fut.done():
                 waiting = self.now()
-                await asyncio.wait((fut,))  # not `await fut`: our cancellation is not its
+                await self._until_done(fut)
                 self.device_wait_s += self.now() - waiting
             inflight.popleft()
             outputs = fut.result()  # a device fault raises: the task set reports it
@@ -313,6 +313,21 @@ class Lane:
             if self._traced_flight and self._traced_flight[0][0] is fut:
                 traced = self._trace_device(ready)
             await self._deliver(tags, outputs, ready, traced)
+
+    async def _until_done(self, fut: asyncio.Future[list[Frame]]) -> None:
+        """Wait for ``fut`` without awaiting it: our cancellation is not its (what
+        ``asyncio.wait((fut,))`` does, without its set, timeout and bookkeeping)."""
+        waiter = self._loop.create_future()
+
+        def done(_fut: asyncio.Future[list[Frame]]) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        fut.add_done_callback(done)
+        try:
+            await waiter
+        finally:
+            fut.remove_done_callback(done)
 
     async def _deliver(self, tags: list[Tag], outputs: list[Frame], ready: float,
                        traced: list[Traced] | None = None) -> None:

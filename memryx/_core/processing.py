@@ -184,6 +184,10 @@ def conform(data: Any, specs: Sequence[PortSpec], what: str = "frame", *, copy: 
     A frame matches its port's shape exactly, or leaves out a leading batch
     dimension of 1. The dtype must match exactly: nothing is cast silently.
     """
+    if type(data) is np.ndarray and len(specs) == 1:  # the common case, checked cheaply
+        spec = specs[0]
+        if data.dtype == spec.dtype and data.shape == spec.shape:
+            return [data.copy() if copy else data]  # ndarray.copy() is C-contiguous
     model_idx = specs[0].model_idx if specs else 0
     items = as_array_list(data, len(specs), model_idx, what)
     out = []

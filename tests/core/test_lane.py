@@ -132,3 +132,21 @@ async def test_a_device_that_refuses_a_submit_is_a_fault(identity_dfp):
     await asyncio.sleep(0)
     assert [str(f) for f in faults] == ["closed"]
     await tasks.aclose()
+
+
+async def test_a_collector_cancelled_while_it_waits_leaves_the_device_future_alone(
+        identity_dfp):
+    """The collector waits for the oldest batch without awaiting its future: cancelling
+    the collector neither cancels the device's future nor leaves a callback on it."""
+    lane, device, tasks, faults = await make(identity_dfp, batch=1)
+    sink = Collect()
+    lane.put((sink, 0, 0.0), frame(0))
+    await asyncio.sleep(0.01)
+    (_, fut), = device.submits
+    assert len(fut._callbacks) == 1  # type: ignore[attr-defined]  # the collector's wait
+    await tasks.aclose()
+    assert not fut.cancelled() and not fut.done()
+    assert not fut._callbacks  # type: ignore[attr-defined]
+    device.answer(0)  # answered after the stop: nothing is delivered, nothing fails
+    await asyncio.sleep(0.01)
+    assert sink.got == [] and faults == []
