@@ -18,6 +18,11 @@ x86 CPUs). Both give the same outputs within float tolerance.
   finished. Its *staleness* is how many frames of that stream lie between the
   two (0: its own outputs).
 
+Outputs either strategy keeps are read-only, and each receiver gets a writeable
+copy of its own: one copy per frame answered from kept outputs, the price of
+outputs a receiver may keep and modify as it can on the chip (handing out shared
+read-only arrays would save it, and break code that writes into its outputs).
+
 This module knows nothing of pacing, futures or the event loop: the device
 (:mod:`.simulated`) calls it from its loop and its worker threads.
 """
@@ -202,7 +207,17 @@ def frame_key(frame: Frame) -> bytes:
 
 
 def _copy(outputs: Frame) -> Frame:
+    """The receiver's own (writeable) copy of kept outputs."""
     return [a.copy() for a in outputs]
+
+
+def _keep(outputs: Frame) -> Frame:
+    """``outputs`` made read-only, to be kept and handed out only as copies: a path that
+    handed out the kept arrays themselves would fail loudly at the receiver's first write,
+    never corrupt what later frames get."""
+    for a in outputs:
+        a.flags.writeable = False
+    return outputs
 
 
 class ReuseCache:
@@ -252,7 +267,7 @@ class ReuseCache:
         try:
             outputs = run(frame)
             with self._lock:
-                self._entries[key] = _copy(outputs)
+                self._entries[key] = _keep(_copy(outputs))
                 while len(self._entries) > self.size:
                     self._entries.popitem(last=False)
                     self.evictions += 1
@@ -369,7 +384,7 @@ class Sampler:
         if st is None:  # pragma: no cover - a stream with a running frame is never dropped
             return
         newest = next(reversed(st.done), -1)
-        st.done[seq] = outputs
+        st.done[seq] = _keep(outputs)  # not handed out: no copy needed to keep them
         if seq < newest:  # finished out of order: keep them in seq order
             st.done = OrderedDict(sorted(st.done.items()))
         while len(st.done) > self.KEEP:

@@ -5,19 +5,24 @@ thread when the graph is cheaper than a thread hop, else on a worker thread, up
 to ``concurrency`` batches of a model at once) and resolves its future when
 the outputs are due. The modes say what is computed and when it is released;
 the *paced* ones release like the chip would: frame *i* enters the modeled
-pipeline at ``entry_i = max(arrival_i, entry_{i-1} + 1/fps)`` and leaves at
-``entry_i + latency`` (fps and latency from the DFP's performance model, see
-:mod:`memryx.timing`); frames go in one per ``submit`` so that each is released
-at its own time.
+pipeline at its slot ``slot_i = slot_{i-1} + 1/fps``, or when it arrives if that
+is later, and leaves at ``entry_i + latency`` (fps and latency from the DFP's
+performance model, see :mod:`memryx.timing`). A frame up to ``queue_depth``
+slots late (a host stall between the source and the device) does not move the
+slots after it: the frames behind it catch up, so a stall costs no throughput;
+a later one restarts the slots at its arrival (see :class:`_Pacer`). Frames go
+in one per ``submit`` so that each is released at its own time; one wake-up per
+model releases every frame that is due.
 
 * ``"timed"`` (default): every frame computed, paced.
 * ``"reuse"``: paced; each distinct frame computed once, identical frames get
   a copy of its outputs (a bounded LRU cache of ``cache_size`` frames).
 * ``"sampled"``: paced; a frame is computed in the background when a compute
   slot is free (``concurrency`` slots, default 1); when due, every frame gets
-  the outputs of the newest frame of the same model, at or before it, whose
-  computation has finished (its staleness, in frames of that model, is counted
-  in ``statistics()``).
+  the outputs of the newest frame of the same *stream*, at or before it, whose
+  computation has finished (its staleness, in frames of that stream, is counted
+  in ``statistics()``, per stream and as a histogram). The stream comes from the
+  core (``submit``'s ``streams``); frames without one form one stream.
 * ``"shapes"``: paced; zeros of the right shapes and dtypes, nothing computed.
 * ``"fast"``: every frame computed, unpaced: as fast as the host computes them.
 * ``"shapes-unpaced"``: zeros, nothing computed, unpaced.
@@ -36,7 +41,8 @@ the mode that would keep chip timing.
 
 The device keeps no queues: the core's frame budget bounds what is in flight,
 from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
-as many on the way out, plus the frames inside the modeled chip).
+as many on the way out, plus the frames inside the modeled chip; ``queue_depth``
+is 16 by default in the modes that compute little, 4 in the others).
 """
 
 from __future__ import annotations
