@@ -118,6 +118,9 @@ LATE_MIN = LATE_WINDOW
 LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
+#: The shortest time between two release wake-ups of a model (frames due meanwhile are
+#: released together, at most this late).
+RELEASE_TICK_S = 0.0003
 #: How much earlier than aimed a paced wake-up may come and still release its frame.
 EARLY_WAKE_S = 0.0005
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
@@ -188,7 +191,7 @@ class _Model:
     sampler: Sampler | None = None
     jobs: deque[_Job] = field(default_factory=deque)
     parked: deque[tuple[_Job, Slots, float]] = field(default_factory=deque)
-    """Sampled mode: jobs due before any frame of the model was computed."""
+    """Sampled mode: jobs due before any frame of their stream was computed."""
     error: DeviceError | None = None
     """Sampled mode: a failed computation whose own frame was answered already."""
     workers: int = 0
@@ -514,7 +517,9 @@ class SimulatedDevice:
             _, _, job, outputs = heapq.heappop(due)
             self._resolve(model, job, outputs, None)
         if due and model.timer is None and not self._closed:
-            self._arm(model, due[0][0], now)
+            # frames due closer together than a tick go out together: the wake-ups, not the
+            # frames, are what cost the loop at high rates (the schedule does not slip)
+            self._arm(model, max(due[0][0], now + RELEASE_TICK_S), now)
 
     def _resolve(self, model: _Model, job: _Job, outputs: Slots,
                  release: float | None) -> None:
