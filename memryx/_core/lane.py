@@ -61,6 +61,8 @@ Frame = list[Array]
 #: The most frames one model may have in flight, whatever the device says (a DFP
 #: compiled with an absurd latency must not hold gigabytes in flight).
 MAX_FRAME_BUDGET = 256
+#: The stream of request frames whose receiver cannot be weakly referenced.
+SHARED_REQUEST_STREAM = -(1 << 62)
 #: Latency samples kept per model and per stream for percentiles.
 LATENCY_SAMPLES = 4096
 
@@ -307,9 +309,12 @@ class Lane:
             if sink is None:
                 out.append(key)
                 continue
-            tag = self._request_streams.get(sink)
-            if tag is None:
-                tag = self._request_streams[sink] = next(self._next_request_stream)
+            try:
+                tag = self._request_streams.get(sink)
+                if tag is None:
+                    tag = self._request_streams[sink] = next(self._next_request_stream)
+            except TypeError:  # a receiver that cannot be weakly referenced: one shared stream
+                tag = SHARED_REQUEST_STREAM
             out.append(tag)
         return out
 

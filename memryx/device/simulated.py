@@ -496,6 +496,9 @@ class SimulatedDevice:
         assert self._loop is not None
         if model.timer is not None:
             model.timer.cancel()
+            model.timer = None
+        if self._closed:  # a computation that finished after the close: nothing to wake
+            return
         when = self._loop.time() + (release - now) - model.oversleep
         model.timer = self._loop.call_at(when, self._due, model)
         model.timer_at = release
