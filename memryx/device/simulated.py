@@ -485,7 +485,8 @@ class SimulatedDevice:
         now = time.monotonic()
         if release - now > 0:  # wait in the model's heap for its time
             heapq.heappush(model.due, (release, next(self._order), job, outputs))
-            if model.timer is None or release < model.timer_at:
+            # (a job due within a tick of the armed wake-up goes out with it)
+            if model.timer is None or release + RELEASE_TICK_S < model.timer_at:
                 self._arm(model, release, now)
             return
         self._resolve(model, job, outputs, release)
@@ -580,9 +581,8 @@ class SimulatedDevice:
         now = time.monotonic()
         sampler = model.sampler
         assert sampler is not None
-        waiting: deque[tuple[_Job, Slots, float]] = deque()
-        while model.parked:  # answer every job that can be now, each stream in order
-            parked = model.parked.popleft()
+        pending, model.parked = model.parked, deque()
+        for parked in pending:  # answer every job that can be now; the others wait again
             job, outputs, release = parked
             if job.future.done():  # failed or cancelled meanwhile
                 for t, _ in job.seqs:
@@ -590,8 +590,7 @@ class SimulatedDevice:
             elif all(sampler.can_answer(t, q) for t, q in job.seqs):
                 self._resolve(model, job, outputs, release if now > release else None)
             else:
-                waiting.append(parked)
-        model.parked = waiting
+                model.parked.append(parked)
 
     def _lost(self, model: _Model) -> DeviceError:
         lost = model.frames_in - model.frames_out
