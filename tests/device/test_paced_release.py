@@ -380,3 +380,36 @@ def test_reuse_with_a_full_cache_and_many_distinct_frames_in_flight_stays_exact(
         assert values == [s * 1000 + k % 7 for k in range(1, per_stream + 1)]
     assert reuse["entries"] <= 1 and reuse["evictions"] > 0
     assert reuse["hits"] + reuse["misses"] == n_streams * per_stream
+
+
+@pytest.mark.asyncio
+async def test_a_failed_stream_recomputed_on_the_loop_answers_every_parked_frame():
+    # a graph cheap enough to run on the loop: the frame computed while answering parked
+    # ones re-enters the parked queue's bookkeeping; no frame may be lost there
+    dfp = identity(fps=5000, latency_ms=1)
+    dev = SimulatedDevice(mode="sampled")
+    await dev.open(dfp, 0)
+    m = dev._models[0]
+    real = m.run
+    assert real is not None
+    fails = {"n": 1}
+
+    def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
+        if fails["n"]:
+            fails["n"] -= 1
+            raise RuntimeError("boom")
+        return real(frame)
+
+    m.run, m.frame_cost, m.costed = flaky, 0.0, True  # computed inline, on the loop
+    try:
+        futs = [dev.submit(0, [[np.full((1, 4), k, np.float32)]], [k % 3]) for k in range(30)]
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1 and "boom" in str(failed[0])
+        for k, r in enumerate(results):
+            if not isinstance(r, BaseException):
+                v = float(r[0][0][0, 0])
+                assert v % 3 == k % 3 and v <= k  # its own stream's, never a later frame's
+        assert not m.parked
+    finally:
+        await dev.aclose()
