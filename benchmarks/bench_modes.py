@@ -34,6 +34,8 @@ DISTINCT = 8
 #: The shallower device queue tried besides these modes' default of 16 (the default of the
 #: other modes).
 SHALLOW = 4
+#: Outputs never counted in a rate: more than any frame budget of these runs (see ``_rate``).
+SETTLE = 100
 
 
 def _models(quick: bool) -> list[tuple[str, Any]]:
@@ -83,12 +85,19 @@ def _run(dfp: Any, mode: str, duration: float, warmup: float, **options: Any
 
 def _rate(t_out: list[float], warmup: float) -> float:
     """Outputs per second from ``warmup`` s after the first output to the last one
-    (counting outputs, not gaps: unpaced modes deliver in bursts)."""
+    (counting outputs, not gaps: unpaced modes deliver in bursts), and never from before
+    the ``SETTLE``-th output: ``reuse`` computes its distinct frames first, and the frames
+    queued behind them come out in one burst when they are done (late, counted as late).
+    NaN when what is left of a run of many outputs spans less than half a second."""
     if len(t_out) < 2:
         return float("nan")
     t0 = t_out[0] + warmup
     if t_out[-1] - t0 < 1.0:  # a run too slow for a warm-up: the whole run
         t0 = t_out[0]
+    if len(t_out) > 2 * SETTLE:  # (a run this long has settled or says it has not)
+        t0 = max(t0, t_out[SETTLE])
+        if t_out[-1] - t0 < 0.5:
+            return float("nan")
     n = sum(1 for t in t_out if t > t0)
     return n / (t_out[-1] - t0)
 
