@@ -252,6 +252,8 @@ class FaultyDevice:
         self.inner = inner
         self.script = script
         self.name = f"faulty:{inner.name}"
+        #: Stream tags pass through to an inner device that takes them.
+        self.takes_streams = bool(getattr(inner, "takes_streams", False))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models: list[_ModelState] = []
         self._submitted = 0
@@ -310,12 +312,13 @@ class FaultyDevice:
         self._update_telemetry(force=True)
         return self._telemetry
 
-    def submit(self, model_idx: int, frames: list[Frame]) -> asyncio.Future[list[Frame]]:
+    def submit(self, model_idx: int, frames: list[Frame],
+               streams: list[int] | None = None) -> asyncio.Future[list[Frame]]:
         if self._closed:
             raise ClosedError("the device is closed")
         assert self._loop is not None, "submit() before open()"
         if not 0 <= model_idx < len(self._models):
-            return self.inner.submit(model_idx, frames)  # the inner device names the problem
+            return self._inner_submit(model_idx, frames, streams)  # it names the problem
         out: asyncio.Future[list[Frame]] = self._loop.create_future()
         if self._dead is not None:
             _fail(out, DeviceError(str(self._dead), lost_frames=len(frames)))
@@ -343,10 +346,16 @@ class FaultyDevice:
                 self._fired.add(i)
         model = self._models[model_idx]
         job = _Job(first=first, frames=len(frames), out=out, submitted=now)
-        inner = self.inner.submit(model_idx, frames)  # may raise (closed): then no job waits
+        inner = self._inner_submit(model_idx, frames, streams)  # may raise (closed): no job
         model.jobs.append(job)
         inner.add_done_callback(lambda fut: self._inner_done(model, job, fut))
         return out
+
+    def _inner_submit(self, model_idx: int, frames: list[Frame], streams: list[int] | None
+                      ) -> asyncio.Future[list[Frame]]:
+        if streams is not None and self.takes_streams:
+            return self.inner.submit(model_idx, frames, streams)  # type: ignore[call-arg]
+        return self.inner.submit(model_idx, frames)
 
     def statistics(self) -> dict[str, Any]:
         stats = dict(self.inner.statistics())

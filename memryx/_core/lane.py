@@ -31,7 +31,9 @@ latency of a frame is about ``budget`` device frame times.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ Frame = list[Array]
 #: The most frames one model may have in flight, whatever the device says (a DFP
 #: compiled with an absurd latency must not hold gigabytes in flight).
 MAX_FRAME_BUDGET = 256
+#: The stream of request frames whose receiver cannot be weakly referenced.
+SHARED_REQUEST_STREAM = -(1 << 62)
 #: Latency samples kept per model and per stream for percentiles.
 LATENCY_SAMPLES = 4096
 
@@ -160,6 +164,13 @@ class Lane:
         self._traced: list[Traced] = []
         self._traced_flight: deque[tuple[asyncio.Future[list[Frame]], list[Traced], float,
                                          list[float]]] = deque()
+        # Devices that tell streams apart (``takes_streams``) get each frame's stream: the
+        # callback stream's index, or for requests a number < 0 per receiver (run call,
+        # astream, send/receive), kept as long as the receiver lives.
+        self._takes_streams = bool(getattr(device, "takes_streams", False))
+        self._request_streams: weakref.WeakKeyDictionary[Any, int] = \
+            weakref.WeakKeyDictionary()
+        self._next_request_stream = itertools.count(-1, -1)
 
     def start(self, tasks: TaskSet) -> None:
         tasks.spawn(self._collect(), f"collect-{self.idx}")
@@ -278,7 +289,11 @@ class Lane:
         limit = max(1, self.limits.batch)
         try:
             for i in range(0, len(frames), limit):
-                fut = self.device.submit(self.idx, frames[i:i + limit])
+                if self._takes_streams:
+                    fut = self.device.submit(self.idx, frames[i:i + limit],  # type: ignore[call-arg]
+                                             self._streams_of(tags[i:i + limit]))
+                else:
+                    fut = self.device.submit(self.idx, frames[i:i + limit])
                 self._inflight.append((tags[i:i + limit], fut))
                 if traced is not None:
                     self._trace_submit(fut, traced, len(frames), i, min(len(frames), i + limit))
@@ -288,6 +303,22 @@ class Lane:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
+
+    def _streams_of(self, tags: list[Tag]) -> list[int]:
+        """The stream of each frame, for a device that tells them apart."""
+        out = []
+        for sink, key, _ in tags:
+            if sink is None:
+                out.append(key)
+                continue
+            try:
+                tag = self._request_streams.get(sink)
+                if tag is None:
+                    tag = self._request_streams[sink] = next(self._next_request_stream)
+            except TypeError:  # a receiver that cannot be weakly referenced: one shared stream
+                tag = SHARED_REQUEST_STREAM
+            out.append(tag)
+        return out
 
     # -- frames out ----------------------------------------------------------------------------
     async def _collect(self) -> None:

@@ -12,10 +12,16 @@ x86 CPUs). Both give the same outputs within float tolerance.
   bounded LRU of ``cache_size`` entries; identical frames in flight at once are
   computed once (the later ones wait for the first).
 * :class:`Sampler` (mode ``"sampled"``): the device starts computing a frame
-  only when a compute slot is free, in the background; when a frame is due it
-  gets a copy of the outputs of the newest frame *of the same model*, at or
-  before it, whose computation has finished. Its *staleness* is how many
-  frames of the model lie between the two (0: its own outputs).
+  only when a compute slot is free (or when its stream has nothing computed
+  yet), in the background; when a frame is due it gets a copy of the outputs of
+  the newest frame *of the same stream*, at or before it, whose computation has
+  finished. Its *staleness* is how many frames of that stream lie between the
+  two (0: its own outputs).
+
+Outputs either strategy keeps are read-only, and each receiver gets a writeable
+copy of its own: one copy per frame answered from kept outputs, the price of
+outputs a receiver may keep and modify as it can on the chip (handing out shared
+read-only arrays would save it, and break code that writes into its outputs).
 
 This module knows nothing of pacing, futures or the event loop: the device
 (:mod:`.simulated`) calls it from its loop and its worker threads.
@@ -23,6 +29,7 @@ This module knows nothing of pacing, futures or the event loop: the device
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +38,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -199,7 +207,17 @@ def frame_key(frame: Frame) -> bytes:
 
 
 def _copy(outputs: Frame) -> Frame:
+    """The receiver's own (writeable) copy of kept outputs."""
     return [a.copy() for a in outputs]
+
+
+def _keep(outputs: Frame) -> Frame:
+    """``outputs`` made read-only, to be kept and handed out only as copies: a path that
+    handed out the kept arrays themselves would fail loudly at the receiver's first write,
+    never corrupt what later frames get."""
+    for a in outputs:
+        a.flags.writeable = False
+    return outputs
 
 
 class ReuseCache:
@@ -249,7 +267,7 @@ class ReuseCache:
         try:
             outputs = run(frame)
             with self._lock:
-                self._entries[key] = _copy(outputs)
+                self._entries[key] = _keep(_copy(outputs))
                 while len(self._entries) > self.size:
                     self._entries.popitem(last=False)
                     self.evictions += 1
@@ -266,86 +284,175 @@ class ReuseCache:
                     "hit_rate": self.hits / total if total else None, "hash": HASH}
 
 
+@dataclass
+class _Stream:
+    """What :class:`Sampler` knows of one stream."""
+
+    next_seq: int = 0
+    running: int = 0
+    """Computations of this stream's frames not finished yet."""
+    unanswered: int = 0
+    """Frames numbered and not answered yet."""
+    done: OrderedDict[int, Frame] = field(default_factory=OrderedDict)
+    """seq -> outputs of the newest finished computations, seq ascending."""
+    floor: tuple[int, Frame] | None = None
+    """The newest finished one dropped from ``done``."""
+    fresh: int = 0
+    stale: int = 0
+    max_staleness: int = 0
+    staleness_sum: int = 0
+
+
+#: Staleness histogram buckets: an output counts in the first bucket whose bound it does not
+#: exceed (frames of its stream); the last one counts the rest.
+STALENESS_BUCKETS = (0, 1, 3, 7, 15, 31, 63, 127, 255)
+
+
 class Sampler:
     """Bookkeeping of mode ``"sampled"`` for one model (loop thread only).
 
-    Frames are numbered in submission order. A frame is *computed* (in the
-    background) when fewer than ``slots`` computations are running. Every frame,
-    computed or not, is answered when it is due with the outputs of the newest
-    frame numbered at or before it whose computation has finished: its own
-    (staleness 0) or an earlier one (staleness = the difference of the numbers).
+    Frames are numbered in submission order *per stream*. A frame is *computed*
+    (in the background) when fewer than ``slots`` computations are running, or
+    when its stream has no computation running and none finished (so every
+    stream gets real outputs of its own). Every frame, computed or not, is
+    answered when it is due with the outputs of the newest frame *of its stream*,
+    numbered at or before it, whose computation has finished: its own (staleness 0)
+    or an earlier one (staleness = the difference of the numbers, in frames of the
+    stream).
+
+    The state of at most ``MAX_STREAMS`` streams is kept: the least recently used
+    stream with no frame in flight is forgotten (its next frame starts afresh).
     """
 
-    KEEP = 64  # finished outputs kept, newest first, to answer frames due out of step
+    KEEP = 64  # finished outputs kept per stream, to answer frames due out of step
+    MAX_STREAMS = 1024
+    REPORTED_STREAMS = 64  # streams listed one by one in statistics()
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self.next_seq = 0
         self.running = 0
-        self._done: OrderedDict[int, Frame] = OrderedDict()  # seq -> outputs, seq ascending
-        self._floor: tuple[int, Frame] | None = None  # the newest finished one dropped
+        self._streams: OrderedDict[int, _Stream] = OrderedDict()
         self.computed = 0
         self.failed = 0
         self.fresh = 0
         self.stale = 0
         self.max_staleness = 0
         self._staleness_sum = 0
+        self._histogram = [0] * (len(STALENESS_BUCKETS) + 1)
 
-    def admit(self) -> tuple[int, bool]:
-        """Number the next frame; True when it is to be computed (a slot was free)."""
-        seq = self.next_seq
-        self.next_seq += 1
-        if self.running < self.slots:
-            self.running += 1
+    def _stream(self, stream: int) -> _Stream:
+        st = self._streams.get(stream)
+        if st is None:
+            st = self._streams[stream] = _Stream()
+            if len(self._streams) > self.MAX_STREAMS:
+                idle = next((k for k, v in self._streams.items()
+                             if not v.running and not v.unanswered and k != stream), None)
+                if idle is not None:
+                    del self._streams[idle]
+        else:
+            self._streams.move_to_end(stream)
+        return st
+
+    def admit(self, stream: int = 0) -> tuple[int, bool]:
+        """Number the next frame of ``stream``; True when it is to be computed (a slot is
+        free, or its stream has nothing else to answer it with)."""
+        st = self._stream(stream)
+        seq = st.next_seq
+        st.next_seq += 1
+        st.unanswered += 1
+        if self.running < self.slots or not (st.running or st.done or st.floor):
+            self.start(stream)
             return seq, True
         return seq, False
 
-    def computed_one(self, seq: int, outputs: Frame | None) -> None:
-        """A computation finished (``outputs`` None: it failed); its slot is free."""
+    def start(self, stream: int) -> None:
+        """A computation of one of ``stream``'s frames starts (``computed_one`` ends it)."""
+        self.running += 1
+        self._stream(stream).running += 1
+
+    def computed_one(self, stream: int, seq: int, outputs: Frame | None) -> None:
+        """A computation finished (``outputs`` None: it failed); its slot is free. The
+        outputs are kept as they are (their arrays are handed out only as copies)."""
         self.running -= 1
+        st = self._streams.get(stream)
+        if st is not None:
+            st.running -= 1
         if outputs is None:
             self.failed += 1
             return
         self.computed += 1
-        newest = next(reversed(self._done), -1)
-        self._done[seq] = _copy(outputs)  # the computation's arrays are handed out below
+        if st is None:  # pragma: no cover - a stream with a running frame is never dropped
+            return
+        newest = next(reversed(st.done), -1)
+        st.done[seq] = _keep(outputs)  # not handed out: no copy needed to keep them
         if seq < newest:  # finished out of order: keep them in seq order
-            self._done = OrderedDict(sorted(self._done.items()))
-        while len(self._done) > self.KEEP:
-            self._floor = self._done.popitem(last=False)
+            st.done = OrderedDict(sorted(st.done.items()))
+        while len(st.done) > self.KEEP:
+            st.floor = st.done.popitem(last=False)
 
-    def _source(self, seq: int) -> tuple[int, Frame] | None:
-        for s in reversed(self._done):
+    def running_for(self, stream: int) -> int:
+        """Computations of ``stream``'s frames still running."""
+        st = self._streams.get(stream)
+        return st.running if st is not None else 0
+
+    def _source(self, stream: int, seq: int) -> tuple[int, Frame] | None:
+        st = self._streams.get(stream)
+        if st is None:
+            return None
+        for s in reversed(st.done):
             if s <= seq:
-                return s, self._done[s]
-        if self._floor is not None and self._floor[0] <= seq:
-            return self._floor
+                return s, st.done[s]
+        if st.floor is not None and st.floor[0] <= seq:
+            return st.floor
         return None
 
-    def can_answer(self, seq: int) -> bool:
-        """Whether a frame numbered at or before ``seq`` has been computed."""
-        return self._source(seq) is not None
+    def can_answer(self, stream: int, seq: int) -> bool:
+        """Whether a frame of ``stream`` numbered at or before ``seq`` has been computed."""
+        return self._source(stream, seq) is not None
 
-    def outputs_for(self, seq: int) -> Frame:
-        """A copy of the outputs of the newest computed frame at or before ``seq`` (which
-        :meth:`can_answer` must have confirmed), counting its staleness."""
-        source = self._source(seq)
+    def outputs_for(self, stream: int, seq: int) -> Frame:
+        """A copy of the outputs of the newest computed frame of ``stream`` at or before
+        ``seq`` (which :meth:`can_answer` must have confirmed), counting its staleness."""
+        source = self._source(stream, seq)
         assert source is not None
+        st = self._streams[stream]
+        st.unanswered -= 1
         staleness = seq - source[0]
         if staleness:
             self.stale += 1
+            st.stale += 1
         else:
             self.fresh += 1
+            st.fresh += 1
         self.max_staleness = max(self.max_staleness, staleness)
+        st.max_staleness = max(st.max_staleness, staleness)
         self._staleness_sum += staleness
+        st.staleness_sum += staleness
+        self._histogram[bisect.bisect_left(STALENESS_BUCKETS, staleness)] += 1
         return _copy(source[1])
+
+    def forget(self, stream: int, n: int = 1) -> None:
+        """``n`` frames of ``stream`` will not be answered (failed or cancelled)."""
+        st = self._streams.get(stream)
+        if st is not None:
+            st.unanswered = max(0, st.unanswered - n)
 
     def statistics(self) -> dict[str, Any]:
         answered = self.fresh + self.stale
+        bounds = [f"<={b}" for b in STALENESS_BUCKETS] + [f">{STALENESS_BUCKETS[-1]}"]
+        streams = {}
+        for k, st in list(self._streams.items())[-self.REPORTED_STREAMS:]:
+            n = st.fresh + st.stale
+            streams[k] = {"frames": n, "fresh": st.fresh, "stale": st.stale,
+                          "staleness_max": st.max_staleness,
+                          "staleness_mean": st.staleness_sum / n if n else None}
         return {"computed": self.computed, "failed": self.failed, "slots": self.slots,
                 "fresh": self.fresh, "stale": self.stale,
                 "staleness_max": self.max_staleness,
-                "staleness_mean": self._staleness_sum / answered if answered else None}
+                "staleness_mean": self._staleness_sum / answered if answered else None,
+                "staleness_histogram": dict(zip(bounds, self._histogram, strict=True)),
+                "staleness_per": "stream",
+                "streams": streams}
 
 
 # -- device set-up ----------------------------------------------------------------------

@@ -12,7 +12,12 @@ and bounds what is in flight by the *frame budget*, computed from the device's
 :class:`Limits` (:func:`memryx._core.lane.frame_budget`). A device fault fails
 the futures of the frames in flight with :class:`~memryx.DeviceError`.
 
-The device knows nothing of callbacks, streams or threads of the core above it.
+The device knows nothing of callbacks or threads of the core above it. A device
+whose class sets ``takes_streams = True`` is also told each frame's *stream*
+(``submit(model_idx, frames, streams)``: one int per frame; a callback stream's
+index, or a number below 0 per request receiver), for strategies that work per
+stream (the simulated device's ``"sampled"`` mode); other devices are called
+without it.
 """
 
 from __future__ import annotations

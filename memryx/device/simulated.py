@@ -5,19 +5,24 @@ thread when the graph is cheaper than a thread hop, else on a worker thread, up
 to ``concurrency`` batches of a model at once) and resolves its future when
 the outputs are due. The modes say what is computed and when it is released;
 the *paced* ones release like the chip would: frame *i* enters the modeled
-pipeline at ``entry_i = max(arrival_i, entry_{i-1} + 1/fps)`` and leaves at
-``entry_i + latency`` (fps and latency from the DFP's performance model, see
-:mod:`memryx.timing`); frames go in one per ``submit`` so that each is released
-at its own time.
+pipeline at its slot ``slot_i = slot_{i-1} + 1/fps``, or when it arrives if that
+is later, and leaves at ``entry_i + latency`` (fps and latency from the DFP's
+performance model, see :mod:`memryx.timing`). A frame up to ``queue_depth``
+slots late (a host stall between the source and the device) does not move the
+slots after it: the frames behind it catch up, so a stall costs no throughput;
+a later one restarts the slots at its arrival (see :class:`_Pacer`). Frames go
+in one per ``submit`` so that each is released at its own time; one wake-up per
+model releases every frame that is due.
 
 * ``"timed"`` (default): every frame computed, paced.
 * ``"reuse"``: paced; each distinct frame computed once, identical frames get
   a copy of its outputs (a bounded LRU cache of ``cache_size`` frames).
 * ``"sampled"``: paced; a frame is computed in the background when a compute
   slot is free (``concurrency`` slots, default 1); when due, every frame gets
-  the outputs of the newest frame of the same model, at or before it, whose
-  computation has finished (its staleness, in frames of that model, is counted
-  in ``statistics()``).
+  the outputs of the newest frame of the same *stream*, at or before it, whose
+  computation has finished (its staleness, in frames of that stream, is counted
+  in ``statistics()``, per stream and as a histogram). The stream comes from the
+  core (``submit``'s ``streams``); frames without one form one stream.
 * ``"shapes"``: paced; zeros of the right shapes and dtypes, nothing computed.
 * ``"fast"``: every frame computed, unpaced: as fast as the host computes them.
 * ``"shapes-unpaced"``: zeros, nothing computed, unpaced.
@@ -36,12 +41,15 @@ the mode that would keep chip timing.
 
 The device keeps no queues: the core's frame budget bounds what is in flight,
 from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
-as many on the way out, plus the frames inside the modeled chip).
+as many on the way out, plus the frames inside the modeled chip; ``queue_depth``
+is 16 by default in the modes that compute little, 4 in the others).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -74,7 +82,7 @@ from .base import Limits
 if TYPE_CHECKING:
     from ..dfp import Dfp, ModelInfo
 
-__all__ = ["MODES", "PACED_MODES", "SimulatedDevice"]
+__all__ = ["CHEAP_MODES", "MODES", "PACED_MODES", "SimulatedDevice"]
 
 log = logging.getLogger("memryx.device.sim")
 
@@ -85,6 +93,11 @@ Slots = Sequence[Frame | None]
 MODES = ("timed", "reuse", "sampled", "shapes", "fast", "shapes-unpaced")
 #: The modes that release outputs at the modeled MX3 rate and latency.
 PACED_MODES = ("timed", "reuse", "sampled", "shapes")
+#: The paced modes that compute little: meant to keep chip timing on any host.
+CHEAP_MODES = ("reuse", "sampled", "shapes")
+#: Frames each model buffers on the way in and out, by default (see ``queue_depth``).
+DEFAULT_QUEUE_DEPTH = 4
+CHEAP_QUEUE_DEPTH = 16
 #: What to suggest when a host is too slow for the modeled rate in a mode.
 KEEPS_TIMING = {
     "timed": ("reuse", "mode='reuse' (each distinct frame computed once: for looped or "
@@ -106,6 +119,11 @@ LATE_MIN = LATE_WINDOW
 LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
+#: The shortest time between two release wake-ups of a model (frames due meanwhile are
+#: released together, at most this late).
+RELEASE_TICK_S = 0.0003
+#: How much earlier than aimed a paced wake-up may come and still release its frame.
+EARLY_WAKE_S = 0.0005
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
 FAST_BATCH = 64
 #: How long a close waits for the frame a worker thread is computing.
@@ -116,16 +134,40 @@ RUN_BATCH = 16
 
 @dataclass
 class _Pacer:
-    """Release times of one model's outputs under the timing model."""
+    """Release times of one model's outputs under the timing model.
+
+    The chip takes a frame every ``interval`` seconds while it has one: its *slots* are
+    spaced by the interval. A frame that arrives after its slot (a host stall between the
+    source and the device) enters when it arrives, but the slots that follow keep the
+    schedule, so frames waiting behind it enter as soon as they are there until the
+    schedule is met again: the stall does not cost throughput. This holds for frames up to
+    ``slack`` seconds behind the schedule (the device's input queue: frames a chip would
+    have had waiting); a frame later than that restarts the schedule at its arrival (the
+    source is slower than the chip, or paused). So the k-th frame after a restart never
+    enters before ``restart + k * interval``: the pacer never delivers more frames than
+    the chip could have since the schedule started, and it catches up on at most
+    ``slack / interval + 1`` frames at once.
+    """
 
     interval: float
     latency: float
+    slack: float = 0.0
+    slot: float = -1e18
+    """The schedule: when the last frame was due to enter."""
     last_entry: float = -1e18
     last_release: float = -1e18
+    caught_up: int = 0
+    """Frames that entered less than an interval after the one before (catching up)."""
 
     def admit(self, now: float) -> tuple[float, float]:
         """The frame arriving ``now`` enters the pipeline: its (entry, release) times."""
-        entry = max(now, self.last_entry + self.interval)
+        slot = self.slot + self.interval
+        if now > slot + self.slack:  # too far behind the schedule: restart it
+            slot = now
+        self.slot = slot
+        entry = max(now, slot)
+        if entry < self.last_entry + self.interval:
+            self.caught_up += 1
         self.last_entry = entry
         self.last_release = max(entry + self.latency, self.last_release)
         return entry, self.last_release
@@ -136,8 +178,8 @@ class _Job:
     frames: list[Frame]
     future: asyncio.Future[list[Frame]]
     times: list[tuple[float, float]]
-    seqs: list[int] = field(default_factory=list)
-    """Sampled mode: the frames' numbers."""
+    seqs: list[tuple[int, int]] = field(default_factory=list)
+    """Sampled mode: the frames' streams and numbers in their streams."""
 
 
 @dataclass
@@ -150,7 +192,7 @@ class _Model:
     sampler: Sampler | None = None
     jobs: deque[_Job] = field(default_factory=deque)
     parked: deque[tuple[_Job, Slots, float]] = field(default_factory=deque)
-    """Sampled mode: jobs due before any frame of the model was computed."""
+    """Sampled mode: jobs due before any frame of their stream was computed."""
     error: DeviceError | None = None
     """Sampled mode: a failed computation whose own frame was answered already."""
     workers: int = 0
@@ -162,6 +204,11 @@ class _Model:
     host_slower: bool = False
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     """Per frame: from entering the (modeled) chip to leaving the device."""
+    due: list[tuple[float, int, _Job, Slots]] = field(default_factory=list)
+    """Paced modes: jobs whose outputs are ready and not due yet, a heap by release time."""
+    timer: Timer | None = None
+    """The one wake-up armed for the earliest of ``due``, at ``timer_at`` (monotonic)."""
+    timer_at: float = 0.0
     oversleep: float = 0.0
     """How late the loop wakes a timer, learnt as it runs (seconds)."""
     frame_cost: float = 1.0
@@ -197,6 +244,9 @@ class SimulatedDevice:
             in ``"sampled"`` mode: the frames computed at once, default 1).
         queue_depth: frames each model buffers on the way in, and outputs on the way
             out; with the frames inside the modeled chip they make the frame budget.
+            Default: 16 in the modes that compute little (:data:`CHEAP_MODES`), whose
+            thread hops and host stalls a deeper budget rides out, else 4 (a frame's
+            latency with a source faster than the chip is about a budget of frames).
         backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
             ``$MEMRYX_SIM_BACKEND``, else onnxruntime).
         cache_size: ``"reuse"`` mode: distinct frames whose outputs are kept (default 1024).
@@ -207,13 +257,14 @@ class SimulatedDevice:
     """
 
     name = "sim"
+    takes_streams = True
 
     def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
-                 queue_depth: int = 4, backend: str | None = None,
+                 queue_depth: int | None = None, backend: str | None = None,
                  cache_size: int | None = None, clock: Clock | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown simulated device mode {mode!r}: expected one of {MODES}")
-        check_int("queue_depth", queue_depth, allow_none=False)
+        check_int("queue_depth", queue_depth)
         check_int("concurrency", concurrency)
         check_int("groups", groups, allow_none=False)
         check_int("cache_size", cache_size)
@@ -239,10 +290,11 @@ class SimulatedDevice:
             self.concurrency = concurrency or 1
         else:
             self.concurrency = concurrency or max(1, os.cpu_count() or 1)
-        self.queue_depth = queue_depth
+        self.queue_depth = queue_depth or (
+            CHEAP_QUEUE_DEPTH if mode in CHEAP_MODES else DEFAULT_QUEUE_DEPTH)
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
-        self._timers: set[Timer] = set()
+        self._order = itertools.count()  # ties in the release heaps: first come first out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._fault: BaseException | None = None
@@ -279,7 +331,8 @@ class SimulatedDevice:
                         and latency_s >= 0):
                     raise DfpError(f"model {info.index} ({info.name!r}): modeled fps {fps!r} "
                                    f"and latency {latency_s * 1000!r} ms cannot be simulated")
-                pacer = _Pacer(1.0 / fps, latency_s)
+                # frames up to the device's input queue behind the schedule catch up
+                pacer = _Pacer(1.0 / fps, latency_s, slack=self.queue_depth / fps)
                 # frames the modeled pipeline holds at full rate, plus the one entering
                 in_chip = max(1, min(1 << 20, math.ceil(latency_s * fps))) + 1
             self._models.append(_Model(
@@ -313,8 +366,11 @@ class SimulatedDevice:
         return Limits(in_queue=self.queue_depth, in_chip=m.in_chip,
                       out_queue=self.queue_depth, batch=batch)
 
-    def submit(self, model_idx: int, frames: list[Frame]) -> asyncio.Future[list[Frame]]:
+    def submit(self, model_idx: int, frames: list[Frame],
+               streams: Sequence[int] | None = None) -> asyncio.Future[list[Frame]]:
         model = self._model(model_idx)
+        if streams is not None and len(streams) != len(frames):
+            raise ValueError(f"{len(streams)} stream tags for {len(frames)} frames")
         assert self._loop is not None
         fut: asyncio.Future[list[Frame]] = self._loop.create_future()
         if self._fault is not None:
@@ -329,18 +385,25 @@ class SimulatedDevice:
             return fut
         if model.sampler is not None:
             # every frame is answered when due; those given a slot are computed meanwhile
-            plan = [model.sampler.admit() for _ in frames]
-            job.seqs = [seq for seq, _ in plan]
-            todo = [(f, seq) for f, (seq, c) in zip(frames, plan, strict=True) if c]
+            # (per stream: a frame gets the outputs of its own stream's frames)
+            tags = streams if streams is not None else [0] * len(frames)
+            plan = [(tag, *model.sampler.admit(tag)) for tag in tags]
+            job.seqs = [(tag, seq) for tag, seq, _ in plan]
+            todo = [(f, (tag, seq)) for f, (tag, seq, c) in zip(frames, plan, strict=True) if c]
             self._release(model, job, [None] * len(frames))
             if not todo:
                 return fut
-            job = _Job([f for f, _ in todo], fut, [], seqs=[seq for _, seq in todo])
+            job = _Job([f for f, _ in todo], fut, [], seqs=[ts for _, ts in todo])
         if model.cache is not None:
             hits = model.cache.cached(frames)  # hits cost a hash and a copy: no thread hop
             if hits is not None:
                 self._release(model, job, hits)
                 return fut
+        self._schedule(model, job)
+        return fut
+
+    def _schedule(self, model: _Model, job: _Job) -> None:
+        """Compute the frames of ``job``: here, or queued for a worker thread."""
         if (model.frame_cost < INLINE_COST_S and not model.workers) or self.clock.virtual:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
             self._computed(model, job, self._compute(model, job.frames))
@@ -349,8 +412,7 @@ class SimulatedDevice:
             if model.workers < self.concurrency:
                 model.workers += 1
                 assert self._tasks is not None
-                self._tasks.spawn(self._work(model), f"compute-{model_idx}")
-        return fut
+                self._tasks.spawn(self._work(model), f"compute-{model.info.index}")
 
     async def _work(self, model: _Model) -> None:
         """Compute queued batches on a worker thread: what is queued goes in one hop."""
@@ -406,19 +468,26 @@ class SimulatedDevice:
             self._release(model, job, outputs)
             return
         done: Slots = [None] * len(job.seqs) if isinstance(outputs, DeviceError) else outputs
-        for seq, out in zip(job.seqs, done, strict=True):
-            sampler.computed_one(seq, out)
+        for (tag, seq), out in zip(job.seqs, done, strict=True):
+            sampler.computed_one(tag, seq, out)
         if isinstance(outputs, DeviceError):  # reaches the frame's receiver, or the next one's
             if not job.future.done():
                 job.future.set_exception(outputs)
             else:
                 model.error = outputs
-            if not sampler.running and model.parked:  # nothing left that could answer them
-                for parked, _, _ in model.parked:
-                    if not parked.future.done():
-                        parked.future.set_exception(outputs)
-                model.parked.clear()
-                model.error = None
+            # parked frames of streams with nothing left that could answer them fail too
+            keep: deque[tuple[_Job, Slots, float]] = deque()
+            for parked in model.parked:
+                if all(sampler.running_for(t) or sampler.can_answer(t, q)
+                       for t, q in parked[0].seqs):
+                    keep.append(parked)
+                    continue
+                for t, _ in parked[0].seqs:
+                    sampler.forget(t)
+                if not parked[0].future.done():
+                    parked[0].future.set_exception(outputs)
+                    model.error = None  # it reached a receiver
+            model.parked = keep
         self._unpark(model)
 
     def _release(self, model: _Model, job: _Job, outputs: Slots | DeviceError) -> None:
@@ -434,39 +503,70 @@ class SimulatedDevice:
         assert self._loop is not None
         release = job.times[-1][1]
         now = self.clock.now()
-        if release - now > 0:
-            handle = self.clock.call_later(release - now - model.oversleep, self._due, model,
-                                           job, outputs, release)
-            self._timers.add(handle)
-            job.future.add_done_callback(lambda _f: self._forget(handle))
+        if release - now > 0:  # wait in the model's heap for its time
+            heapq.heappush(model.due, (release, next(self._order), job, outputs))
+            # (a job due within a tick of the armed wake-up goes out with it)
+            if model.timer is None or release + RELEASE_TICK_S < model.timer_at:
+                self._arm(model, release, now)
             return
         self._resolve(model, job, outputs, release)
 
-    def _forget(self, handle: Timer) -> None:
-        handle.cancel()
-        self._timers.discard(handle)
+    def _arm(self, model: _Model, release: float, now: float) -> None:
+        """(Re-)arm the model's one wake-up for ``release`` (the device clock's time), a
+        little early by what the loop is known to oversleep."""
+        if model.timer is not None:
+            model.timer.cancel()
+            model.timer = None
+        if self._closed:  # a computation that finished after the close: nothing to wake
+            return
+        model.timer = self.clock.call_later(release - now - model.oversleep, self._due, model)
+        model.timer_at = release
 
-    def _due(self, model: _Model, job: _Job, outputs: Slots, release: float) -> None:
-        late = self.clock.now() - release  # the loop wakes timers a little late: aim earlier
+    def _due(self, model: _Model) -> None:
+        """The model's wake-up: release every job that is due, in release order, at once
+        (a late wake-up releases what it owes, the schedule does not slip)."""
+        model.timer = None
+        due = model.due
+        if not due:
+            return
+        now = self.clock.now()
+        late = now - model.timer_at  # the loop wakes timers a little late: aim earlier
         model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
-        self._resolve(model, job, outputs, None)
+        # the job this wake-up was aimed at (early by ``oversleep``) is due; a wake-up far
+        # earlier than aimed (a coarse loop clock) waits again
+        horizon = max(now, min(model.timer_at, now + model.oversleep + EARLY_WAKE_S))
+        while due and due[0][0] <= horizon:
+            _, _, job, outputs = heapq.heappop(due)
+            self._resolve(model, job, outputs, None)
+        if due and model.timer is None and not self._closed:
+            # frames due closer together than a tick go out together: the wake-ups, not the
+            # frames, are what cost the loop at high rates (the schedule does not slip)
+            self._arm(model, max(due[0][0], now + RELEASE_TICK_S), now)
 
     def _resolve(self, model: _Model, job: _Job, outputs: Slots,
                  release: float | None) -> None:
         """Deliver ``outputs``; ``release`` is the time they were due when they were ready
         only after it (None: on time)."""
-        if job.future.done():
-            return
         sampler = model.sampler
+        if job.future.done():
+            if sampler is not None:
+                for t, _ in job.seqs:
+                    sampler.forget(t)
+            return
         if sampler is not None:
             if model.error is not None:  # a computation failed after its frame was answered
                 job.future.set_exception(model.error)
                 model.error = None
                 return
-            if not sampler.can_answer(job.seqs[0]):  # nothing computed yet: wait for it
-                model.parked.append((job, outputs, job.times[-1][1]))
+            if not all(sampler.can_answer(t, q) for t, q in job.seqs):
+                model.parked.append((job, outputs, job.times[-1][1]))  # wait for a computation
+                for (t, q), frame in zip(job.seqs, job.frames, strict=True):
+                    if not sampler.can_answer(t, q) and not sampler.running_for(t):
+                        # nothing of its stream could answer it (a computation failed): its own
+                        sampler.start(t)
+                        self._schedule(model, _Job([frame], job.future, [], seqs=[(t, q)]))
                 return
-            outputs = [sampler.outputs_for(seq) for seq in job.seqs]
+            outputs = [sampler.outputs_for(t, q) for t, q in job.seqs]
         now = self.clock.now()
         behind = now - release if release is not None else 0.0
         late = behind > LATE_TOLERANCE_S
@@ -497,13 +597,18 @@ class SimulatedDevice:
     def _unpark(self, model: _Model) -> None:
         """Sampled mode: a frame was computed; answer the jobs that waited for one."""
         now = self.clock.now()
-        while model.parked:
-            job, outputs, release = model.parked[0]
-            assert model.sampler is not None
-            if not model.sampler.can_answer(job.seqs[0]):
-                return
-            model.parked.popleft()
-            self._resolve(model, job, outputs, release if now > release else None)
+        sampler = model.sampler
+        assert sampler is not None
+        pending, model.parked = model.parked, deque()
+        for parked in pending:  # answer every job that can be now; the others wait again
+            job, outputs, release = parked
+            if job.future.done():  # failed or cancelled meanwhile
+                for t, _ in job.seqs:
+                    sampler.forget(t)
+            elif all(sampler.can_answer(t, q) for t, q in job.seqs):
+                self._resolve(model, job, outputs, release if now > release else None)
+            else:
+                model.parked.append(parked)
 
     def _lost(self, model: _Model) -> DeviceError:
         lost = model.frames_in - model.frames_out
@@ -537,6 +642,7 @@ class SimulatedDevice:
                 "modeled_fps": m.modeled.get("fps"),
                 "modeled_latency_ms": m.modeled.get("latency_ms"),
                 "in_chip": m.in_chip,
+                "caught_up_frames": m.pacer.caught_up if m.pacer is not None else 0,
                 "queued": sum(len(j.frames) for j in m.jobs),
                 "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,
             }
@@ -555,10 +661,13 @@ class SimulatedDevice:
         if self._closed:
             return
         self._closed = True
-        for handle in list(self._timers):
-            handle.cancel()
-        self._timers.clear()
         for m in self._models:
+            if m.timer is not None:
+                m.timer.cancel()
+                m.timer = None
+            for _, _, job, _ in m.due:
+                job.future.cancel()
+            m.due.clear()
             for job in [*m.jobs, *(p[0] for p in m.parked)]:
                 job.future.cancel()
             m.jobs.clear()

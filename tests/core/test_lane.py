@@ -150,3 +150,53 @@ async def test_a_collector_cancelled_while_it_waits_leaves_the_device_future_alo
     device.answer(0)  # answered after the stop: nothing is delivered, nothing fails
     await asyncio.sleep(0.01)
     assert sink.got == [] and faults == []
+
+
+class TaggedDevice(FakeDevice):
+    """A device that tells streams apart: records the stream tags it is given."""
+
+    takes_streams = True
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(batch)
+        self.streams: list[list[int]] = []
+
+    def submit(self, model_idx: int, frames: list[Any], streams: list[int] | None = None
+               ) -> asyncio.Future[list[Any]]:
+        assert streams is not None and len(streams) == len(frames)
+        self.streams.append(list(streams))
+        return super().submit(model_idx, frames)
+
+
+class SlottedSink:
+    """A receiver that cannot be weakly referenced."""
+
+    __slots__ = ("got",)
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    def deliver(self, key: int, outputs: Any) -> None:
+        self.got.append(key)
+
+    def fail(self, exc: BaseException) -> None:  # pragma: no cover - not failed here
+        raise exc
+
+
+async def test_a_device_that_takes_streams_gets_each_frames_stream(identity_dfp):
+    device = TaggedDevice(batch=16)
+    faults: list[BaseException] = []
+    lane = Lane(identity_dfp.models[0], device, device.limits(0), faults.append)  # type: ignore[arg-type]
+    tasks = TaskSet("test", faults.append)
+    lane.start(tasks)
+    a, b, slotted = Collect(), Collect(), SlottedSink()
+    # callback frames carry their stream index; each receiver is a stream of its own (< 0)
+    lane.put_many([(None, 3, 0.0), (a, 0, 0.0), (b, 0, 0.0), (a, 1, 0.0), (None, 5, 0.0),
+                   (slotted, 0, 0.0), (slotted, 1, 0.0)], [frame(i) for i in range(7)])
+    await asyncio.sleep(0)
+    (tags,) = device.streams
+    assert tags[0] == 3 and tags[4] == 5
+    assert tags[1] == tags[3] < 0 and tags[2] < 0 and tags[2] != tags[1]
+    assert tags[5] == tags[6] < 0 and tags[5] not in (tags[1], tags[2])
+    assert not faults
+    await tasks.aclose()

@@ -231,22 +231,58 @@ def test_sampler_unit_staleness_and_waiting_for_the_first_computed_frame():
     s = Sampler(slots=1)
     assert s.admit() == (0, True)
     assert s.admit() == (1, False)  # the slot is busy
-    assert not s.can_answer(0) and not s.can_answer(1)  # nothing computed yet: they wait
-    s.computed_one(0, [np.zeros(2)])
-    assert s.outputs_for(0)[0].tolist() == [0, 0]  # its own: fresh
-    assert s.outputs_for(1)[0].tolist() == [0, 0]  # frame 0's: 1 stale
+    assert not s.can_answer(0, 0) and not s.can_answer(0, 1)  # nothing computed yet: wait
+    s.computed_one(0, 0, [np.zeros(2)])
+    assert s.outputs_for(0, 0)[0].tolist() == [0, 0]  # its own: fresh
+    assert s.outputs_for(0, 1)[0].tolist() == [0, 0]  # frame 0's: 1 stale
     assert s.admit() == (2, True)
     assert s.admit() == (3, False)
-    assert s.outputs_for(2)[0].tolist() == [0, 0]  # its computation not done when due
-    assert s.outputs_for(3)[0].tolist() == [0, 0]
-    s.computed_one(2, None)  # a failed computation frees its slot
+    assert s.outputs_for(0, 2)[0].tolist() == [0, 0]  # its computation not done when due
+    assert s.outputs_for(0, 3)[0].tolist() == [0, 0]
+    s.computed_one(0, 2, None)  # a failed computation frees its slot
     assert s.admit() == (4, True)
-    s.computed_one(4, [np.ones(2)])
-    assert s.outputs_for(4)[0].tolist() == [1, 1]
+    s.computed_one(0, 4, [np.ones(2)])
+    assert s.outputs_for(0, 4)[0].tolist() == [1, 1]
     stats = s.statistics()
     assert stats["fresh"] == 2 and stats["stale"] == 3 and stats["staleness_max"] == 3
     assert stats["staleness_mean"] == pytest.approx((0 + 1 + 2 + 3 + 0) / 5)
     assert stats["computed"] == 2 and stats["failed"] == 1
+    assert stats["staleness_histogram"]["<=0"] == 2 and stats["staleness_histogram"]["<=1"] == 1
+    assert stats["staleness_histogram"]["<=3"] == 2
+    assert stats["streams"][0]["frames"] == 5 and stats["staleness_per"] == "stream"
+
+
+def test_sampler_unit_each_stream_gets_its_own_outputs_and_its_own_staleness():
+    s = Sampler(slots=1)
+    assert s.admit(7) == (0, True)  # stream 7 takes the slot
+    # stream 9 has nothing computed and nothing running: its first frame is computed anyway
+    assert s.admit(9) == (0, True)
+    assert s.admit(7) == (1, False) and s.admit(9) == (1, False)  # both busy now
+    s.computed_one(9, 0, [np.full(2, 9.0)])
+    assert not s.can_answer(7, 1)  # stream 9's outputs never answer stream 7
+    assert s.can_answer(9, 1)
+    assert s.outputs_for(9, 1)[0].tolist() == [9, 9]
+    s.computed_one(7, 0, [np.full(2, 7.0)])
+    assert s.outputs_for(7, 0)[0].tolist() == [7, 7]
+    assert s.outputs_for(7, 1)[0].tolist() == [7, 7]
+    for _ in range(5):  # stream 7 runs ahead; its staleness counts its own frames only
+        seq, _c = s.admit(7)
+    assert seq == 6
+    assert s.outputs_for(7, 6)[0].tolist() == [7, 7]
+    stats = s.statistics()
+    assert stats["streams"][7]["staleness_max"] == 6 and stats["streams"][9]["staleness_max"] == 1
+    assert stats["streams"][9]["frames"] == 1 and stats["streams"][7]["frames"] == 3
+
+
+def test_sampler_unit_forgets_idle_streams_beyond_its_bound(monkeypatch):
+    monkeypatch.setattr(Sampler, "MAX_STREAMS", 4)
+    s = Sampler(slots=1)
+    for stream in range(10):
+        seq, _ = s.admit(stream)
+        s.computed_one(stream, seq, [np.zeros(1)])
+        s.outputs_for(stream, seq)
+    assert len(s._streams) <= 5
+    assert s.admit(0) == (0, True)  # forgotten: starts afresh, computed
 
 
 # -- shapes ----------------------------------------------------------------------------------
