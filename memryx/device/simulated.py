@@ -506,10 +506,15 @@ class SimulatedDevice:
         if release - now > 0:  # wait in the model's heap for its time
             heapq.heappush(model.due, (release, next(self._order), job, outputs))
             # (a job due within a tick of the armed wake-up goes out with it)
-            if model.timer is None or release + RELEASE_TICK_S < model.timer_at:
+            if model.timer is None or release + self._tick() < model.timer_at:
                 self._arm(model, release, now)
             return
         self._resolve(model, job, outputs, release)
+
+    def _tick(self) -> float:
+        """The least time between two release wake-ups: none in virtual time, where a
+        wake-up costs nothing and every output leaves exactly when due."""
+        return 0.0 if self.clock.virtual else RELEASE_TICK_S
 
     def _arm(self, model: _Model, release: float, now: float) -> None:
         """(Re-)arm the model's one wake-up for ``release`` (the device clock's time), a
@@ -534,14 +539,15 @@ class SimulatedDevice:
         model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
         # the job this wake-up was aimed at (early by ``oversleep``) is due; a wake-up far
         # earlier than aimed (a coarse loop clock) waits again
-        horizon = max(now, min(model.timer_at, now + model.oversleep + EARLY_WAKE_S))
+        early = 0.0 if self.clock.virtual else EARLY_WAKE_S
+        horizon = max(now, min(model.timer_at, now + model.oversleep + early))
         while due and due[0][0] <= horizon:
             _, _, job, outputs = heapq.heappop(due)
             self._resolve(model, job, outputs, None)
         if due and model.timer is None and not self._closed:
             # frames due closer together than a tick go out together: the wake-ups, not the
             # frames, are what cost the loop at high rates (the schedule does not slip)
-            self._arm(model, max(due[0][0], now + RELEASE_TICK_S), now)
+            self._arm(model, max(due[0][0], now + self._tick()), now)
 
     def _resolve(self, model: _Model, job: _Job, outputs: Slots,
                  release: float | None) -> None:
