@@ -21,6 +21,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
+from memryx.pytest_plugin import ServerProcess
 
 try:
     import uvloop
@@ -151,54 +152,6 @@ def frames(n: int, shape: tuple[int, ...], seed: int = 0, dtype: Any = np.float3
 
 
 # -- device servers ---------------------------------------------------------------------------
-class ServerProcess:
-    """A ``memryx serve`` child process on a socket in a temporary directory."""
-
-    def __init__(self, directory: Any, *args: str) -> None:
-        import subprocess
-        import sys
-
-        self.path = directory / "memryx.sock"
-        self.log = directory / "server.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
-                 "--socket", str(self.path), *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while not self._listening():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"device server did not start: {self.log.read_text()}")
-            time.sleep(0.02)
-
-    def _listening(self) -> bool:
-        import socket
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            try:
-                sock.connect(str(self.path))
-            except OSError:
-                return False
-        return True
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.path}"
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except Exception:  # pragma: no cover - a server that ignores SIGTERM
-                self.kill()
-
-
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory: Any) -> Iterator[ServerProcess]:
     """One device server for the whole session (the accelerator suite over fd)."""

@@ -19,7 +19,8 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import protocol as p
-from tests.conftest import ServerProcess, frames, reference
+from memryx.pytest_plugin import ServerProcess
+from tests.conftest import frames, reference
 
 CLIENT = textwrap.dedent("""
     import sys, numpy as np, memryx as mx
@@ -139,7 +140,7 @@ def test_client_killed_mid_run_frees_its_resources(server, mlp_dfp):
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [line for line in server.log.read_text().splitlines() if "connected (" in line]
+        lines = [line for line in server.text().splitlines() if "connected (" in line]
         if killed_gone(lines) and "(0 connected)" in lines[-1]:
             break
         time.sleep(0.05)
