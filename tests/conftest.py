@@ -65,6 +65,14 @@ def settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     return check()
 
 
+def threads_ended(before: set[threading.Thread], seconds: float = 10.0) -> bool:
+    """Whether every thread started since ``before = set(threading.enumerate())`` has ended
+    within ``seconds``. Once they have, nothing they ran (a user's callback) can happen any
+    more: what a test saw by then is final, without waiting a fixed time for it."""
+    return settle(lambda: not [t for t in threading.enumerate()
+                               if t not in before and t.is_alive()], seconds)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_up() -> None:
     """Let once-per-process resources (uvloop's global pipe, onnxruntime's
