@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -71,6 +73,58 @@ def threads_ended(before: set[threading.Thread], seconds: float = 10.0) -> bool:
     more: what a test saw by then is final, without waiting a fixed time for it."""
     return settle(lambda: not [t for t in threading.enumerate()
                                if t not in before and t.is_alive()], seconds)
+
+
+async def asettle(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """:func:`settle` for a coroutine: polls without blocking the loop."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+_MEMRYX_DIR = os.path.dirname(mx.__file__) + os.sep
+_TESTS_DIR = os.path.dirname(__file__) + os.sep
+
+
+def _stack(thread: threading.Thread) -> Iterator[Any]:
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        yield frame.f_code
+        frame = frame.f_back
+
+
+def in_memryx_call(name: str, thread: threading.Thread | None = None) -> bool:
+    """Whether ``thread`` (the main thread by default) is inside memryx's function
+    ``name`` right now: blocked in ``wait()``, ``receive()``, ``run()``..."""
+    return any(code.co_name == name and code.co_filename.startswith(_MEMRYX_DIR)
+               for code in _stack(thread or threading.main_thread()))
+
+
+#: Worker threads an event loop owns (its default executor, anyio's pool): they outlive
+#: an accelerator closed on that loop, idle, until the loop closes.
+_LOOP_WORKERS = re.compile(r"^(asyncio_\d+|uvloop_\d+|AnyIO worker thread)$")
+
+
+async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> bool:
+    """Whether, within ``seconds``, nothing is left on this loop that could still call a
+    user's callback: no task but the caller's, no thread started since ``before`` except
+    the loop's own idle workers (none with memryx or test code on its stack). The async
+    twin of :func:`threads_ended`: what a test saw by then is final."""
+    me = asyncio.current_task()
+
+    def idle(thread: threading.Thread) -> bool:
+        return bool(_LOOP_WORKERS.match(thread.name)) and not any(
+            code.co_filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for code in _stack(thread))
+
+    def check() -> bool:
+        if any(task is not me and not task.done() for task in asyncio.all_tasks()):
+            return False
+        return all(t in before or not t.is_alive() or idle(t) for t in threading.enumerate())
+
+    return await asettle(check, seconds)
 
 
 @pytest.fixture(scope="session", autouse=True)

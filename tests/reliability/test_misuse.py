@@ -17,7 +17,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
-from tests.conftest import settle, threads_ended
+from tests.conftest import in_memryx_call, settle, threads_ended
 
 from .helpers import PROBE, assert_usable, assert_usable_async
 
@@ -691,17 +690,6 @@ async def test_misuse_in_a_running_loop(env: Env, act: Callable[[Env], Any],
 
 
 # -- cases with timing or cleanup of their own ---------------------------------------------
-def in_memryx_call(name: str) -> bool:
-    """Whether the main thread is inside memryx's ``name`` (blocked in ``wait()``, ...)."""
-    frame = sys._current_frames().get(threading.main_thread().ident or 0)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == name and f"{os.sep}memryx{os.sep}" in code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
-
-
 @contextlib.contextmanager
 def ctrl_c_when(ready: Callable[[], bool], seconds: float = 20.0) -> Iterator[None]:
     """Deliver SIGINT to the main thread as soon as ``ready()`` is true (polled), as a
