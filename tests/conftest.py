@@ -89,18 +89,25 @@ _MEMRYX_DIR = os.path.dirname(mx.__file__) + os.sep
 _TESTS_DIR = os.path.dirname(__file__) + os.sep
 
 
-def _stack(thread: threading.Thread) -> Iterator[Any]:
+def stack(thread: threading.Thread) -> Iterator[Any]:
     frame = sys._current_frames().get(thread.ident or 0)
     while frame is not None:
         yield frame.f_code
         frame = frame.f_back
 
 
+async def loop_turns(n: int = 20) -> None:
+    """Let the running loop turn ``n`` times: tasks on it reach the await they block on, and
+    callbacks scheduled in between run. In-loop only: nothing here waits for a thread."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def in_memryx_call(name: str, thread: threading.Thread | None = None) -> bool:
     """Whether ``thread`` (the main thread by default) is inside memryx's function
     ``name`` right now: blocked in ``wait()``, ``receive()``, ``run()``..."""
     return any(code.co_name == name and code.co_filename.startswith(_MEMRYX_DIR)
-               for code in _stack(thread or threading.main_thread()))
+               for code in stack(thread or threading.main_thread()))
 
 
 #: Worker threads an event loop owns (its default executor, anyio's pool): they outlive
@@ -117,7 +124,7 @@ async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> boo
 
     def idle(thread: threading.Thread) -> bool:
         return bool(_LOOP_WORKERS.match(thread.name)) and not any(
-            code.co_filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for code in _stack(thread))
+            code.co_filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for code in stack(thread))
 
     def check() -> bool:
         if any(task is not me and not task.done() for task in asyncio.all_tasks()):

@@ -19,6 +19,7 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import SimulatedDevice
+from tests.conftest import asettle
 
 X = np.zeros((1, 4), np.float32)
 
@@ -276,9 +277,10 @@ def test_a_collected_accelerator_of_an_ended_loop_is_quiet(identity_dfp, caplog)
     async def main() -> None:
         accl = mx.AsyncAccl(identity_dfp)
         await accl.__aenter__()  # bound, never closed
-        accl.connect_output(lambda y: None)
+        flowing = threading.Event()
+        accl.connect_output(lambda y: flowing.set())
         accl.connect_input(lambda: X)  # an endless source on a thread of its own
-        await asyncio.sleep(0.05)
+        assert await asettle(flowing.is_set)  # the loop ends while frames flow
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # unclosed: it says so, rightly
