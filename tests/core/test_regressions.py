@@ -19,7 +19,7 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import SimulatedDevice
-from tests.conftest import asettle
+from tests.conftest import asettle, settle
 
 X = np.zeros((1, 4), np.float32)
 
@@ -196,9 +196,7 @@ def test_partial_and_callable_objects_of_async_functions_are_awaited(identity_df
         accl.connect_input(lambda it=items: (ones(next(it, -1)) if True else None))
         accl.connect_output(callback)
         # the source never ends on its own: stop after 30 outputs arrived
-        deadline = time.monotonic() + 10
-        while len(dest) < 30 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert settle(lambda dest=dest: len(dest) >= 30, 10), dest
         accl.stop()
         assert dest[:30] == list(range(30))
         dest.clear()

@@ -331,7 +331,7 @@ def test_stop_from_inside_an_output_callback(identity_dfp, device):
 def test_close_from_another_thread_fails_blocked_calls_with_closed_error(identity_dfp, device,
                                                                         call):
     accl = mx.SyncAccl(identity_dfp, device=device)
-    accl.set_postprocessing_model(lambda y: (time.sleep(0.001), y)[1])
+    accl.set_postprocessing_model(lambda y: (time.sleep(0.001), y)[1])  # slow: calls last
     outcome: list[BaseException | None] = []
 
     def blocked() -> None:
