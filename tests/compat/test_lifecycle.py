@@ -17,6 +17,13 @@ pytestmark = pytest.mark.timeout(240)
 INTERRUPTED = (-signal.SIGINT, 130)
 
 
+def _exited(res) -> None:  # type: ignore[no-untyped-def]
+    """The script ended by itself, cleanly and well within the exit bound."""
+    res.check_clean()
+    assert res.rc == 0, res.err
+    assert res.exit_s < EXIT_BOUND_S / 2
+
+
 def test_never_closed_sync_run_exits(tmp_path: Path) -> None:
     """The vendor's validation-script pattern: run, print, never close."""
     res = run_script(tmp_path, """
@@ -47,9 +54,7 @@ def test_never_closed_with_callbacks_running(tmp_path: Path, heavy_dfp: Path) ->
         got.wait(60)
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_exception_before_close_exits(tmp_path: Path, light_dfp: Path) -> None:
@@ -105,9 +110,7 @@ def test_blocked_callback_does_not_hold_exit(tmp_path: Path, light_dfp: Path) ->
         assert entered.wait(30)
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_dropped_reference_does_not_block(tmp_path: Path, light_dfp: Path) -> None:
@@ -144,6 +147,14 @@ def test_dropped_reference_does_not_block(tmp_path: Path, light_dfp: Path) -> No
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
+
+def _cli_interrupted(res, message: str) -> None:  # type: ignore[no-untyped-def]
+    """A command interrupted by Ctrl-C: exit status 130 and ``message``, no traceback."""
+    res.check_clean()
+    assert res.rc == 130, (res.rc, res.err)
+    assert "Traceback" not in res.err and message in res.err
+    assert res.exit_s < SIGINT_BOUND_S
+
 
 def _interrupted(res, where: str) -> None:  # type: ignore[no-untyped-def]
     res.check_clean()
@@ -270,10 +281,7 @@ def test_sigint_in_bench(tmp_path: Path, heavy_dfp: Path) -> None:
         sys.exit(main(["bench", {str(heavy_dfp)!r}, "--mode", "fast", "--frames", "100000",
                        "-q"]))
     """, sigint_on="READY")
-    res.check_clean()
-    assert res.rc == 130, (res.rc, res.err)
-    assert "Traceback" not in res.err and "interrupted" in res.err
-    assert res.exit_s < SIGINT_BOUND_S
+    _cli_interrupted(res, "interrupted")
     del sys
 
 
@@ -301,9 +309,7 @@ def test_async_app_with_a_stuck_callback_exits(tmp_path: Path, light_dfp: Path) 
         asyncio.run(main())
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_sigint_in_blocked_send(tmp_path: Path, light_dfp: Path) -> None:
@@ -377,10 +383,7 @@ def test_sigint_in_mx_bench(tmp_path: Path, heavy_dfp: Path) -> None:
         ready_inside("run")  # frames flow: the benchmark runs its batch
         sys.exit(mx_bench(["-d", {str(heavy_dfp)!r}, "-f", "100000"]))
     """, sigint_on="READY")
-    res.check_clean()
-    assert res.rc == 130, (res.rc, res.err)
-    assert "Traceback" not in res.err and "mx_bench: interrupted" in res.err
-    assert res.exit_s < SIGINT_BOUND_S
+    _cli_interrupted(res, "mx_bench: interrupted")
 
 
 def test_new_accelerator_per_iteration_never_closed(tmp_path: Path, light_dfp: Path) -> None:

@@ -303,6 +303,7 @@ def test_stop_from_another_thread_ends_a_blocked_wait(identity_dfp, device):
 
 
 def test_stop_from_inside_an_output_callback(identity_dfp, device):
+    before = set(threading.enumerate())
     accl = mx.AsyncAccl(identity_dfp, device=device)
     seen: list[Any] = []
 
@@ -323,6 +324,7 @@ def test_stop_from_inside_an_output_callback(identity_dfp, device):
     with contextlib.suppress(mx.ClosedError):
         accl.wait()
     assert time.monotonic() - t0 < 10  # generous: a hang is what this guards against
+    assert threads_ended(before), "the accelerator's threads did not end"  # after_stop final
     assert seen == list(range(20))  # every output before the stop, in order
     assert after_stop == []  # and no callback after it
 
