@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 import memryx as mx
-from memryx import testing
+from memryx import _lifecycle, testing
 from memryx.pytest_plugin import ServerProcess
 
 try:
@@ -147,13 +149,29 @@ def _warm_up() -> None:
         loop.close()
 
 
+def _open_accelerators(before: weakref.WeakSet[Any]) -> list[Any]:
+    """Accelerators made since ``before`` and not closed (weakly held: a dropped one that
+    the garbage collector took is not counted; one a failed test's traceback holds is)."""
+    return [a for a in list(_lifecycle._live)
+            if a not in before and getattr(getattr(a, "_state", None), "name", "") != "CLOSED"]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(_warm_up: None) -> Iterator[None]:
-    """Fail a test that leaves threads, fds or loop-handler errors behind."""
+    """Fail a test that leaves accelerators open, threads, fds or loop-handler errors behind.
+
+    An accelerator the test left open is closed here and named, so it cannot be collected
+    (and warn "unclosed") in whichever later test happens to run the garbage collector."""
+    accls_before: weakref.WeakSet[Any] = weakref.WeakSet(_lifecycle._live)
     threads_before = set(threading.enumerate())
     fds_before = fds()
     _loop_errors.clear()
     yield
+    left = _open_accelerators(accls_before)
+    for accl in left:
+        with contextlib.suppress(Exception):  # what it raises was the test's to see
+            accl.close()
+    assert not left, f"accelerator(s) left open by the test: {[type(a).__name__ for a in left]}"
     assert not _loop_errors, f"errors reached the loop's exception handler: {_loop_errors}"
 
     def no_new_threads() -> bool:
