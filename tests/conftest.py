@@ -150,10 +150,11 @@ def _warm_up() -> None:
 
 
 def _open_accelerators(before: weakref.WeakSet[Any]) -> list[Any]:
-    """Accelerators made since ``before`` and not closed (weakly held: a dropped one that
-    the garbage collector took is not counted; one a failed test's traceback holds is)."""
-    return [a for a in list(_lifecycle._live)
-            if a not in before and getattr(getattr(a, "_state", None), "name", "") != "CLOSED"]
+    """Accelerators made since ``before`` and running, unclosed (the states in which one
+    warns "unclosed" when collected). Weakly held: a dropped one that the garbage collector
+    took is not counted; one that a failed test's traceback holds is."""
+    return [a for a in list(_lifecycle._live) if a not in before
+            and getattr(getattr(a, "_state", None), "name", "") in ("SYNC", "ASYNC")]
 
 
 @pytest.fixture(autouse=True)
