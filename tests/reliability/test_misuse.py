@@ -691,11 +691,13 @@ async def test_misuse_in_a_running_loop(env: Env, act: Callable[[Env], Any],
 
 # -- cases with timing or cleanup of their own ---------------------------------------------
 @contextlib.contextmanager
-def ctrl_c_when(ready: Callable[[], bool], seconds: float = 20.0) -> Iterator[None]:
+def ctrl_c_when(ready: Callable[[], bool], seconds: float = 20.0,
+                to: threading.Thread | None = None) -> Iterator[None]:
     """Deliver SIGINT to the main thread as soon as ``ready()`` is true (polled), as a
     KeyboardInterrupt raised only inside this block (never later, in another test). If it
     never becomes true within ``seconds`` the interrupt still comes (so the block ends)
-    and the test fails."""
+    and the test fails. ``to``: deliver it to that thread (the kernel may pick any
+    thread of the process; Python still handles it on the main thread)."""
     armed = threading.Event()
     on_time: list[bool] = []
 
@@ -706,7 +708,7 @@ def ctrl_c_when(ready: Callable[[], bool], seconds: float = 20.0) -> Iterator[No
 
     def interrupt() -> None:
         on_time.append(settle(ready, seconds))
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        signal.pthread_kill((to or threading.main_thread()).ident or 0, signal.SIGINT)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     sender = threading.Thread(target=interrupt, name="ctrl-c")
@@ -773,6 +775,36 @@ def test_keyboard_interrupt_during_run_stops_submitting_the_batch(identity_dfp):
         np.testing.assert_array_equal(accl.run(PROBE), PROBE)
         after = model()["frames_in"]
         assert after == before + 1, f"the interrupted batch went on: {before} -> {after} in"
+    assert_usable(identity_dfp)
+
+
+def test_ctrl_c_delivered_to_another_thread_interrupts_a_blocking_run(identity_dfp):
+    """(regression) SIGINT that the kernel handed to a thread other than the main one only
+    set Python's flag: the main thread, waiting on a lock without a timeout inside run(),
+    never looked, and Ctrl-C waited for the whole batch (a 'hang' seen under load)."""
+    other_ready = threading.Event()
+    release = threading.Event()
+    other = threading.Thread(target=lambda: (other_ready.set(), release.wait(30)),
+                             name="not-main")
+    other.start()
+    try:
+        with mx.SyncAccl(identity_dfp) as accl:
+            # a slow post-processor (the sleep is the behaviour): the batch takes >= 6 s
+            accl.set_postprocessing_model(lambda y: (time.sleep(0.002), y)[1])
+
+            def model() -> Any:
+                return accl.statistics()["models"][0]
+
+            with ctrl_c_when(lambda: other_ready.is_set() and model()["frames_out"] > 0
+                             and in_memryx_call("run"), to=other), \
+                    pytest.raises(KeyboardInterrupt):
+                t0 = time.monotonic()
+                accl.run([PROBE] * 3000)
+            assert time.monotonic() - t0 < 5.0, "Ctrl-C waited for the batch"
+            assert model()["frames_in"] < 3000
+    finally:
+        release.set()
+        other.join(10)
     assert_usable(identity_dfp)
 
 
