@@ -62,6 +62,7 @@ from ._core.runner import (
     in_user_code,
     loop_running,
     on_loop_thread,
+    wait_interruptibly,
 )
 from ._exceptions import (
     CallbackSignatureError,
@@ -309,7 +310,7 @@ class _Accelerator(CompatMixin):
                 check_not_on_loop("close()", "await accl.aclose()")
                 stopping = self._runner.start(self._engine.aclose)
                 try:
-                    stopping.result()
+                    wait_interruptibly(stopping)
                 except KeyboardInterrupt:
                     # Ctrl-C again while stopping: the stop is quick, let it finish (a
                     # half-done stop would leave the pipeline running), then interrupt

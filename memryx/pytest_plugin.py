@@ -12,7 +12,8 @@ that does not ask for one. See ``docs/testing-your-app.md``.
   bound to the test's running loop (async tests only, any pytest-asyncio loop
   scope, asyncio or uvloop), closed after the test.
 * ``mx_server``: a real ``memryx serve`` child process on a Unix socket in the
-  test's ``tmp_path``; ``.address`` to connect, ``.pause()`` / ``.resume()``
+  test's ``tmp_path`` (a :class:`ServerProcess`); ``.address`` to connect, ``.text()`` its
+  log, ``.pause()`` / ``.resume()``
   (SIGSTOP / SIGCONT: a server that stops answering), ``.kill()``; stopped after the test.
 * ``mx_camera``: a factory of synthetic cameras: ``mx_camera(fps=30, frames=90)``
   gives numbered, reproducible frames for ``mx_test_dfp``'s input at that rate.
@@ -32,16 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -292,35 +293,63 @@ async def _close_on_its_loop(accl: Any) -> None:
 
 # -- device server -------------------------------------------------------------------------------
 class ServerProcess:
-    """A ``memryx serve`` child process on a Unix socket (the ``mx_server`` fixture)."""
+    """A ``memryx serve`` child process (the ``mx_server`` fixture).
 
-    def __init__(self, directory: Path, *args: str, start_timeout: float = 30.0) -> None:
+    Listens on the Unix socket ``directory/memryx.sock`` (``unix=False``: not at all, for
+    a server reached only over ``--tcp``); extra ``args`` as on the command line; ``env``
+    adds to the child's environment. Ready when the server has logged one ``listening on``
+    line per listener it was asked for (its own readiness line, not a probing connection);
+    ``wait=False`` returns at once, for a test of a server that cannot start.
+    """
+
+    def __init__(self, directory: Path, *args: str, start_timeout: float = 30.0,
+                 unix: bool = True, env: Mapping[str, str] | None = None,
+                 wait: bool = True) -> None:
         self.path = directory / "memryx.sock"
-        self.log_path = directory / "memryx-server.log"
+        # one log per server: a test may start several in one directory (a restart)
+        self.log_path = directory / f"memryx-server-{time.monotonic_ns()}.log"
+        self.tcp_port = 0
+        self._tls = False
+        cmd = [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
+               *(["--socket", str(self.path)] if unix else []), *args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
-                 "--socket", str(self.path), *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env={**os.environ, **(env or {})})
+        if not wait:
+            return
+        want = int(unix) + int("--tcp" in args)
         deadline = time.monotonic() + start_timeout
-        while not self._listening():
+        while self.text().count("listening on") < want:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"memryx serve did not start: {self.log_path.read_text()}")
+                raise RuntimeError(f"memryx serve did not start: {self.text()}")
             time.sleep(0.02)
+        found = re.search(r"listening on (tcps?)://\S+?:(\d+)", self.text())
+        if found:
+            self._tls, self.tcp_port = found.group(1) == "tcps", int(found.group(2))
 
-    def _listening(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            try:
-                sock.connect(str(self.path))
-            except OSError:
+    def text(self) -> str:
+        """What the server has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, seconds: float = 20.0) -> bool:
+        """Whether the server logs ``text`` within ``seconds`` (returns as soon as it does)."""
+        deadline = time.monotonic() + seconds
+        while text not in self.text():
+            if time.monotonic() > deadline:
                 return False
+            time.sleep(0.05)
         return True
 
     @property
     def address(self) -> str:
         """The ``device=`` string of this server: ``unix:/path/to/memryx.sock``."""
         return f"unix:{self.path}"
+
+    @property
+    def tcp(self) -> str:
+        """The ``device=`` string of its TCP listener: ``tcp://127.0.0.1:PORT`` (or tcps)."""
+        return f"{'tcps' if self._tls else 'tcp'}://127.0.0.1:{self.tcp_port}"
 
     def pause(self) -> None:
         """SIGSTOP: the server stops answering (its clients' deadlines fire)."""

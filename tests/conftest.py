@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,7 +24,8 @@ import numpy as np
 import pytest
 
 import memryx as mx
-from memryx import testing
+from memryx import _lifecycle, testing
+from memryx.pytest_plugin import ServerProcess
 
 try:
     import uvloop
@@ -64,6 +69,73 @@ def settle(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     return check()
 
 
+def threads_ended(before: set[threading.Thread], seconds: float = 10.0) -> bool:
+    """Whether every thread started since ``before = set(threading.enumerate())`` has ended
+    within ``seconds``. Once they have, nothing they ran (a user's callback) can happen any
+    more: what a test saw by then is final, without waiting a fixed time for it."""
+    return settle(lambda: not [t for t in threading.enumerate()
+                               if t not in before and t.is_alive()], seconds)
+
+
+async def asettle(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """:func:`settle` for a coroutine: polls without blocking the loop."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+_MEMRYX_DIR = os.path.dirname(mx.__file__) + os.sep
+_TESTS_DIR = os.path.dirname(__file__) + os.sep
+
+
+def stack(thread: threading.Thread) -> Iterator[Any]:
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        yield frame.f_code
+        frame = frame.f_back
+
+
+async def loop_turns(n: int = 20) -> None:
+    """Let the running loop turn ``n`` times: tasks on it reach the await they block on, and
+    callbacks scheduled in between run. In-loop only: nothing here waits for a thread."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def in_memryx_call(name: str, thread: threading.Thread | None = None) -> bool:
+    """Whether ``thread`` (the main thread by default) is inside memryx's function
+    ``name`` right now: blocked in ``wait()``, ``receive()``, ``run()``..."""
+    return any(code.co_name == name and code.co_filename.startswith(_MEMRYX_DIR)
+               for code in stack(thread or threading.main_thread()))
+
+
+#: Worker threads an event loop owns (its default executor, anyio's pool): they outlive
+#: an accelerator closed on that loop, idle, until the loop closes.
+_LOOP_WORKERS = re.compile(r"^(asyncio_\d+|uvloop_\d+|AnyIO worker thread)$")
+
+
+async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> bool:
+    """Whether, within ``seconds``, nothing is left on this loop that could still call a
+    user's callback: no task but the caller's, no thread started since ``before`` except
+    the loop's own idle workers (none with memryx or test code on its stack). The async
+    twin of :func:`threads_ended`: what a test saw by then is final."""
+    me = asyncio.current_task()
+
+    def idle(thread: threading.Thread) -> bool:
+        return bool(_LOOP_WORKERS.match(thread.name)) and not any(
+            code.co_filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for code in stack(thread))
+
+    def check() -> bool:
+        if any(task is not me and not task.done() for task in asyncio.all_tasks()):
+            return False
+        return all(t in before or not t.is_alive() or idle(t) for t in threading.enumerate())
+
+    return await asettle(check, seconds)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_up() -> None:
     """Let once-per-process resources (uvloop's global pipe, onnxruntime's
@@ -77,13 +149,30 @@ def _warm_up() -> None:
         loop.close()
 
 
+def _open_accelerators(before: weakref.WeakSet[Any]) -> list[Any]:
+    """Accelerators made since ``before`` and running, unclosed (the states in which one
+    warns "unclosed" when collected). Weakly held: a dropped one that the garbage collector
+    took is not counted; one that a failed test's traceback holds is."""
+    return [a for a in list(_lifecycle._live) if a not in before
+            and getattr(getattr(a, "_state", None), "name", "") in ("SYNC", "ASYNC")]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(_warm_up: None) -> Iterator[None]:
-    """Fail a test that leaves threads, fds or loop-handler errors behind."""
+    """Fail a test that leaves accelerators open, threads, fds or loop-handler errors behind.
+
+    An accelerator the test left open is closed here and named, so it cannot be collected
+    (and warn "unclosed") in whichever later test happens to run the garbage collector."""
+    accls_before: weakref.WeakSet[Any] = weakref.WeakSet(_lifecycle._live)
     threads_before = set(threading.enumerate())
     fds_before = fds()
     _loop_errors.clear()
     yield
+    left = _open_accelerators(accls_before)
+    for accl in left:
+        with contextlib.suppress(Exception):  # what it raises was the test's to see
+            accl.close()
+    assert not left, f"accelerator(s) left open by the test: {[type(a).__name__ for a in left]}"
     assert not _loop_errors, f"errors reached the loop's exception handler: {_loop_errors}"
 
     def no_new_threads() -> bool:
@@ -151,54 +240,6 @@ def frames(n: int, shape: tuple[int, ...], seed: int = 0, dtype: Any = np.float3
 
 
 # -- device servers ---------------------------------------------------------------------------
-class ServerProcess:
-    """A ``memryx serve`` child process on a socket in a temporary directory."""
-
-    def __init__(self, directory: Any, *args: str) -> None:
-        import subprocess
-        import sys
-
-        self.path = directory / "memryx.sock"
-        self.log = directory / "server.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
-                 "--socket", str(self.path), *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while not self._listening():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"device server did not start: {self.log.read_text()}")
-            time.sleep(0.02)
-
-    def _listening(self) -> bool:
-        import socket
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            try:
-                sock.connect(str(self.path))
-            except OSError:
-                return False
-        return True
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.path}"
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except Exception:  # pragma: no cover - a server that ignores SIGTERM
-                self.kill()
-
-
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory: Any) -> Iterator[ServerProcess]:
     """One device server for the whole session (the accelerator suite over fd)."""

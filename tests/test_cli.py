@@ -337,11 +337,11 @@ def test_model_callback_times_are_the_sum_of_their_streams_and_within_wall_time(
         if sent[s] >= 60:
             return None
         sent[s] += 1
-        time.sleep(0.001)
+        time.sleep(0.001)  # time spent in the callback: what the statistics must add up
         return np.zeros((1, 3, 64, 64), np.float32)
 
     def sink(s: int, *outputs: object) -> None:
-        time.sleep(0.002)
+        time.sleep(0.002)  # likewise
 
     accl = mx.MultiStreamAsyncAccl(dfp, mode="fast")
     try:

@@ -98,6 +98,23 @@ async def run_sync(fn: Callable[..., T], *args: Any,
     return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=limiter)
 
 
+#: How often a blocking call wakes to let a pending Ctrl-C be handled (seconds).
+INTERRUPT_SLICE_S = 0.1
+
+
+def wait_interruptibly(fut: concurrent.futures.Future[T]) -> T:
+    """``fut.result()``, waited for in slices. The kernel may deliver SIGINT to any thread
+    (onnxruntime's, a worker's); that only sets Python's flag, which the main thread sees
+    when it runs bytecode again, and an unbounded lock wait never does: Ctrl-C would wait
+    for the whole batch."""
+    while True:
+        try:
+            return fut.result(timeout=INTERRUPT_SLICE_S)
+        except TimeoutError:
+            if fut.done():  # the work itself raised TimeoutError
+                raise
+
+
 class Runner:
     """A dedicated thread hosting an event loop, for sync programs.
 
@@ -147,7 +164,7 @@ class Runner:
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         fut = self.start(fn, *args)
         try:
-            return fut.result()
+            return wait_interruptibly(fut)
         except KeyboardInterrupt:
             fut.cancel()  # Ctrl-C in the caller: the work on the loop stops too
             # a short traceback, ending at the caller's blocking call (not in futures' wait)

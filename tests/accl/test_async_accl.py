@@ -10,7 +10,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
-from tests.conftest import frames, reference
+from tests.conftest import frames, reference, threads_ended
 
 
 def run_callbacks(dfp, inputs, **kw):
@@ -151,6 +151,7 @@ def test_stop_returns_promptly_while_input_callback_blocks(identity_dfp):
     release = threading.Event()
     entered = threading.Event()
     calls = []
+    before = set(threading.enumerate())
 
     def source():
         calls.append(1)
@@ -167,7 +168,9 @@ def test_stop_returns_promptly_while_input_callback_blocks(identity_dfp):
     assert time.monotonic() - t0 < 1.0
     n = len(calls)
     release.set()
-    time.sleep(0.1)
+    # released, the abandoned callback returns and its thread ends: by then any call after
+    # stop() would have been made
+    assert threads_ended(before), "the accelerator's threads did not end once released"
     assert len(calls) == n  # nothing called after stop returned
 
 
@@ -176,6 +179,7 @@ def test_no_callback_after_stop_under_load(identity_dfp):
     stopped = threading.Event()
     flowing = threading.Event()
     seen = 0
+    before = set(threading.enumerate())
 
     def sink(y):
         nonlocal seen
@@ -191,7 +195,7 @@ def test_no_callback_after_stop_under_load(identity_dfp):
     assert flowing.wait(10), "outputs never flowed"  # under load: stop while frames flow
     accl.stop()
     stopped.set()
-    time.sleep(0.2)
+    assert threads_ended(before), "the accelerator's threads did not end"  # after is final
     assert after == []
     assert accl.statistics()["models"][0]["frames_out"] > 0
 
@@ -304,14 +308,17 @@ def test_input_buffer_reused_by_callback_is_copied(identity_dfp):
 
 
 def test_context_manager_releases_threads_and_reraises_unseen_errors(identity_dfp):
+    raised = threading.Event()
+
     def source():
+        raised.set()
         raise OSError("no camera")
 
     with pytest.raises(OSError, match="no camera"):
         with mx.AsyncAccl(identity_dfp) as accl:
             accl.connect_input(source)
             accl.connect_output(lambda y: None)
-            time.sleep(0.2)
+            assert raised.wait(10), "the input callback never ran"
     with pytest.raises(mx.ClosedError, match="closed"):
         accl.connect_input(lambda: None)
 

@@ -15,7 +15,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
-from tests.conftest import frames, reference
+from tests.conftest import asettle, frames, quiescent, reference
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,12 +65,12 @@ async def test_arun_does_not_block_the_loop(mobilenet_dfp):
 
     async def ticker() -> None:
         while not stop.is_set():
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the ticker's own period: what is measured
             ticks.append(time.monotonic())
 
     async with mx.AsyncAccl(mobilenet_dfp) as accl:
         t = asyncio.create_task(ticker())
-        await asyncio.sleep(0.02)
+        assert await asettle(lambda: len(ticks) >= 2), "the ticker never ticked"
         await accl.arun(frames(300, (1, 3, 64, 64)))
         stop.set()
         await t
@@ -212,7 +212,9 @@ async def test_cancelling_arun_cancels_only_that_work(mobilenet_dfp, mobilenet):
     async with mx.AsyncAccl(mobilenet_dfp) as accl:
         big = asyncio.create_task(accl.arun(frames(2000, (1, 3, 64, 64))))
         small = asyncio.create_task(accl.arun(xs))
-        await asyncio.sleep(0.05)
+        # cancel the big batch while its frames are on their way (some already out)
+        assert await asettle(lambda: accl.statistics()["models"][0]["frames_out"] > 0)
+        assert not big.done()
         big.cancel()
         with pytest.raises(asyncio.CancelledError):
             await big
@@ -225,6 +227,7 @@ async def test_cancelling_arun_cancels_only_that_work(mobilenet_dfp, mobilenet):
 
 async def test_leaving_async_with_by_exception_stops_and_reraises(identity_dfp):
     calls = 0
+    before = set(threading.enumerate())
 
     def source():
         nonlocal calls
@@ -235,10 +238,11 @@ async def test_leaving_async_with_by_exception_stops_and_reraises(identity_dfp):
         async with mx.AsyncAccl(identity_dfp) as accl:
             accl.connect_input(source)
             accl.connect_output(lambda y: None)
-            await asyncio.sleep(0.05)
+            assert await asettle(lambda: calls > 3), "the input callback never ran"
             1 / 0  # noqa: B018
     n = calls
-    await asyncio.sleep(0.05)
+    # once nothing is left that could call it, the count is final
+    assert await quiescent(before), "the accelerator's tasks or threads did not end"
     assert calls == n
     with pytest.raises(mx.ClosedError):
         await accl.arun(val(0))
@@ -287,10 +291,8 @@ async def test_asend_areceive_and_timeouts(identity_dfp):
             await accl.asend(val(i))
         assert [int((await accl.areceive())[0, 0]) for _ in range(5)] == list(range(5))
         await accl.asend(val(9), timeout=0)  # room: a zero timeout succeeds at once
-        for _ in range(500):  # wait until its output is there (no fixed sleep: loaded CI)
-            if accl.statistics()["models"][0]["frames_out"] == 6:
-                break
-            await asyncio.sleep(0.01)
+        # wait until its output is there (no fixed sleep: loaded CI)
+        assert await asettle(lambda: accl.statistics()["models"][0]["frames_out"] == 6)
         assert int((await accl.areceive(timeout=0))[0, 0]) == 9
 
 
@@ -313,7 +315,8 @@ async def test_connect_in_a_loop_before_binding_points_to_async_with(identity_df
 async def test_close_while_arun_is_submitting_raises_closed_error(identity_dfp):
     accl = mx.AsyncAccl(identity_dfp)
     task = asyncio.create_task(accl.arun([val(i) for i in range(5000)]))
-    await asyncio.sleep(0.02)
+    # close while it submits: frames are going in, far from all 5000
+    assert await asettle(lambda: sum(m["frames_in"] for m in accl.statistics()["models"]) > 0)
     await accl.aclose()
     with pytest.raises(mx.ClosedError):
         await task

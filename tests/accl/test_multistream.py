@@ -202,16 +202,20 @@ def test_several_models_each_with_streams(three_model_dfp):
 
 def test_stop_while_streams_block(identity_dfp):
     release = threading.Event()
+    blocked = threading.Event()
+    flowing = threading.Event()
 
     def source(s):
         if s == 0:
+            blocked.set()
             release.wait(10)
             return None
         return np.zeros((1, 4), np.float32)
 
     accl = mx.MultiStreamAsyncAccl(identity_dfp)
-    accl.connect_streams(source, lambda s, y: None, 4)
-    time.sleep(0.1)
+    accl.connect_streams(source, lambda s, y: flowing.set(), 4)
+    # stop while stream 0 blocks in its callback and the others' frames flow
+    assert blocked.wait(10) and flowing.wait(10), "the streams never ran"
     t0 = time.monotonic()
     accl.stop()
     assert time.monotonic() - t0 < 1.0

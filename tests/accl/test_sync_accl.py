@@ -10,7 +10,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
-from tests.conftest import frames, reference
+from tests.conftest import frames, in_memryx_call, reference, settle
 
 
 def test_run_one_frame_with_or_without_batch_dim(mlp_dfp):
@@ -191,7 +191,7 @@ def test_receive_unblocks_with_error_on_close(mlp_dfp):
 
     t = threading.Thread(target=receiver)
     t.start()
-    time.sleep(0.2)
+    assert settle(lambda: in_memryx_call("receive", t)), "receive() was never entered"
     accl.close()
     t.join(5)
     assert not t.is_alive()

@@ -38,13 +38,54 @@ def _restore_sigint() -> None:  # pragma: no cover - runs in the child
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+#: Written beside every script as ``scripthelp.py``: what a script waits on instead of
+#: sleeping (``from scripthelp import ready_inside, inside, threads_ended``).
+SCRIPT_HELP = '''
+import sys, threading, time
+
+def inside(name, thread=None):
+    """Whether `thread` (the main one by default) is in memryx's function `name` now."""
+    frame = sys._current_frames().get((thread or threading.main_thread()).ident)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == name and "memryx" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+def wait_until(check, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition never came true")
+        time.sleep(0.005)
+
+def ready_inside(name, also=lambda: True):
+    """Print READY (for the test to send Ctrl-C) once the main thread is inside memryx's
+    `name` and `also()` holds."""
+    def watch():
+        wait_until(lambda: inside(name) and also())
+        print("READY", flush=True)
+    threading.Thread(target=watch, daemon=True).start()
+
+def threads_ended(seconds=30.0):
+    """Wait until no thread but this one (and daemons) is left."""
+    me = threading.current_thread()
+    wait_until(lambda: not [t for t in threading.enumerate()
+                            if t is not me and not t.daemon and t.is_alive()], seconds)
+'''
+
+
 def run_script(tmp_path: Path, code: str, *, sigint_on: str | None = None,
                sigint_delay: float = 0.0, env: dict[str, str] | None = None,
                args: list[str] | None = None, timeout: float = 120.0) -> Result:
     """Run ``code`` as ``python script.py``; with ``sigint_on``, send SIGINT once
-    the script prints a line containing that text (after ``sigint_delay`` s)."""
+    the script prints a line containing that text (after ``sigint_delay`` s, where the
+    moment is what a test varies; to wait for the script to be somewhere, it prints
+    its line from there: see ``SCRIPT_HELP``)."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
+    (tmp_path / "scripthelp.py").write_text(SCRIPT_HELP)
     child_env = {**os.environ, "MEMRYX_DEVICE": "sim", "PYTHONUNBUFFERED": "1"}
     child_env.update(env or {})
     cmd = [sys.executable, str(script)] if args is None else args

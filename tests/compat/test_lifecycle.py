@@ -17,6 +17,13 @@ pytestmark = pytest.mark.timeout(240)
 INTERRUPTED = (-signal.SIGINT, 130)
 
 
+def _exited(res) -> None:  # type: ignore[no-untyped-def]
+    """The script ended by itself, cleanly and well within the exit bound."""
+    res.check_clean()
+    assert res.rc == 0, res.err
+    assert res.exit_s < EXIT_BOUND_S / 2
+
+
 def test_never_closed_sync_run_exits(tmp_path: Path) -> None:
     """The vendor's validation-script pattern: run, print, never close."""
     res = run_script(tmp_path, """
@@ -47,9 +54,7 @@ def test_never_closed_with_callbacks_running(tmp_path: Path, heavy_dfp: Path) ->
         got.wait(60)
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_exception_before_close_exits(tmp_path: Path, light_dfp: Path) -> None:
@@ -79,8 +84,10 @@ def test_thread_blocked_in_receive_does_not_hold_exit(tmp_path: Path, light_dfp:
                 accl.receive()
             except Exception as exc:
                 print("reader ended:", type(exc).__name__, flush=True)
-        threading.Thread(target=reader).start()
-        time.sleep(0.3)
+        from scripthelp import inside, wait_until
+        t = threading.Thread(target=reader)
+        t.start()
+        wait_until(lambda: inside("receive", t))  # the reader blocks in receive()
         print("END", time.time())
     """)
     res.check_clean()
@@ -91,19 +98,19 @@ def test_thread_blocked_in_receive_does_not_hold_exit(tmp_path: Path, light_dfp:
 
 def test_blocked_callback_does_not_hold_exit(tmp_path: Path, light_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
-        import time
+        import threading, time
         from memryx import AsyncAccl
         accl = AsyncAccl({str(light_dfp)!r})
+        entered = threading.Event()
         def stuck():
-            time.sleep(3600)
+            entered.set()
+            time.sleep(3600)  # stuck for good: the behaviour under test
         accl.connect_input(stuck)
         accl.connect_output(lambda *o: None)
-        time.sleep(0.3)
+        assert entered.wait(30)
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_dropped_reference_does_not_block(tmp_path: Path, light_dfp: Path) -> None:
@@ -115,9 +122,10 @@ def test_dropped_reference_does_not_block(tmp_path: Path, light_dfp: Path) -> No
         for _ in range(3):
             accl = AsyncAccl({str(light_dfp)!r})
             x = np.zeros(accl.dfp.input_shapes[0], np.float32)
+            flowing = threading.Event()
             accl.connect_input(lambda: x)
-            accl.connect_output(lambda *o: None)
-            time.sleep(0.1)
+            accl.connect_output(lambda *o: flowing.set())
+            assert flowing.wait(30)  # dropped while frames flow
             t0 = time.monotonic()
             del accl
             gc.collect()
@@ -139,6 +147,14 @@ def test_dropped_reference_does_not_block(tmp_path: Path, light_dfp: Path) -> No
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
+
+def _cli_interrupted(res, message: str) -> None:  # type: ignore[no-untyped-def]
+    """A command interrupted by Ctrl-C: exit status 130 and ``message``, no traceback."""
+    res.check_clean()
+    assert res.rc == 130, (res.rc, res.err)
+    assert "Traceback" not in res.err and message in res.err
+    assert res.exit_s < SIGINT_BOUND_S
+
 
 def _interrupted(res, where: str) -> None:  # type: ignore[no-untyped-def]
     res.check_clean()
@@ -164,7 +180,7 @@ def test_sigint_in_wait_heavy_model(tmp_path: Path, heavy_dfp: Path, delay: floa
         accl.connect_input(lambda: x)
         accl.connect_output(out)
         accl.wait()
-    """, sigint_on="READY", sigint_delay=delay)
+    """, sigint_on="READY", sigint_delay=delay)  # the moment of Ctrl-C: what varies
     _interrupted(res, "accl.wait()")
 
 
@@ -183,11 +199,12 @@ def test_sigint_caught_stops_the_pipeline(tmp_path: Path, heavy_dfp: Path) -> No
                 print("READY", flush=True)
         accl.connect_input(lambda: x)
         accl.connect_output(out)
+        from scripthelp import threads_ended
         try:
             accl.wait()
         except KeyboardInterrupt:
             seen = n[0]
-            time.sleep(1.0)
+            threads_ended()  # then no output can come any more: the count is final
             print("interrupted; outputs after:", n[0] - seen, "closed:",
                   accl._state.value, flush=True)
     """, sigint_on="READY")
@@ -200,23 +217,30 @@ def test_sigint_in_sync_run(tmp_path: Path, heavy_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
         import numpy as np
         from memryx import SyncAccl
+        from scripthelp import ready_inside
         accl = SyncAccl({str(heavy_dfp)!r}, device="sim:fast")
         x = np.ones(accl.dfp.input_shapes[0], np.float32)
+        done = [0]
+        def post(y):
+            done[0] += 1
+            return y
+        accl.set_postprocessing_model(post)
         accl.run(x)
-        print("READY", flush=True)
+        ready_inside("run", lambda: done[0] > 2)  # in a batch, frames done
         while True:
             accl.run([x] * 64)
-    """, sigint_on="READY", sigint_delay=0.2)
+    """, sigint_on="READY")
     _interrupted(res, "accl.run(")
 
 
 def test_sigint_in_receive(tmp_path: Path, light_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
         from memryx import SyncAccl
+        from scripthelp import ready_inside
         accl = SyncAccl({str(light_dfp)!r})
-        print("READY", flush=True)
+        ready_inside("receive")
         accl.receive()  # nothing sent: blocks until Ctrl-C
-    """, sigint_on="READY", sigint_delay=0.2)
+    """, sigint_on="READY")
     _interrupted(res, "accl.receive()")
 
 
@@ -229,13 +253,19 @@ def test_sigint_in_arun(tmp_path: Path, heavy_dfp: Path) -> None:
         async def main():
             async with AsyncAccl({str(heavy_dfp)!r}, device="sim:fast") as accl:
                 x = np.ones(accl.dfp.input_shapes[0], np.float32)
+                done = [0]
+                def post(y):
+                    done[0] += 1
+                    if done[0] == 3:  # a batch is in progress: Ctrl-C now
+                        print("READY", flush=True)
+                    return y
+                accl.set_postprocessing_model(post)
                 await accl.arun(x)
-                print("READY", flush=True)
                 while True:
                     await accl.arun([x] * 64)
 
         asyncio.run(main())
-    """, sigint_on="READY", sigint_delay=0.2)
+    """, sigint_on="READY")
     _interrupted(res, "asyncio.run(main())")
 
 
@@ -246,14 +276,12 @@ def test_sigint_in_bench(tmp_path: Path, heavy_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
         import sys
         from memryx.cli import main
-        print("READY", flush=True)
+        from scripthelp import ready_inside
+        ready_inside("wait")  # frames flow: the bench waits for its run to end
         sys.exit(main(["bench", {str(heavy_dfp)!r}, "--mode", "fast", "--frames", "100000",
                        "-q"]))
-    """, sigint_on="READY", sigint_delay=1.5)
-    res.check_clean()
-    assert res.rc == 130, (res.rc, res.err)
-    assert "Traceback" not in res.err and "interrupted" in res.err
-    assert res.exit_s < SIGINT_BOUND_S
+    """, sigint_on="READY")
+    _cli_interrupted(res, "interrupted")
     del sys
 
 
@@ -266,9 +294,14 @@ def test_async_app_with_a_stuck_callback_exits(tmp_path: Path, light_dfp: Path) 
 
         async def main():
             async with AsyncAccl({str(light_dfp)!r}) as accl:
-                accl.connect_input(lambda: time.sleep(3600))
+                entered = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                def stuck():
+                    loop.call_soon_threadsafe(entered.set)
+                    time.sleep(3600)  # stuck for good: the behaviour under test
+                accl.connect_input(stuck)
                 accl.connect_output(lambda *o: None)
-                await asyncio.sleep(0.3)
+                await entered.wait()
             # and one never closed, bound to the loop that is about to end
             accl2 = AsyncAccl({str(light_dfp)!r})
             await accl2.arun(__import__("numpy").zeros((1, 3, 64, 64), "float32"))
@@ -276,21 +309,26 @@ def test_async_app_with_a_stuck_callback_exits(tmp_path: Path, light_dfp: Path) 
         asyncio.run(main())
         print("END", time.time())
     """)
-    res.check_clean()
-    assert res.rc == 0, res.err
-    assert res.exit_s < EXIT_BOUND_S / 2
+    _exited(res)
 
 
 def test_sigint_in_blocked_send(tmp_path: Path, light_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
         import numpy as np
         from memryx import SyncAccl
+        from scripthelp import ready_inside
         accl = SyncAccl({str(light_dfp)!r})
         x = np.zeros(accl.dfp.input_shapes[0], np.float32)
-        print("READY", flush=True)
+        sent = [0]
+        def blocked():  # in send(), its frame not taken, all before it computed and waiting
+            model = accl.statistics()["models"][0]
+            return (sent[0] > model["frame_budget"] and model["in_flight"] == 0
+                    and model["frames_in"] == model["frames_out"] == sent[0])
+        ready_inside("send", blocked)
         while True:
             accl.send(x)  # nobody receives: send blocks once the buffers are full
-    """, sigint_on="READY", sigint_delay=1.0)
+            sent[0] += 1
+    """, sigint_on="READY")
     _interrupted(res, "accl.send(x)")
 
 
@@ -325,7 +363,7 @@ accl.wait()
         assert proc.stdout is not None
         assert "READY" in proc.stdout.readline()
         proc.send_signal(sig.SIGINT)
-        time.sleep(gap)
+        time.sleep(gap)  # the gap between the two Ctrl-Cs: what varies
         if proc.poll() is None:
             proc.send_signal(sig.SIGINT)
         _, err = proc.communicate(timeout=EXIT_BOUND_S)
@@ -341,13 +379,11 @@ def test_sigint_in_mx_bench(tmp_path: Path, heavy_dfp: Path) -> None:
     res = run_script(tmp_path, f"""
         import sys
         from memryx._tools import mx_bench
-        print("READY", flush=True)
+        from scripthelp import ready_inside
+        ready_inside("run")  # frames flow: the benchmark runs its batch
         sys.exit(mx_bench(["-d", {str(heavy_dfp)!r}, "-f", "100000"]))
-    """, sigint_on="READY", sigint_delay=2.0)
-    res.check_clean()
-    assert res.rc == 130, (res.rc, res.err)
-    assert "Traceback" not in res.err and "mx_bench: interrupted" in res.err
-    assert res.exit_s < SIGINT_BOUND_S
+    """, sigint_on="READY")
+    _cli_interrupted(res, "mx_bench: interrupted")
 
 
 def test_new_accelerator_per_iteration_never_closed(tmp_path: Path, light_dfp: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import memryx as mx
 from memryx import ClientOptions, SchedulerOptions
 
-from ..conftest import reference
+from ..conftest import reference, settle
 
 
 def _device_name(accl: Any) -> str:
@@ -193,7 +193,8 @@ def test_fps_target_does_not_delay_stop(identity_dfp: mx.Dfp) -> None:
     accl = mx.AsyncAccl(identity_dfp, client_options=ClientOptions(fps_target=0.05))  # 20 s
     accl.connect_input(lambda: np.ones((1, 4), np.float32))
     accl.connect_output(lambda y: None)
-    time.sleep(0.2)
+    # the first frame went in: the next waits for its 20 s slot when stop() comes
+    assert settle(lambda: accl.statistics()["models"][0]["frames_in"] >= 1)
     t0 = time.monotonic()
     accl.stop()
     assert time.monotonic() - t0 < 2.0
@@ -367,9 +368,18 @@ def test_connect_streams_again_adds_streams(identity_dfp: mx.Dfp) -> None:
 def test_connect_streams_after_all_ended(identity_dfp: mx.Dfp) -> None:
     accl = mx.MultiStreamAsyncAccl(identity_dfp)
     accl.connect_streams(lambda i: None, lambda i, y: None, 1)
-    time.sleep(0.3)
-    with pytest.raises(mx.UsageError, match="every stream of model 0 has ended"):
-        accl.connect_streams(lambda i: None, lambda i, y: None, 1)
+    refusals: list[mx.UsageError] = []
+
+    def refused() -> bool:  # (the end of a stream has no public signal to wait on)
+        try:
+            accl.connect_streams(lambda i: None, lambda i, y: None, 1)
+        except mx.UsageError as exc:
+            refusals.append(exc)
+            return True
+        return False  # not ended yet: the stream added ends at once too
+
+    assert settle(refused), "connect_streams was never refused"
+    assert "every stream of model 0 has ended" in str(refusals[0])
     accl.close()
 
 

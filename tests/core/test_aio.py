@@ -16,6 +16,7 @@ from memryx._core.aio import (
     ThreadConsumer,
     ThreadProducer,
 )
+from tests.conftest import in_memryx_call, loop_turns, settle, stack
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,7 +36,7 @@ async def test_channel_is_bounded_and_put_waits_for_room():
     assert ch.put_nowait(1) and ch.put_nowait(2)
     assert not ch.put_nowait(3)
     putter = asyncio.create_task(ch.put(3))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert not putter.done()
     assert await ch.get(1) == [1]
     await asyncio.wait_for(putter, 2)
@@ -45,7 +46,7 @@ async def test_channel_is_bounded_and_put_waits_for_room():
 async def test_a_cancelled_get_takes_nothing():
     ch: Channel[int] = Channel(4)
     getter = asyncio.create_task(ch.get(4))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     getter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await getter
@@ -57,7 +58,7 @@ async def test_a_cancelled_put_puts_nothing():
     ch: Channel[int] = Channel(1)
     ch.put_nowait(1)
     putter = asyncio.create_task(ch.put(2))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     putter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await putter
@@ -79,7 +80,7 @@ async def test_close_lets_getters_drain_then_ends():
 async def test_close_wakes_a_waiting_getter():
     ch: Channel[int] = Channel(4)
     getter = asyncio.create_task(ch.get(4))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     ch.close()
     with pytest.raises(ChannelClosed):
         await asyncio.wait_for(getter, 2)
@@ -107,7 +108,7 @@ async def test_a_thread_producer_wakes_the_loop_once_per_batch(monkeypatch):
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
     getter = asyncio.create_task(ch.get(1000))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     started = threading.Event()
 
     def produce() -> None:
@@ -151,7 +152,7 @@ async def test_budget_hands_out_batches_first_come_first_served():
     assert b.used == 4
     first = asyncio.create_task(b.take(2))
     second = asyncio.create_task(b.take(2))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert b.take_nowait(1) == 0  # queued waiters come first
     b.give(1)
     assert await asyncio.wait_for(first, 2) == 1
@@ -165,7 +166,7 @@ async def test_a_cancelled_budget_waiter_holds_nothing():
     b = Budget(1)
     await b.take(1)
     waiter = asyncio.create_task(b.take(1))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -177,7 +178,7 @@ async def test_a_grant_racing_a_cancellation_is_handed_back():
     b = Budget(1)
     await b.take(1)
     waiter = asyncio.create_task(b.take(1))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     b.give(1)  # granted to the waiter ...
     waiter.cancel()  # ... which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
@@ -195,7 +196,7 @@ async def test_taskset_reports_a_failure_once_and_closes_the_rest():
 
     ts.spawn(boom(), "boom")
     ts.spawn(asyncio.sleep(10), "sleeper")
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert [type(e) for e in errors] == [ValueError]
     await ts.aclose()
     assert len(ts) == 0 and len(errors) == 1
@@ -214,8 +215,12 @@ async def test_thread_producer_makes_one_item_per_credit_and_ends():
     got = []
     while len(got) < 3:
         got += await asyncio.wait_for(p.items.get(10), 2)
-    await asyncio.sleep(0.05)
-    assert got == [0, 1, 2] and len(p.items) == 0  # no credit, no call
+    # its thread waits for credit (blocked in _run's wait): no credit, no call
+    thread = next(t for t in threading.enumerate() if t.name.startswith("test-producer"))
+    assert settle(lambda: in_memryx_call("_run", thread) and any(
+        code.co_name == "wait" and code.co_filename == threading.__file__
+        for code in stack(thread)))
+    assert got == [0, 1, 2] and len(p.items) == 0 and p.produced == 3
     p.grant(10)
     with pytest.raises(ChannelClosed):
         while True:

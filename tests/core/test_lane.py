@@ -11,6 +11,7 @@ import pytest
 from memryx._core.aio import TaskSet
 from memryx._core.lane import MAX_FRAME_BUDGET, Lane, frame_budget
 from memryx.device.base import Limits
+from tests.conftest import loop_turns
 
 pytestmark = pytest.mark.asyncio
 
@@ -101,10 +102,10 @@ async def test_outputs_are_paired_in_submission_order_even_if_answered_out_of_or
     assert len(device.submits) == 4
     for i in (3, 1, 2):  # later frames done first: nothing may be delivered yet
         device.answer(i)
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert a.got == b.got == []
     device.answer(0)
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert a.got == [(0, 0), (2, 20)] and b.got == [(1, 10), (3, 30)]
     assert lane.budget.free == 4  # every unit came back with its output
     assert lane.in_flight == 0
@@ -116,7 +117,7 @@ async def test_a_failed_batch_is_a_fault_of_the_lane(identity_dfp):
     lane.put((Collect(), 0, 0.0), frame(0))
     await asyncio.sleep(0)
     device.submits[0][1].set_exception(RuntimeError("chip on fire"))
-    await asyncio.sleep(0.01)
+    await loop_turns()
     assert [str(f) for f in faults] == ["chip on fire"]
     await tasks.aclose()
 

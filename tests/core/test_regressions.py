@@ -11,6 +11,7 @@ import threading
 import time
 import tracemalloc
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import SimulatedDevice
+from tests.conftest import asettle, settle, threads_ended
 
 X = np.zeros((1, 4), np.float32)
 
@@ -195,9 +197,7 @@ def test_partial_and_callable_objects_of_async_functions_are_awaited(identity_df
         accl.connect_input(lambda it=items: (ones(next(it, -1)) if True else None))
         accl.connect_output(callback)
         # the source never ends on its own: stop after 30 outputs arrived
-        deadline = time.monotonic() + 10
-        while len(dest) < 30 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert settle(lambda dest=dest: len(dest) >= 30, 10), dest
         accl.stop()
         assert dest[:30] == list(range(30))
         dest.clear()
@@ -272,13 +272,17 @@ def test_close_after_the_loop_ended_is_quiet(identity_dfp, caplog):
 
 def test_a_collected_accelerator_of_an_ended_loop_is_quiet(identity_dfp, caplog):
     caplog.set_level(logging.ERROR, logger="asyncio")
+    before = set(threading.enumerate())
+    made: list[weakref.ref[mx.AsyncAccl]] = []
 
     async def main() -> None:
         accl = mx.AsyncAccl(identity_dfp)
+        made.append(weakref.ref(accl))
         await accl.__aenter__()  # bound, never closed
-        accl.connect_output(lambda y: None)
+        flowing = threading.Event()
+        accl.connect_output(lambda y: flowing.set())
         accl.connect_input(lambda: X)  # an endless source on a thread of its own
-        await asyncio.sleep(0.05)
+        assert await asettle(flowing.is_set)  # the loop ends while frames flow
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # unclosed: it says so, rightly
@@ -287,7 +291,12 @@ def test_a_collected_accelerator_of_an_ended_loop_is_quiet(identity_dfp, caplog)
             loop.run_until_complete(main())
         finally:
             loop.close()
+        # collected here, inside the filter: its threads end (one may hold it a moment
+        # longer), then the collector takes it. Collected later, it would warn "unclosed
+        # AsyncAccl" in whichever test ran next
+        assert threads_ended(before), "its threads did not end once the loop was gone"
         gc.collect()
+        assert made[0]() is None, "the dropped accelerator was not collected"
     assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
 
 

@@ -1,9 +1,9 @@
-"""Device servers and hostile clients as real processes, for the tests of tests/device."""
+"""Hostile clients as real processes, for the tests of tests/device (the servers are the
+pytest plugin's ``memryx.pytest_plugin.ServerProcess``)."""
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -13,65 +13,6 @@ from typing import Any
 
 HOG = Path(__file__).with_name("hog.py")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Server:
-    """``memryx serve`` in a child process; waits until every listener it asked for is up.
-
-    ``unix``: listen on ``directory/memryx.sock``; extra ``args`` as on the command line.
-    """
-
-    def __init__(self, directory: Path, *args: str, unix: bool = True,
-                 env: dict[str, str] | None = None, wait: bool = True) -> None:
-        self.path = directory / "memryx.sock"
-        self.log = directory / f"server-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "memryx", "--log-level", "INFO", "serve",
-               *(["--socket", str(self.path)] if unix else []), *args]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env={**os.environ, **(env or {})}, cwd=ROOT)
-        self.tcp_port = 0
-        self._tls = False
-        if not wait:
-            return
-        want = int(unix) + int("--tcp" in args)
-        deadline = time.monotonic() + 30
-        while self.text().count("listening on") < want:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"device server did not start: {self.text()}")
-            time.sleep(0.02)
-        found = re.search(r"listening on (tcps?)://\S+?:(\d+)", self.text())
-        if found:
-            self._tls, self.tcp_port = found.group(1) == "tcps", int(found.group(2))
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.path}"
-
-    @property
-    def tcp(self) -> str:
-        return f"{'tcps' if self._tls else 'tcp'}://127.0.0.1:{self.tcp_port}"
-
-    def wait_for(self, text: str, seconds: float = 20.0) -> bool:
-        deadline = time.monotonic() + seconds
-        while text not in self.text():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - stopped (SIGSTOP) server
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def hog(mode: str, address: str, *args: str, env: dict[str, str] | None = None

@@ -70,7 +70,7 @@ def main() -> None:
     if mode.endswith("+"):
         while True:
             once(mode[:-1], address, shape)
-            time.sleep(0.1)
+            time.sleep(0.1)  # the hog's own pace of reconnecting
     once(mode, address, shape)
 
 
@@ -82,7 +82,7 @@ def once(mode: str, address: str, shape: tuple[int, ...]) -> None:
             hello = p.Connection(p.Role.CLIENT).send_bytes(p.Hello("slow", os.getpid()))
             for byte in hello:
                 sock.sendall(bytes([byte]))
-                time.sleep(1)
+                time.sleep(1)  # a byte a second: the slowloris itself
         elif mode == "idle":
             sock.recv(1)  # until the server hangs up
         elif mode == "trickle":  # one frame, then read its output at about 1 MB/s
@@ -97,7 +97,7 @@ def once(mode: str, address: str, shape: tuple[int, ...]) -> None:
                     break
                 got += len(data)
                 events = conn.receive_data(data)
-                time.sleep(0.1)
+                time.sleep(0.1)  # the trickle's read rate
             print(f"trickled {got} bytes: {type(events[0]).__name__ if events else 'nothing'}",
                   flush=True)
             return
@@ -116,7 +116,7 @@ def once(mode: str, address: str, shape: tuple[int, ...]) -> None:
                 probe = sock.recv(1, socket.MSG_PEEK)
                 if not probe:
                     break
-                time.sleep(0.2)
+                time.sleep(0.2)  # polling: reads nothing, so nothing to wait on
     except OSError as exc:
         print(f"cut off after {sent} frames: {exc!r}", flush=True)
         return

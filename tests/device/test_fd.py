@@ -19,7 +19,8 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import protocol as p
-from tests.conftest import ServerProcess, frames, reference
+from memryx.pytest_plugin import ServerProcess
+from tests.conftest import frames, reference, settle
 
 CLIENT = textwrap.dedent("""
     import sys, numpy as np, memryx as mx
@@ -78,9 +79,7 @@ def test_server_killed_mid_run_raises_device_error_promptly(server, identity_dfp
     outputs = []
     accl.connect_input(lambda: np.zeros((1, 4), np.float32))
     accl.connect_output(outputs.append)
-    deadline = time.monotonic() + 10
-    while len(outputs) < 50 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert settle(lambda: len(outputs) >= 50, 10), "outputs never flowed"
     server.kill()
     killed = time.monotonic()
     with pytest.raises(mx.DeviceError, match=r"frame\(s\) sent and never returned") as info:
@@ -139,7 +138,7 @@ def test_client_killed_mid_run_frees_its_resources(server, mlp_dfp):
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [line for line in server.log.read_text().splitlines() if "connected (" in line]
+        lines = [line for line in server.text().splitlines() if "connected (" in line]
         if killed_gone(lines) and "(0 connected)" in lines[-1]:
             break
         time.sleep(0.05)

@@ -18,8 +18,9 @@ import memryx as mx
 from memryx.device import _listen
 from memryx.device import protocol as p
 from memryx.device.fd import _remote_error
+from memryx.pytest_plugin import ServerProcess
 from tests.conftest import frames
-from tests.device.helpers import ROOT, Server
+from tests.device.helpers import ROOT
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -30,7 +31,7 @@ def _serve(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_second_server_refuses_a_live_socket(tmp_path, mlp_dfp):
-    first = Server(tmp_path)
+    first = ServerProcess(tmp_path)
     try:
         second = _serve(first.path)
         assert second.returncode == 3
@@ -48,7 +49,7 @@ def test_a_stale_socket_is_replaced(tmp_path, mlp_dfp):
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))  # a socket file nobody listens on: its server died
     dead.close()
-    srv = Server(tmp_path)
+    srv = ServerProcess(tmp_path)
     try:
         with mx.SyncAccl(mlp_dfp, device=srv.address) as accl:
             assert len(accl.run(frames(3, (1, 16)))) == 3
@@ -65,7 +66,7 @@ def test_a_file_that_is_not_a_socket_is_never_replaced(tmp_path):
 
 
 def test_a_server_removes_only_the_socket_it_created(tmp_path):
-    srv = Server(tmp_path)
+    srv = ServerProcess(tmp_path)
     srv.path.unlink()  # someone removed it, and another socket took the path
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -77,7 +78,7 @@ def test_a_server_removes_only_the_socket_it_created(tmp_path):
 
 
 def test_the_server_refuses_a_uid_outside_its_allow_list(tmp_path, mlp_dfp):
-    srv = Server(tmp_path, "--allow-uid", "12345")
+    srv = ServerProcess(tmp_path, "--allow-uid", "12345")
     try:
         with pytest.raises(mx.DeviceError, match=f"refused.*uid {os.getuid()} may not use"):
             mx.SyncAccl(mlp_dfp, device=srv.address, timeout=5)

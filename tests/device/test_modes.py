@@ -16,6 +16,7 @@ import memryx as mx
 from memryx import testing
 from memryx.device import BackendError, SimulatedDevice, open_device
 from memryx.device._compute import ReuseCache, Sampler
+from tests.conftest import in_memryx_call, settle
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
@@ -139,7 +140,9 @@ def test_reuse_cache_unit_concurrent_misses_share_one_computation():
                for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    # one computes (held at the gate), the other three wait inside compute() for its result
+    assert settle(lambda: len(calls) == 1 and all(in_memryx_call("compute", t)
+                                                  for t in threads)), "callers never met"
     gate.set()
     for t in threads:
         t.join(5)
@@ -413,7 +416,9 @@ async def test_closing_with_sampled_frames_waiting_for_a_computation_cancels_the
     await dev.open(cnn, 0)
     x = frames(1, 1)[0]
     futs = [dev.submit(0, [[x]]) for _ in range(6)]
-    await asyncio.sleep(0.01)  # due, but the first computation is still running
+    # the clock passes the frames' due time (1 ms latency: pacing is by the clock), whether
+    # or not the first computation has ended: close must resolve every future either way
+    await asyncio.sleep(0.01)
     await asyncio.wait_for(dev.aclose(), 10)
     assert all(f.done() for f in futs)
 
@@ -458,8 +463,13 @@ import numpy as np, memryx as mx
 from memryx import testing
 dfp = mx.NeuralCompiler(models=testing.resnet50(input_size=64), fps=2000, latency_ms=2).run()
 xs = [np.random.rand(1, 3, 64, 64).astype(np.float32) for _ in range(4)]
+def post(y):  # the first output: graphs are running on the worker threads
+    post.n = getattr(post, "n", 0) + 1
+    if post.n == 1:
+        print("running", flush=True)
+    return y
 with mx.SyncAccl(dfp, mode=sys.argv[1]) as accl:
-    print("running", flush=True)
+    accl.set_postprocessing_model(post)
     accl.run(xs * 100000)
 """
 
@@ -479,7 +489,6 @@ def test_ctrl_c_while_the_host_computes_a_graph_is_a_keyboardinterrupt_not_an_ab
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "running"
-        time.sleep(1.0)  # graphs running on the worker threads
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:

@@ -7,15 +7,15 @@ import pytest
 
 import memryx as mx
 from memryx import testing
+from memryx.pytest_plugin import ServerProcess
 from tests.conftest import reference
-from tests.device.helpers import Server
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_a_dfp_and_frames_over_64_mib_pass(tmp_path):
     """72 MiB of weights (a DFP the old 64 MiB limit refused) and 68 MiB frames both ways."""
-    srv = Server(tmp_path, "--mode", "fast")
+    srv = ServerProcess(tmp_path, "--mode", "fast")
     try:
         model = testing.mlp_model(in_features=4096, hidden=4500, out_features=10)
         dfp = mx.NeuralCompiler(models=model).run()
@@ -34,7 +34,7 @@ def test_a_dfp_and_frames_over_64_mib_pass(tmp_path):
 
 
 def test_a_frame_above_the_servers_limit_is_a_clear_error(tmp_path):
-    srv = Server(tmp_path, "--mode", "fast", "--max-message-mb", "1")
+    srv = ServerProcess(tmp_path, "--mode", "fast", "--max-message-mb", "1")
     try:
         dfp = mx.NeuralCompiler(models=testing.identity_model((1, 300_000))).run()  # 1.2 MB
         with mx.SyncAccl(dfp, device=srv.address, timeout=20) as accl:
@@ -45,7 +45,7 @@ def test_a_frame_above_the_servers_limit_is_a_clear_error(tmp_path):
 
 
 def test_a_dfp_above_the_servers_limit_is_a_clear_error(tmp_path):
-    srv = Server(tmp_path, "--max-message-mb", "0.01")
+    srv = ServerProcess(tmp_path, "--max-message-mb", "0.01")
     try:
         dfp = mx.NeuralCompiler(models=testing.mlp_model(in_features=64, hidden=64)).run()
         assert len(dfp.to_bytes()) > 0.01 * 2**20

@@ -17,8 +17,9 @@ import memryx as mx
 from memryx import testing
 from memryx.device import protocol as p
 from memryx.device._auth import preamble
+from memryx.pytest_plugin import ServerProcess
 from tests.conftest import frames, reference
-from tests.device.helpers import ROOT, Server, end, hog, wait_line
+from tests.device.helpers import ROOT, end, hog, wait_line
 
 pytestmark = pytest.mark.timeout(90)
 LOOPBACK = "127.0.0.1:0"
@@ -34,7 +35,7 @@ def token_file(tmp_path):
 
 @pytest.fixture
 def tcp_server(tmp_path, token_file):
-    srv = Server(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file), unix=False)
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file), unix=False)
     yield srv
     srv.stop()
 
@@ -82,7 +83,7 @@ def test_a_tcp_server_refuses_to_start_without_a_secret(tmp_path):
 
 def test_insecure_tcp_beside_a_unix_socket(tmp_path, mlp_dfp, monkeypatch):
     monkeypatch.delenv("MEMRYX_TOKEN", raising=False)
-    srv = Server(tmp_path, "--tcp", LOOPBACK, "--insecure")
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, "--insecure")
     try:
         assert "INSECURE" in srv.text()
         for address in (srv.tcp, srv.address):
@@ -93,7 +94,7 @@ def test_insecure_tcp_beside_a_unix_socket(tmp_path, mlp_dfp, monkeypatch):
 
 
 def test_server_token_from_the_environment(tmp_path, mlp_dfp):
-    srv = Server(tmp_path, "--tcp", LOOPBACK, unix=False, env={"MEMRYX_TOKEN": "from-env"})
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, unix=False, env={"MEMRYX_TOKEN": "from-env"})
     try:
         with mx.SyncAccl(mlp_dfp, device=srv.tcp, token="from-env") as accl:
             assert len(accl.run(frames(5, (1, 16)))) == 5
@@ -102,7 +103,7 @@ def test_server_token_from_the_environment(tmp_path, mlp_dfp):
 
 
 def test_a_hog_over_tcp_does_not_stall_a_unix_client(tmp_path, token_file, mlp_dfp):
-    srv = Server(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file),
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file),
                  "--stall-timeout", "3")
     flood = hog("flood", f"tcp://127.0.0.1:{srv.tcp_port}",
                 env={"MEMRYX_TOKEN": "s3cret-of-the-box"})
@@ -144,7 +145,7 @@ def certificate(tmp_path_factory):
 @pytest.fixture
 def tls_server(tmp_path, token_file, certificate):
     cert, key = certificate
-    srv = Server(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file),
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file),
                  "--tls-cert", str(cert), "--tls-key", str(key), unix=False)
     yield srv
     srv.stop()
@@ -203,7 +204,7 @@ def test_a_stopped_tcp_server_is_a_device_error_within_the_deadline(tmp_path, to
 
     cert, key = certificate
     extra = ["--tls-cert", str(cert), "--tls-key", str(key)] if tls else []
-    srv = Server(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file), *extra,
+    srv = ServerProcess(tmp_path, "--tcp", LOOPBACK, "--token-file", str(token_file), *extra,
                  unix=False)
     ctx = ssl.create_default_context(cafile=str(cert)) if tls else None
     try:

@@ -22,6 +22,7 @@ from memryx.faults import (
     Throttle,
     fault,
 )
+from tests.conftest import asettle
 
 FRAME = np.zeros((1, 4), np.float32)
 
@@ -191,7 +192,8 @@ async def test_cancelling_during_a_stall_and_closing_leaves_nothing_behind(
     async with mx.AsyncAccl(identity_dfp, device=device) as accl:
         await accl.arun(FRAME)
         task = asyncio.create_task(accl.arun(FRAME))
-        await asyncio.sleep(0.1)
+        # cancel once the second frame is at the stalled device
+        assert await asettle(lambda: accl.statistics()["models"][0]["frames_in"] == 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from tests.conftest import settle
 
 
 def numbered(n: int, width: int = 4) -> list[np.ndarray]:
@@ -35,23 +36,19 @@ def kill_pid(pid: int) -> None:
 
 
 def wait_for(check: Callable[[], bool], seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
+    """:func:`tests.conftest.settle` with the longer default Ray's start-up needs."""
+    return settle(check, seconds)
 
 
 class Later(threading.Thread):
-    """Run ``fn`` on a thread after ``delay`` seconds (joined by the test)."""
+    """Run ``fn`` on a thread once ``ready()`` returned (joined by the test)."""
 
-    def __init__(self, delay: float, fn: Callable[[], None]) -> None:
+    def __init__(self, ready: Callable[[], object], fn: Callable[[], None]) -> None:
         super().__init__(daemon=True, name="test-later")
-        self._delay, self._fn = delay, fn
+        self._ready, self._fn = ready, fn
 
     def run(self) -> None:
-        time.sleep(self._delay)
+        self._ready()
         self._fn()
 
 

@@ -13,6 +13,7 @@ pytest.importorskip("ray")
 
 import memryx as mx
 from memryx.ray import AcceleratorPool
+from tests.conftest import asettle
 from tests.ray.helpers import (
     Later,
     kill_pid,
@@ -65,13 +66,19 @@ async def test_replica_killed_under_concurrent_arun(ray_runtime: Any,
     ray = ray_runtime
     async with AcceleratorPool(identity_dfp, replicas=2, max_restarts=2) as pool:
         frames = numbered(120)
+        done = [0]
 
-        async def killer() -> None:
-            await asyncio.sleep(0.05)
+        async def one(frame: Any) -> Any:
+            out = await pool.arun(frame)
+            done[0] += 1
+            return out
+
+        async def killer() -> None:  # kill once outputs flow
+            assert await asettle(lambda: done[0] >= 5, 20)
             ray.kill(pool.actors[0], no_restart=False)
 
         kill = asyncio.ensure_future(killer())
-        outs = await asyncio.gather(*(pool.arun(f) for f in frames))
+        outs = await asyncio.gather(*(one(f) for f in frames))
         await kill
         assert positions(outs) == list(range(120))
         got = [o async for o in pool.aimap(numbered(50))]
@@ -110,7 +117,8 @@ def test_lost_device_server_gives_device_error_within_the_timeout(
 def test_close_during_imap_from_another_thread(ray_runtime: Any,
                                                identity_dfp: mx.Dfp) -> None:
     pool = AcceleratorPool(identity_dfp, replicas=1)
-    closer = Later(0.5, pool.close)
+    got = []
+    closer = Later(lambda: wait_for(lambda: len(got) >= 10), pool.close)  # while outputs flow
 
     def endless() -> Any:
         i = 0
@@ -118,7 +126,6 @@ def test_close_during_imap_from_another_thread(ray_runtime: Any,
             yield np.full((1, 4), i, np.float32)
             i += 1
 
-    got = []
     closer.start()
     start = time.monotonic()
     with pytest.raises(mx.ClosedError):

@@ -29,6 +29,7 @@ import pytest
 
 import memryx as mx
 from memryx import testing
+from tests.conftest import in_memryx_call, settle, threads_ended
 
 from .helpers import PROBE, assert_usable, assert_usable_async
 
@@ -95,8 +96,11 @@ def closed(cls: type, dfp: mx.Dfp) -> Any:
     return accl
 
 
-def raises(exc: BaseException) -> Callable[..., Any]:
+def raises(exc: BaseException, called: threading.Event | None = None) -> Callable[..., Any]:
+    """A callback that raises ``exc`` (setting ``called`` first, for a test to wait on)."""
     def fn(*_args: Any) -> Any:
+        if called is not None:
+            called.set()
         raise exc
     return fn
 
@@ -687,27 +691,36 @@ async def test_misuse_in_a_running_loop(env: Env, act: Callable[[Env], Any],
 
 # -- cases with timing or cleanup of their own ---------------------------------------------
 @contextlib.contextmanager
-def ctrl_c_after(seconds: float) -> Iterator[None]:
-    """Deliver SIGINT to the main thread after ``seconds``, as a KeyboardInterrupt raised
-    only inside this block (never later, in another test)."""
+def ctrl_c_when(ready: Callable[[], bool], seconds: float = 20.0,
+                to: threading.Thread | None = None) -> Iterator[None]:
+    """Deliver SIGINT to the main thread as soon as ``ready()`` is true (polled), as a
+    KeyboardInterrupt raised only inside this block (never later, in another test). If it
+    never becomes true within ``seconds`` the interrupt still comes (so the block ends)
+    and the test fails. ``to``: deliver it to that thread (the kernel may pick any
+    thread of the process; Python still handles it on the main thread)."""
     armed = threading.Event()
+    on_time: list[bool] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
         if armed.is_set():
             armed.clear()
             raise KeyboardInterrupt
 
+    def interrupt() -> None:
+        on_time.append(settle(ready, seconds))
+        signal.pthread_kill((to or threading.main_thread()).ident or 0, signal.SIGINT)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
-    timer = threading.Timer(seconds, signal.pthread_kill,
-                            (threading.main_thread().ident, signal.SIGINT))
+    sender = threading.Thread(target=interrupt, name="ctrl-c")
     armed.set()
-    timer.start()
+    sender.start()
     try:
         yield
     finally:
         armed.clear()
-        timer.join()
+        sender.join()
         signal.signal(signal.SIGINT, previous)
+    assert on_time == [True], "the condition for Ctrl-C never came true"
 
 
 def test_keyboard_interrupt_during_wait_stops_everything(identity_dfp):
@@ -720,34 +733,78 @@ def test_keyboard_interrupt_during_wait_stops_everything(identity_dfp):
         if stopped.is_set():
             calls_after.append(y)
 
+    before = set(threading.enumerate())
     accl = mx.AsyncAccl(identity_dfp)
     accl.connect_input(lambda: PROBE)
     accl.connect_output(out)
-    t0 = time.monotonic()
-    with ctrl_c_after(0.3), pytest.raises(KeyboardInterrupt):
+
+    def running_and_waiting() -> bool:  # frames flow, and the main thread blocks in wait()
+        return (accl.statistics()["models"][0]["frames_out"] > 0
+                and in_memryx_call("wait"))
+
+    with ctrl_c_when(running_and_waiting), pytest.raises(KeyboardInterrupt) as info:
         accl.wait()
+    interrupted = time.monotonic()
     stopped.set()
-    assert time.monotonic() - t0 < 2.0
-    assert accl.statistics()["models"][0]["frames_out"] > 0  # it was really running
+    assert "wait" in {entry.name for entry in info.traceback}
     with pytest.raises(mx.ClosedError):
         accl.connect_output(lambda y: None)
     accl.close()  # idempotent, raises nothing
-    time.sleep(0.1)
+    assert time.monotonic() - interrupted < 2.0
+    # once the accelerator's threads have ended no callback can come: calls_after is final
+    assert threads_ended(before), "the accelerator's threads did not end"
     assert calls_after == []
     assert_usable(identity_dfp)
 
 
 def test_keyboard_interrupt_during_run_stops_submitting_the_batch(identity_dfp):
     with mx.SyncAccl(identity_dfp) as accl:
+        # a slow post-processor (the sleep is the behaviour): the batch takes >= 6 s
         accl.set_postprocessing_model(lambda y: (time.sleep(0.002), y)[1])
-        with ctrl_c_after(0.3), pytest.raises(KeyboardInterrupt):
+
+        def model() -> Any:
+            return accl.statistics()["models"][0]
+
+        with ctrl_c_when(lambda: model()["frames_out"] > 0 and in_memryx_call("run")), \
+                pytest.raises(KeyboardInterrupt):
             accl.run([PROBE] * 3000)
-        time.sleep(0.2)  # what was already in the pipeline drains
-        before = accl.statistics()["models"][0]["frames_in"]
-        time.sleep(0.5)
-        after = accl.statistics()["models"][0]["frames_in"]
-        assert after == before, f"the interrupted batch went on: {before} -> {after} frames in"
+        # what was already in the pipeline drains, and nothing more of the batch comes in
+        assert settle(lambda: model()["in_flight"] == 0, 20), model()
+        before = model()["frames_in"]
+        assert before < 3000, "the interrupted batch went on to its end"
         np.testing.assert_array_equal(accl.run(PROBE), PROBE)
+        after = model()["frames_in"]
+        assert after == before + 1, f"the interrupted batch went on: {before} -> {after} in"
+    assert_usable(identity_dfp)
+
+
+def test_ctrl_c_delivered_to_another_thread_interrupts_a_blocking_run(identity_dfp):
+    """(regression) SIGINT that the kernel handed to a thread other than the main one only
+    set Python's flag: the main thread, waiting on a lock without a timeout inside run(),
+    never looked, and Ctrl-C waited for the whole batch (a 'hang' seen under load)."""
+    other_ready = threading.Event()
+    release = threading.Event()
+    other = threading.Thread(target=lambda: (other_ready.set(), release.wait(30)),
+                             name="not-main")
+    other.start()
+    try:
+        with mx.SyncAccl(identity_dfp) as accl:
+            # a slow post-processor (the sleep is the behaviour): the batch takes >= 6 s
+            accl.set_postprocessing_model(lambda y: (time.sleep(0.002), y)[1])
+
+            def model() -> Any:
+                return accl.statistics()["models"][0]
+
+            with ctrl_c_when(lambda: other_ready.is_set() and model()["frames_out"] > 0
+                             and in_memryx_call("run"), to=other), \
+                    pytest.raises(KeyboardInterrupt):
+                t0 = time.monotonic()
+                accl.run([PROBE] * 3000)
+            assert time.monotonic() - t0 < 5.0, "Ctrl-C waited for the batch"
+            assert model()["frames_in"] < 3000
+    finally:
+        release.set()
+        other.join(10)
     assert_usable(identity_dfp)
 
 
@@ -789,6 +846,7 @@ def test_stop_returns_within_a_second_while_callbacks_block_forever(identity_dfp
         entered.set()
         await asyncio.Event().wait()
 
+    before = set(threading.enumerate())
     if blocked.startswith("streams"):
         accl: Any = mx.MultiStreamAsyncAccl(identity_dfp)
         accl.connect_streams(inp, out, 16)
@@ -798,7 +856,6 @@ def test_stop_returns_within_a_second_while_callbacks_block_forever(identity_dfp
         accl.connect_output(out)
     try:
         assert entered.wait(5), "the callback never ran"
-        time.sleep(0.05)
         t0 = time.monotonic()
         if exit_by == "stop":
             accl.stop()
@@ -808,8 +865,10 @@ def test_stop_returns_within_a_second_while_callbacks_block_forever(identity_dfp
         elapsed = time.monotonic() - t0
         n = len(calls)
         release.set()
-        time.sleep(0.1)
         assert elapsed < 1.0, f"stop took {elapsed:.2f} s"
+        # released, the abandoned callbacks return and their threads end: by then any call
+        # after stop() would have been made
+        assert threads_ended(before), "the accelerator's threads did not end once released"
         assert len(calls) == n, "a callback was called after stop() returned"
     finally:
         release.set()
@@ -844,10 +903,11 @@ def test_a_callback_error_comes_out_once_with_its_traceback(identity_dfp):
 
 
 def test_an_unseen_callback_error_comes_out_of_close(identity_dfp):
+    raised = threading.Event()
     accl = mx.AsyncAccl(identity_dfp)
-    accl.connect_input(raises(ValueError("bad frame source")))
+    accl.connect_input(raises(ValueError("bad frame source"), raised))
     accl.connect_output(lambda y: None)
-    time.sleep(0.2)
+    assert raised.wait(10), "the input callback never ran"
     with pytest.raises(ValueError, match="bad frame source"):
         accl.close()
     accl.close()
@@ -855,11 +915,12 @@ def test_an_unseen_callback_error_comes_out_of_close(identity_dfp):
 
 
 def test_an_unseen_callback_error_comes_out_of_with_exit(identity_dfp):
+    raised = threading.Event()
     with pytest.raises(ValueError, match="bad frame source") as info:
         with mx.AsyncAccl(identity_dfp) as accl:
-            accl.connect_input(raises(ValueError("bad frame source")))
+            accl.connect_input(raises(ValueError("bad frame source"), raised))
             accl.connect_output(lambda y: None)
-            time.sleep(0.2)
+            assert raised.wait(10), "the input callback never ran"
     assert "(raised by the input callback of model 0)" in info.value.__notes__
     accl.close()  # reported once: not again
     assert_usable(identity_dfp)
@@ -868,9 +929,13 @@ def test_an_unseen_callback_error_comes_out_of_with_exit(identity_dfp):
 def test_an_output_callback_that_raised_is_not_called_again(identity_dfp):
     calls = []
 
+    def all_five_computed() -> bool:  # the other four wait for this callback
+        model = accl.statistics()["models"][0]
+        return bool(model["frames_in"] == 5 and model["queues"] == {"input": 0, "on_device": 0})
+
     def out(y: Any) -> None:
         calls.append(y)
-        time.sleep(0.2)  # by now all five frames are in flight or done
+        assert settle(all_five_computed, 10), accl.statistics()["models"][0]
         raise KeyError("database down")
 
     accl = mx.AsyncAccl(identity_dfp)

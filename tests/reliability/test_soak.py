@@ -171,13 +171,14 @@ def test_a_slow_consumer_keeps_what_is_in_flight_bounded(identity_dfp, request, 
     device = "sim" if where == "sim" else str(request.getfixturevalue("shared_server").address)
     frame = np.zeros((1, 4), np.float32)
     accl = mx.MultiStreamAsyncAccl(identity_dfp, device=device)
+    # the slow consumer (its sleep is the behaviour under test)
     accl.connect_streams(lambda i: frame, lambda i, y: time.sleep(0.002), 16)
     samples = []
     try:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 1.5:
             samples.append(accl.statistics()["models"][0]["in_flight"])
-            time.sleep(0.03)
+            time.sleep(0.03)  # the sampling period
     finally:
         accl.stop()
     half = len(samples) // 2

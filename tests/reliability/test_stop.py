@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import memryx as mx
+from tests.conftest import asettle, in_memryx_call, quiescent, threads_ended
 
 from .helpers import PROBE, Baseline, Counter, assert_usable, close_log, settle
 
@@ -142,7 +143,8 @@ def test_stop_under_load_is_prompt_and_calls_nothing_afterwards(dfps, device, ki
     load = start_load(kind, dfps, device)
     run_until(load, 500)
     elapsed = stop(load, exit_by)
-    time.sleep(0.2)  # a callback called late would show up now
+    # once the accelerator's threads have ended, a callback called late would have shown
+    assert threads_ended(base.threads), "the accelerator's threads did not end"
     assert elapsed < STOP_LIMIT_S, f"stop took {elapsed:.2f} s"
     assert load.after_stop.total == 0, "a callback was called after stop() returned"
     stats = load.accl.statistics()  # still answers after close
@@ -194,12 +196,19 @@ def test_stop_under_load_accounts_for_every_frame(dfps, device):
 
 
 def test_frames_waiting_for_room_are_counted_at_stop(identity_dfp, device):
-    """The same, made deterministic: the output callback blocks, the pipeline fills up and
-    each of the 4 streams' feeders waits for room with a frame in hand when stop() comes."""
+    """The same, made deterministic: the output callback blocks, the pipeline fills up (its
+    frame budget all taken) and each of the 4 streams' feeders waits for room when stop()
+    comes (the core takes room before it calls an input callback, so none holds a frame)."""
     release = threading.Event()
+    before = set(threading.enumerate())
     accl = mx.MultiStreamAsyncAccl(identity_dfp, device=device)
     load = Load(accl, 1)
     deliver = load.output(0, True)
+
+    def full() -> bool:  # the budget is all taken, and all 4 streams have run
+        model = accl.statistics()["models"][0]
+        taken = model["frames_in"] - model["frames_out"]  # one of them in the blocked callback
+        return bool(taken == model["frame_budget"] and len(model["streams"]) == 4)
 
     def blocked_output(*args: Any) -> None:
         deliver(*args)
@@ -209,26 +218,30 @@ def test_frames_waiting_for_room_are_counted_at_stop(identity_dfp, device):
         try:
             accl.connect_streams(load.input(0, True), blocked_output, 4)
             assert settle(lambda: load.delivered.total == 1, 5.0)
-            time.sleep(0.3)  # everything upstream of the blocked callback fills up
+            # everything upstream of the blocked callback fills up
+            assert settle(full, 10), (accl.statistics()["models"][0], load.produced.by_key)
             stop(load, "stop")
         finally:
             release.set()
             accl.close()
-        time.sleep(0.05)
+        assert threads_ended(before), "the accelerator's threads did not end"
         problems = account(load, log, "4 streams, blocked output")
     assert not problems, "\n".join(problems)
 
 
 # -- a callback blocked after handing over frames ----------------------------------------------
-def burst_then_block(n: int, release: threading.Event) -> tuple[Callable[[], Any], list[int]]:
+def burst_then_block(n: int, release: threading.Event, blocking: threading.Event | None = None
+                     ) -> tuple[Callable[[], Any], list[int]]:
     """A source with ``n`` frames ready at once, whose next call blocks (a camera
-    waiting for its next frame) until ``release``."""
+    waiting for its next frame) until ``release`` (setting ``blocking`` as it does)."""
     returned: list[int] = []
 
     def source() -> Any:
         if len(returned) < n:
             returned.append(len(returned))
             return PROBE + len(returned) - 1
+        if blocking is not None:
+            blocking.set()
         release.wait(30)
         return None
 
@@ -253,15 +266,16 @@ def test_frames_returned_before_a_blocking_call_are_delivered(identity_dfp, devi
 
 def test_frames_held_by_a_blocked_callback_are_counted_at_stop(identity_dfp, device):
     release = threading.Event()
-    src, returned = burst_then_block(3, release)
+    blocking = threading.Event()
+    src, returned = burst_then_block(3, release, blocking)
     got: list[Any] = []
     with close_log() as log:
         accl = mx.AsyncAccl(identity_dfp, device=device)
         try:
             accl.connect_input(src)
             accl.connect_output(got.append)
-            assert settle(lambda: len(returned) == 3, 2.0)
-            time.sleep(0.2)
+            assert blocking.wait(10), "the source never reached its blocking call"
+            assert len(returned) == 3
             accl.stop()
         finally:
             release.set()
@@ -289,6 +303,7 @@ def test_stop_from_another_thread_ends_a_blocked_wait(identity_dfp, device):
 
 
 def test_stop_from_inside_an_output_callback(identity_dfp, device):
+    before = set(threading.enumerate())
     accl = mx.AsyncAccl(identity_dfp, device=device)
     seen: list[Any] = []
 
@@ -309,6 +324,7 @@ def test_stop_from_inside_an_output_callback(identity_dfp, device):
     with contextlib.suppress(mx.ClosedError):
         accl.wait()
     assert time.monotonic() - t0 < 10  # generous: a hang is what this guards against
+    assert threads_ended(before), "the accelerator's threads did not end"  # after_stop final
     assert seen == list(range(20))  # every output before the stop, in order
     assert after_stop == []  # and no callback after it
 
@@ -317,7 +333,7 @@ def test_stop_from_inside_an_output_callback(identity_dfp, device):
 def test_close_from_another_thread_fails_blocked_calls_with_closed_error(identity_dfp, device,
                                                                         call):
     accl = mx.SyncAccl(identity_dfp, device=device)
-    accl.set_postprocessing_model(lambda y: (time.sleep(0.001), y)[1])
+    accl.set_postprocessing_model(lambda y: (time.sleep(0.001), y)[1])  # slow: calls last
     outcome: list[BaseException | None] = []
 
     def blocked() -> None:
@@ -335,7 +351,12 @@ def test_close_from_another_thread_fails_blocked_calls_with_closed_error(identit
 
     thread = threading.Thread(target=blocked)
     thread.start()
-    time.sleep(0.3)
+    # close while the thread is inside the call (for run and send, with frames moving)
+    def started() -> bool:
+        moving = call == "receive" or accl.statistics()["models"][0]["frames_in"] > 0
+        return in_memryx_call(call, thread) and moving
+
+    assert settle(started), "the call never started"
     t0 = time.monotonic()
     accl.close()
     thread.join(5)
@@ -382,7 +403,8 @@ async def test_aclose_while_another_task_awaits_done(identity_dfp):
         accl.connect_input(lambda: PROBE)
         accl.connect_output(lambda y: None)
         waiter = asyncio.get_running_loop().create_task(accl.await_done())
-        await asyncio.sleep(0.2)
+        assert await asettle(lambda: accl.statistics()["models"][0]["frames_out"] > 0)
+        assert not waiter.done()  # it waits while the frames flow
         await accl.aclose()
         try:
             async with asyncio.timeout(2.0):
@@ -433,13 +455,14 @@ def test_aclose_inside_an_async_output_callback():
 
 @pytest.mark.asyncio
 async def test_leaving_async_with_right_after_connecting_closes_every_stream(identity_dfp):
+    before = set(threading.enumerate())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         async with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
             accl.connect_streams(lambda i: PROBE, lambda i, y: None, 4)
         del accl
-        for _ in range(5):  # let the cancelled feeder tasks finish and be released
-            await asyncio.sleep(0.01)
+        # the cancelled feeder tasks finish and are released
+        assert await quiescent(before), "tasks or threads left running"
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert unclosed == []
