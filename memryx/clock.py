@@ -187,14 +187,19 @@ class VirtualClock(Clock):
     # -- waiting ---------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
         self._running()
+        if _delay(delay) == _INF:
+            return _VirtualTimer(_INF, callback, args)  # never due: never scheduled
         return self._push(max(0.0, delay), callback, args)
 
     async def sleep(self, delay: float) -> None:
         loop = self._running()
-        if delay <= 0:
+        if _delay(delay) <= 0:
             await asyncio.sleep(0)
             return
         fut: asyncio.Future[None] = loop.create_future()
+        if delay == _INF:  # for ever (until cancelled), without moving time to infinity
+            await fut
+            return
         timer = self._push(delay, _wake, (fut,))
         try:
             await fut
@@ -210,10 +215,11 @@ class VirtualClock(Clock):
                              "would block for ever: on the loop, await clock.sleep()")
         if stop.is_set():
             return True
-        if delay <= 0:
+        if _delay(delay) <= 0:
             return False
         done = threading.Event()
-        timer = self._push(delay, done.set, ())
+        timer = (_VirtualTimer(_INF, done.set, ()) if delay == _INF
+                 else self._push(delay, done.set, ()))
         try:
             while not done.wait(0.05):
                 if stop.is_set() or self._loop.is_closed():
@@ -296,11 +302,21 @@ class VirtualClock(Clock):
                 timer = heapq.heappop(self._heap)[2]
                 if not timer.cancelled:
                     due.append(timer)
-        for timer in due:
-            if not timer.cancelled:
-                timer.cancelled = True  # fired: a later cancel() is a no-op
-                timer.callback(*timer.args)
-        self._kick()
+        try:
+            for timer in due:
+                if not timer.cancelled:
+                    timer.cancelled = True  # fired: a later cancel() is a no-op
+                    try:
+                        timer.callback(*timer.args)
+                    except Exception as exc:  # like the loop's own timers: report, go on
+                        loop = self._loop
+                        if loop is None or loop.is_closed():
+                            raise
+                        loop.call_exception_handler({
+                            "message": f"Exception in VirtualClock timer {timer.callback!r}",
+                            "exception": exc})
+        finally:
+            self._kick()  # a timer that raised must not stop time for everything else
 
     def advance(self, seconds: float) -> None:
         """Move virtual time forward by ``seconds`` now, firing the timers due on the way
@@ -318,6 +334,17 @@ class VirtualClock(Clock):
                 break
             self._jump()
         self._now = max(self._now, target)
+
+
+_INF = float("inf")
+
+
+def _delay(delay: Any) -> float:
+    """``delay`` checked: a number of seconds, not NaN (which would never come due and
+    keep the clock jumping in place for ever)."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay:
+        raise ValueError(f"delay must be a number of seconds, got {delay!r}")
+    return float(delay)
 
 
 def _spin(loop: asyncio.AbstractEventLoop, rounds: int, then: Callable[[int], None]) -> None:
