@@ -300,6 +300,10 @@ class Budget:
             fut, _ = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+                # seen: its waiter raises it if it runs, but a loop that stops first (the
+                # process exiting mid-run) would print "Future exception was never
+                # retrieved" once per waiting stream
+                fut.exception()
 
     def give(self, n: int) -> None:
         self.free += n

@@ -472,7 +472,7 @@ class SimulatedDevice:
             sampler.computed_one(tag, seq, out)
         if isinstance(outputs, DeviceError):  # reaches the frame's receiver, or the next one's
             if not job.future.done():
-                job.future.set_exception(outputs)
+                _fail(job.future, outputs)
             else:
                 model.error = outputs
             # parked frames of streams with nothing left that could answer them fail too
@@ -485,7 +485,7 @@ class SimulatedDevice:
                 for t, _ in parked[0].seqs:
                     sampler.forget(t)
                 if not parked[0].future.done():
-                    parked[0].future.set_exception(outputs)
+                    _fail(parked[0].future, outputs)
                     model.error = None  # it reached a receiver
             model.parked = keep
         self._unpark(model)
@@ -495,7 +495,7 @@ class SimulatedDevice:
         if job.future.done():  # cancelled by a close
             return
         if isinstance(outputs, DeviceError):
-            job.future.set_exception(outputs)
+            _fail(job.future, outputs)
             return
         if model.pacer is None:
             self._resolve(model, job, outputs, None)
@@ -561,7 +561,7 @@ class SimulatedDevice:
             return
         if sampler is not None:
             if model.error is not None:  # a computation failed after its frame was answered
-                job.future.set_exception(model.error)
+                _fail(job.future, model.error)
                 model.error = None
                 return
             if not all(sampler.can_answer(t, q) for t, q in job.seqs):
@@ -689,3 +689,11 @@ class SimulatedDevice:
             if not any(m.computing for m in self._models):
                 break
             await asyncio.sleep(0.005)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail a frame's future with ``exc``, already marked as seen: the lane raises it when
+    it reaches that frame, but a loop that stops first (the process exiting with the
+    accelerator still running) would print it as "Future exception was never retrieved"."""
+    fut.set_exception(exc)
+    fut.exception()
