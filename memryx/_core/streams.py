@@ -146,10 +146,21 @@ class StreamPool:
             self._stop()
 
     def _wanted(self) -> int:
-        """Units the streams could take now (each up to the cap)."""
-        cap = self._cap()
-        return sum(cap - s.outstanding for s in self.streams
-                   if not s.ended and s.outstanding < cap)
+        """Units the streams could take now (each up to the cap), counted up to the
+        budget's total (no more can be granted at once: the same grant, without walking
+        thousands of streams on every frame)."""
+        streams = self.streams
+        if len(streams) > 2 * self._live + 16:  # forget ended streams (amortised O(1))
+            streams = self.streams = [s for s in streams if not s.ended]
+            self._rr = 0
+        cap, limit = self._cap(), self.lane.budget.total
+        want = 0
+        for s in streams:
+            if not s.ended and s.outstanding < cap:
+                want += cap - s.outstanding
+                if want >= limit:
+                    return limit
+        return want
 
     async def _grant(self) -> None:
         budget = self.lane.budget

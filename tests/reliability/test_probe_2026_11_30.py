@@ -126,3 +126,39 @@ def test_a_script_that_never_closes_many_streams_exits_silently() -> None:
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "never retrieved" not in proc.stderr, proc.stderr[:2000]
+
+
+# -- many streams that end ---------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_the_stream_pool_forgets_ended_streams(identity_dfp: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every grant of frame units walked every stream ever connected, ended or not: with
+    # 30,000 streams that end at once, connect_streams + wait took 9 s (quadratic; a
+    # careless stream_count of 10**6 looked like a hang). The pool now drops ended streams.
+    from memryx._core import streams as pool_mod
+
+    walked: list[tuple[int, int]] = []  # (streams walked, live) at each grant
+    real = pool_mod.StreamPool._wanted
+
+    def spy(self: Any) -> int:
+        out = real(self)
+        walked.append((len(self.streams), self._live))
+        return out
+
+    monkeypatch.setattr(pool_mod.StreamPool, "_wanted", spy)
+    x = np.ones((1, 4), np.float32)
+    left = {0: 300}
+
+    def inp(s: int) -> Any:
+        if s != 0 or left[0] <= 0:
+            return None  # 4,000 streams end at once; stream 0 runs on
+        left[0] -= 1
+        return x
+
+    got: list[int] = []
+    with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
+        accl.connect_streams(inp, lambda s, o: got.append(s), 4000)
+        accl.wait()
+    assert got == [0] * 300
+    late = [n for n, live in walked if live <= 1]
+    assert late and max(late) <= 2 * 1 + 16, max(late)
