@@ -324,6 +324,12 @@ class VirtualClock(Clock):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
                 not seconds >= 0 or seconds == float("inf"):
             raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and threading.get_ident() != self._thread:
+            raise UsageError("VirtualClock.advance() called from a thread other than its event "
+                             "loop's: the timers it fires resolve the loop's futures, which "
+                             "only the loop's thread may do (loop.call_soon_threadsafe("
+                             "clock.advance, seconds) runs it there)")
         target = self._now + seconds
         while True:
             with self._lock:

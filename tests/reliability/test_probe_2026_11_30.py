@@ -162,3 +162,30 @@ def test_the_stream_pool_forgets_ended_streams(identity_dfp: Any,
     assert got == [0] * 300
     late = [n for n, live in walked if live <= 1]
     assert late and max(late) <= 2 * 1 + 16, max(late)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.asyncio
+async def test_advance_from_another_thread_is_a_usage_error() -> None:
+    # It used to fire the loop's timers (resolving its futures) on the calling thread.
+    import threading
+
+    clock = VirtualClock()
+    clock.call_later(1.0, lambda: None)  # binds the clock to this loop
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            clock.advance(5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(10)  # it needs nothing from the loop: it raises at once
+    assert len(errors) == 1 and isinstance(errors[0], mx.UsageError), errors
+    assert "thread other than its event loop's" in str(errors[0])
+    assert clock.now() == 0.0
+    asyncio.get_running_loop().call_soon_threadsafe(clock.advance, 5)  # the way it says
+    await asyncio.sleep(0.05)
+    assert clock.now() == 5.0
