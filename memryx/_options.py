@@ -97,7 +97,7 @@ class SchedulerOptions:
         if isinstance(self.time_limit, bool) or not isinstance(self.time_limit, (int, float)):
             raise TypeError(f"SchedulerOptions.time_limit must be a number of milliseconds, "
                             f"got {type(self.time_limit).__name__}")
-        if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
+        if not 0 <= self.time_limit < math.inf:  # (math.isfinite of a huge int overflows)
             raise ValueError(f"SchedulerOptions.time_limit must be >= 0 ms, got "
                              f"{self.time_limit!r}")
         if not isinstance(self.stop_on_empty, bool):

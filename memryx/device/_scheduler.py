@@ -128,7 +128,9 @@ def client_schedule(server: SchedulerOptions, asked: Mapping[str, Any] | None
     ifmap = _count(asked, "ifmap_queue_size", server.ifmap_queue)
     ofmap = _count(asked, "ofmap_queue_size", server.ofmap_queue)
     cap = server.turn_cap_ms
-    turn = cap if time_limit == 0 else min(float(time_limit), cap)
+    # (compared before any float(): an int beyond a float's range is capped, not an
+    # OverflowError that would drop the connection without a word)
+    turn = cap if time_limit == 0 or time_limit >= cap else float(time_limit)
     return ClientSchedule(frame_limit, turn, stop_on_empty, min(ifmap, server.ifmap_queue),
                           min(ofmap, server.ofmap_queue))
 

@@ -189,3 +189,45 @@ async def test_advance_from_another_thread_is_a_usage_error() -> None:
     asyncio.get_running_loop().call_soon_threadsafe(clock.advance, 5)  # the way it says
     await asyncio.sleep(0.05)
     assert clock.now() == 5.0
+
+
+# -- scheduler options a hostile client sends ----------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_time_limit_beyond_a_floats_range_is_capped_not_a_dropped_connection(server: Any
+                                                                                ) -> None:
+    # JSON spells any integer: time_limit = 10**400 raised OverflowError in the server
+    # (float() of it), which dropped the connection with no reply and logged a traceback.
+    import contextlib
+    import json
+    import os
+    import socket
+
+    from memryx.device import protocol as p
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.path))
+    try:
+        conn = p.Connection(p.Role.CLIENT)
+        conn.send(p.Hello("huge", os.getpid()))  # the state machine: HELLO sent
+        payload = json.dumps({"protocol": 1, "client": "huge", "pid": 1,
+                              "scheduler": {"time_limit": 10**400}}).encode()
+        sock.sendall(p.HEADER.pack(p.MAGIC, 1, p.Kind.HELLO, 0, 0, len(payload)) + payload)
+        events: list[Any] = []
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while not events and (data := sock.recv(65536)):
+                events += conn.receive_data(data)
+    finally:
+        sock.close()
+    assert len(events) == 1 and isinstance(events[0], p.Welcome), events
+    assert events[0].scheduler is not None
+    assert events[0].scheduler["time_limit"] == 1000.0  # the server's longest turn
+    assert "OverflowError" not in server.text()
+
+
+def test_scheduler_options_take_a_huge_integer_time_limit() -> None:
+    # math.isfinite(10**400) raised OverflowError out of the constructor.
+    assert mx.SchedulerOptions(time_limit=10**400).time_limit == 10**400  # the server caps it
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError, match="time_limit must be >= 0 ms"):
+            mx.SchedulerOptions(time_limit=bad)
