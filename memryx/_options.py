@@ -125,7 +125,7 @@ class ClientOptions:
         if isinstance(self.fps_target, bool) or not isinstance(self.fps_target, (int, float)):
             raise TypeError(f"ClientOptions.fps_target must be a number, got "
                             f"{type(self.fps_target).__name__}")
-        if not (self.fps_target >= 0 and math.isfinite(self.fps_target)):
+        if not 0 <= self.fps_target <= 1.7976931348623157e308:  # (a huge int is refused too)
             raise ValueError(f"ClientOptions.fps_target must be >= 0 (0: no pacing), got "
                              f"{self.fps_target!r}")
 

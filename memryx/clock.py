@@ -147,8 +147,8 @@ class VirtualClock(Clock):
 
     def __init__(self, start: float = 0.0) -> None:
         if isinstance(start, bool) or not isinstance(start, (int, float)) or \
-                start != start or start in (float("inf"), float("-inf")):
-            raise ValueError(f"start must be a finite number of seconds, got {start!r}")
+                not -_FLOAT_MAX <= start <= _FLOAT_MAX:
+            raise ValueError(f"start must be a finite number of seconds, got {start!r:.60}")
         self._now = float(start)
         self._heap: list[tuple[float, int, _VirtualTimer]] = []
         self._seq = itertools.count()
@@ -187,13 +187,15 @@ class VirtualClock(Clock):
     # -- waiting ---------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
         self._running()
-        if _delay(delay) == _INF:
+        delay = _delay(delay)
+        if delay == _INF:
             return _VirtualTimer(_INF, callback, args)  # never due: never scheduled
         return self._push(max(0.0, delay), callback, args)
 
     async def sleep(self, delay: float) -> None:
         loop = self._running()
-        if _delay(delay) <= 0:
+        delay = _delay(delay)
+        if delay <= 0:
             await asyncio.sleep(0)
             return
         fut: asyncio.Future[None] = loop.create_future()
@@ -215,7 +217,8 @@ class VirtualClock(Clock):
                              "would block for ever: on the loop, await clock.sleep()")
         if stop.is_set():
             return True
-        if _delay(delay) <= 0:
+        delay = _delay(delay)
+        if delay <= 0:
             return False
         done = threading.Event()
         timer = (_VirtualTimer(_INF, done.set, ()) if delay == _INF
@@ -322,8 +325,8 @@ class VirtualClock(Clock):
         """Move virtual time forward by ``seconds`` now, firing the timers due on the way
         (for tests that step time by hand; call it on the loop's thread)."""
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
-                not seconds >= 0 or seconds == float("inf"):
-            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+                not 0 <= seconds <= _FLOAT_MAX:
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r:.60}")
         loop = self._loop
         if loop is not None and not loop.is_closed() and threading.get_ident() != self._thread:
             raise UsageError("VirtualClock.advance() called from a thread other than its event "
@@ -343,14 +346,15 @@ class VirtualClock(Clock):
 
 
 _INF = float("inf")
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def _delay(delay: Any) -> float:
     """``delay`` checked: a number of seconds, not NaN (which would never come due and
     keep the clock jumping in place for ever)."""
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay != delay:
-        raise ValueError(f"delay must be a number of seconds, got {delay!r}")
-    return float(delay)
+        raise ValueError(f"delay must be a number of seconds, got {delay!r:.60}")
+    return _INF if delay > _FLOAT_MAX else float(delay)  # (an int beyond a float's range)
 
 
 def _spin(loop: asyncio.AbstractEventLoop, rounds: int, then: Callable[[int], None]) -> None:

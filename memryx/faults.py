@@ -46,6 +46,7 @@ negative or non-numeric numbers) raise :class:`FaultScriptError` when built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import warnings
@@ -84,10 +85,13 @@ def _count(name: str, value: Any) -> int:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not (math.isfinite(value) and value >= 0):
-        raise FaultScriptError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        with contextlib.suppress(OverflowError):  # an int beyond a float's range
+            number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise FaultScriptError(f"{name} must be a finite number >= 0, got {value!r:.60}")
+    return number
 
 
 class Fault:

@@ -403,8 +403,8 @@ class SyntheticCamera:
     def __init__(self, shape: tuple[int, ...], dtype: Any = np.float32, *, fps: float = 30.0,
                  frames: int = 30, seed: int = 0, clock: Clock | None = None) -> None:
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or \
-                not (fps >= 0 and fps < float("inf")):
-            raise ValueError(f"fps must be a finite number >= 0, got {fps!r}")
+                not 0 <= fps <= 1.7976931348623157e308:  # (an int beyond a float's range too)
+            raise ValueError(f"fps must be a finite number >= 0, got {fps!r:.60}")
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
             raise ValueError(f"frames must be an int >= 0, got {frames!r}")
         self.shape = tuple(shape)

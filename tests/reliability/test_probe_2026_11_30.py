@@ -231,3 +231,35 @@ def test_scheduler_options_take_a_huge_integer_time_limit() -> None:
     for bad in (float("nan"), float("inf"), -1):
         with pytest.raises(ValueError, match="time_limit must be >= 0 ms"):
             mx.SchedulerOptions(time_limit=bad)
+
+
+def test_numbers_beyond_a_floats_range_are_named_errors_not_overflow() -> None:
+    # Python ints have no bound: each of these raised a bare OverflowError ("int too large
+    # to convert to float") that named no parameter.
+    from memryx.faults import FaultScriptError, Jitter, Stall, Throttle
+    from memryx.pytest_plugin import SyntheticCamera
+
+    huge = 10**400
+    with pytest.raises(ValueError, match="start must be a finite number"):
+        VirtualClock(start=huge)
+    with pytest.raises(ValueError, match="seconds must be a finite number"):
+        VirtualClock().advance(huge)
+    with pytest.raises(FaultScriptError, match="Stall.ms must be a finite number"):
+        Stall(after_frame=1, ms=huge)
+    with pytest.raises(FaultScriptError, match="Jitter.ms must be a finite number"):
+        Jitter(ms=huge)
+    with pytest.raises(FaultScriptError, match="Throttle.above_c must be a finite number"):
+        Throttle(above_c=huge)
+    with pytest.raises(ValueError, match="ClientOptions.fps_target must be >= 0"):
+        mx.ClientOptions(fps_target=huge)
+    with pytest.raises(ValueError, match="fps must be a finite number"):
+        SyntheticCamera((1, 4), fps=huge, frames=1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.asyncio
+async def test_a_virtual_sleep_beyond_a_floats_range_is_for_ever() -> None:
+    clock = VirtualClock()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(clock.sleep(10**400), 0.3)
+    assert clock.now() == 0.0
