@@ -230,13 +230,16 @@ def main() -> None:
     records: dict[str, Any] = {}
     if (args.only or args.render_only) and not args.quick and RESULTS.exists():
         records = json.loads(RESULTS.read_text()).get("benchmarks", {})
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
+        "".join(f" --only {n}" for n in (selected if args.only else []))
     for name in ([] if args.render_only else selected):
         records[name] = run_one(name, args.quick)
+        if not args.quick:  # kept as it goes: an interrupted run keeps what it measured
+            RESULTS.write_text(json.dumps({"command": command, "benchmarks": records},
+                                          indent=1, default=str) + "\n")
     total = time.monotonic() - t
     print(f"== done in {total:.0f} s", file=sys.stderr)
 
-    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + \
-        "".join(f" --only {n}" for n in (selected if args.only else []))
     if args.render_only:
         command = json.loads(RESULTS.read_text()).get("command", command)  # the run's own
     if output is not None and not args.quick:

@@ -147,6 +147,9 @@ def _onnx_ports(graph: bytes) -> tuple[list[tuple[str, tuple[Any, ...], str]], .
         ports(model.graph.output)
 
 
+_OPENVINO_FIRST_INFER = threading.Lock()
+
+
 def _openvino_runner(info: ModelInfo) -> Runner:
     import openvino as ov
 
@@ -160,6 +163,14 @@ def _openvino_runner(info: ModelInfo) -> Runner:
     dtypes = [p.dtype for p in info.outputs]
     names = [p.layer for p in info.inputs]
     idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # one request per concurrent caller
+    # OpenVINO's Python binding initialises shared state on a request's first infer(); two
+    # threads doing that at once can deadlock in it (seen: every worker parked in a C++
+    # static-init guard). One inference here, under a process-wide lock, does it first.
+    first = compiled.create_infer_request()
+    with _OPENVINO_FIRST_INFER:
+        first.infer({n: np.zeros(p.shape, p.dtype) for n, p in zip(names, info.inputs,
+                                                                     strict=True)})
+    idle.put(first)
 
     def runner(frame: Frame) -> Frame:
         try:

@@ -327,6 +327,33 @@ def test_reuse_with_looped_frames_keeps_chip_timing_where_timed_reports_a_slow_h
 
 # -- backends --------------------------------------------------------------------------------
 @needs_openvino
+def test_openvino_runners_first_used_from_several_threads_at_once(cnn):
+    """Fresh OpenVINO runners called from several threads at the same moment all answer:
+    their first inference initialises state in the binding that once deadlocked every
+    worker of a `memryx bench`-style run (reuse mode, two compute threads)."""
+    import threading
+
+    from memryx.device._compute import load_runner
+
+    x = frames(1, distinct=1)[0]
+    for _ in range(3):
+        runner = load_runner(cnn.model(0), "openvino")
+        go, results = threading.Barrier(4), []
+
+        def call(runner=runner) -> None:
+            go.wait(timeout=30)
+            results.append(runner([x]))
+
+        threads = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "an OpenVINO inference never returned"
+        assert len(results) == 4
+
+
+@needs_openvino
 @pytest.mark.parametrize("model", ["cnn", "split", "add"])
 def test_openvino_gives_the_outputs_of_onnxruntime(model, cnn, split_dfp):
     if model == "cnn":
