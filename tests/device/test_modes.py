@@ -340,7 +340,7 @@ def test_openvino_runners_first_used_from_several_threads_at_once(cnn):
         runner = load_runner(cnn.model(0), "openvino")
         go, results = threading.Barrier(4), []
 
-        def call(runner=runner) -> None:
+        def call(runner=runner, go=go, results=results) -> None:
             go.wait(timeout=30)
             results.append(runner([x]))
 
