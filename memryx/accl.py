@@ -54,14 +54,18 @@ from ._core.callbacks import CallbackKind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
 from ._core.processing import make_processor
-from ._core.runner import (
+from ._core.threads import (
     Runner,
     await_future,
     call_in_loop,
+    call_soon,
     check_not_on_loop,
     in_user_code,
+    loop_future,
     loop_running,
     on_loop_thread,
+    run_in_loop,
+    run_sync,
     wait_interruptibly,
 )
 from ._exceptions import (
@@ -207,7 +211,7 @@ class _Accelerator(CompatMixin):
             runner, self._runner = self._runner, None
             assert runner is not None
             await await_future(runner.start(self._engine.aclose))
-            await anyio.to_thread.run_sync(runner.close)
+            await run_sync(runner.close, abandon_on_cancel=False)
             self._engine = self._make_engine()
             self._state = _State.NEW
         self._check_open()
@@ -349,16 +353,15 @@ class _Accelerator(CompatMixin):
                 self._engine.abandon()
             else:  # bound to a loop in another thread: close it there
                 assert self._loop is not None
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                    self._engine.aclose(), self._loop))
+                await loop_future(run_in_loop(self._loop, self._engine.aclose()))
         elif self._state in (_State.ASYNC, _State.NEW):
             await self._engine.aclose()  # NEW: never started, but its device may hold resources
         elif self._runner is not None:
             runner = self._runner
             await await_future(runner.start(self._engine.aclose))
-            await anyio.to_thread.run_sync(runner.close)
+            await run_sync(runner.close, abandon_on_cancel=False)
         if self._tracer.on:
-            await anyio.to_thread.run_sync(self._finish_trace)
+            await run_sync(self._finish_trace, abandon_on_cancel=False)
         self._closed()
 
     def __enter__(self) -> Any:
@@ -413,7 +416,7 @@ class _Accelerator(CompatMixin):
             self._runner.close_soon(self._engine.aclose)
         elif state is _State.ASYNC and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs on it
-                self._loop.call_soon_threadsafe(_spawn_close, self._engine)
+                call_soon(self._loop, _spawn_close, self._engine)
         self._finish_trace()  # what was recorded so far (the last frames may be missing)
 
     def _close_at_exit(self, deadline: float) -> None:
@@ -434,7 +437,7 @@ class _Accelerator(CompatMixin):
             elif state is _State.ASYNC and self._loop is not None and self._loop.is_running() \
                     and not on_loop_thread(self._loop):
                 with contextlib.suppress(Exception):
-                    asyncio.run_coroutine_threadsafe(self._engine.aclose(), self._loop).result(
+                    run_in_loop(self._loop, self._engine.aclose()).result(
                         max(0.0, deadline - time.monotonic()))
             self._state = _State.CLOSED
             for sink in self._receivers.values():

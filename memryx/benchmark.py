@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ._bench import random_arrays
+from ._core.threads import start_thread
 from .accl import DfpLike, SyncAccl
 from .dfp import Dfp
 
@@ -143,8 +144,6 @@ class Benchmark:
 
     def _paced(self, batch: list[Any]) -> Any:
         """Send at ``fps`` while a second thread receives (the SDK's paced benchmark)."""
-        import threading as th
-
         assert self._accl is not None
         accl, idx = self._accl, self.model_idx
         last: list[Any] = [None]
@@ -157,8 +156,7 @@ class Benchmark:
             except BaseException as exc:  # surfaced in the caller
                 failure.append(exc)
 
-        reader = th.Thread(target=drain, name="memryx-benchmark-receive", daemon=True)
-        reader.start()
+        reader = start_thread("memryx-benchmark-receive", drain)
         interval = 1.0 / self.fps
         t0 = time.perf_counter()
         for i, frame in enumerate(batch):

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._core.threads import call_soon
 from ._exceptions import UsageError
 
 __all__ = ["REAL_CLOCK", "Clock", "RealClock", "Timer", "VirtualClock", "clock_of"]
@@ -261,7 +262,7 @@ class VirtualClock(Clock):
             return
         if threading.get_ident() != self._thread:
             with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to advance
-                loop.call_soon_threadsafe(self._kick)
+                call_soon(loop, self._kick)
             return
         if not self._settling:
             self._settling = True

@@ -53,6 +53,7 @@ from numpy.typing import NDArray
 import memryx as mx
 
 from . import _lifecycle
+from ._core.threads import call_soon, start_thread
 from ._exceptions import UsageError
 from .clock import REAL_CLOCK, Clock, VirtualClock, clock_of
 from .device.base import Device
@@ -285,9 +286,9 @@ async def _close_on_its_loop(accl: Any) -> None:
         try:
             accl.close()
         finally:
-            running_loop.call_soon_threadsafe(done.set)
+            call_soon(running_loop, done.set)
 
-    threading.Thread(target=close, name="mx_accl-close").start()
+    start_thread("mx_accl-close", close, daemon=None)
     await done.wait()
 
 

@@ -8,32 +8,32 @@
 * :class:`Budget` - a counting semaphore whose holders take several units at
   once (a batch of frames), first come first served.
 * :class:`TaskSet` - tasks that live and die together; failures reported once.
-* :class:`ThreadProducer` / :class:`ThreadConsumer` - persistent threads that run
-  blocking user code (sync callbacks) and exchange batches with the loop
-  through a :class:`Channel`. No thread pool round trip per batch.
+
+The persistent threads that exchange batches with the loop through a
+:class:`Channel` are in :mod:`.workers`; threads are started, and loops woken
+from other threads, only by the thread bridge :mod:`.threads`.
 
 Thread rules: a ``Channel`` is created on its loop's thread; ``*_from_thread``
 methods are for other threads, the rest for the loop. Every cross-thread
-wake-up is a ``call_soon_threadsafe`` made here or in :mod:`.runner`.
+wake-up is a :func:`.threads.call_soon`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Budget", "Channel", "ChannelClosed", "TaskSet", "ThreadConsumer",
-           "ThreadProducer"]
+from .threads import call_soon
+
+__all__ = ["END", "Budget", "Channel", "ChannelClosed", "TaskSet"]
 
 log = logging.getLogger("memryx.core")
 T = TypeVar("T")
-_names = itertools.count()
 
 
 class ChannelClosed(Exception):
@@ -189,7 +189,7 @@ class Channel(Generic[T]):
         else:  # one wake-up per batch: later puts ride along until the loop runs it
             self._wake_pending = True
             try:
-                self._loop.call_soon_threadsafe(self._wake_getter)
+                call_soon(self._loop, self._wake_getter)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 self._wake_pending = False
 
@@ -231,7 +231,7 @@ class Channel(Generic[T]):
         else:
             batch = [items.popleft() for _ in range(limit)]
         if self._putters:
-            self._loop.call_soon_threadsafe(self._wake_putters)
+            call_soon(self._loop, self._wake_putters)
         return batch
 
 
@@ -370,126 +370,3 @@ class TaskSet:
 
 #: Returned by a producer's function when its stream ended normally.
 END: Any = type("End", (), {"__repr__": lambda self: "END"})()
-
-
-class ThreadProducer(Generic[T]):
-    """A persistent thread that calls ``produce()`` while it holds credits.
-
-    The loop grants credits (:meth:`grant`, e.g. free units of a :class:`Budget`);
-    the thread calls ``produce()`` once per credit, back to back, and puts each
-    result into :attr:`items` at once (the loop side takes them in batches). It
-    ends when ``produce`` returns :data:`END` or raises (kept in :attr:`error`),
-    or when ``stop`` is set (checked before every call); then :attr:`items` is
-    closed. Credits it did not use are the loop's to give back
-    (``granted - produced``). A thread blocked inside ``produce`` at stop is
-    left to finish by itself (a daemon; it calls nothing afterwards); an item it
-    returns then is reported to ``on_lost`` (on the thread).
-    """
-
-    def __init__(self, name: str, produce: Callable[[], Any], capacity: int,
-                 stop: threading.Event, *, gate: threading.Semaphore | None = None,
-                 on_lost: Callable[[], None] | None = None) -> None:
-        self.items: Channel[T] = Channel(capacity)
-        self._on_lost = on_lost
-        self.error: BaseException | None = None
-        self.produced = 0
-        self.granted = 0
-        self._credits = 0
-        self._halted = False
-        self._produce = produce
-        self._stop = stop
-        self._gate = gate
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"{name}-{next(_names)}",
-                                        daemon=True)
-        self._thread.start()
-
-    def grant(self, n: int) -> None:
-        """Allow ``n`` more calls (from the loop)."""
-        with self._cond:
-            self.granted += n
-            self._credits += n
-            self._cond.notify()
-
-    def halt(self) -> None:
-        """Make no further call (from the loop); a call under way finishes by itself."""
-        with self._cond:
-            self._halted = True
-            self._cond.notify()
-
-    def _stopped(self) -> bool:
-        return self._halted or self._stop.is_set() or self.items._loop.is_closed()
-
-    def _run(self) -> None:
-        from .runner import user_code  # marks the thread as running user code
-
-        try:
-            with user_code():
-                while True:
-                    with self._cond:
-                        while not self._credits and not self._stopped():
-                            self._cond.wait(0.25)  # also notices a stop set without a wake-up
-                        if self._stopped():
-                            return
-                        n, self._credits = self._credits, 0
-                    for _ in range(n):
-                        if self._stopped():
-                            return
-                        if self._gate is not None:
-                            with self._gate:
-                                item = self._produce()
-                        else:
-                            item = self._produce()
-                        if item is END:
-                            return
-                        self.produced += 1
-                        if not self.items.put_from_thread(item, self._stop):
-                            if self._on_lost is not None:  # made, then nobody took it
-                                self._on_lost()
-                            return
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self._close_items()
-
-    def _close_items(self) -> None:
-        try:
-            self.items._loop.call_soon_threadsafe(self.items.close)
-        except RuntimeError:  # the loop is gone: nobody listens
-            self.items.close()
-
-
-class ThreadConsumer(Generic[T]):
-    """A persistent thread that hands batches from :attr:`items` to ``consume``.
-
-    ``consume(batch)`` runs on the thread and returns a report that is passed to
-    ``on_done(report)`` on the loop (one wake-up per batch). The thread ends
-    when :attr:`items` is closed and empty, or at ``stop``.
-    """
-
-    def __init__(self, name: str, consume: Callable[[list[T]], Any],
-                 on_done: Callable[[Any], None], capacity: int, stop: threading.Event,
-                 batch: int) -> None:
-        self.items: Channel[T] = Channel(capacity)
-        self._consume = consume
-        self._on_done = on_done
-        self._stop = stop
-        self._batch = batch
-        self._loop = self.items._loop
-        self._thread = threading.Thread(target=self._run, name=f"{name}-{next(_names)}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from .runner import user_code
-
-        with user_code():
-            while not self._stop.is_set():
-                batch = self.items.get_from_thread(self._batch)
-                if not batch:
-                    return
-                report = self._consume(batch)
-                try:
-                    self._loop.call_soon_threadsafe(self._on_done, report)
-                except RuntimeError:  # the loop is gone
-                    return

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CallbackSignatureError, UsageError
 from ..clock import clock_of
-from .aio import END, ChannelClosed, ThreadConsumer, ThreadProducer
+from .aio import END, ChannelClosed
 from .lane import Lane, Meter, Out
 from .runner import run_sync
+from .workers import ThreadConsumer, ThreadProducer
 
 if TYPE_CHECKING:
     from .engine import Engine

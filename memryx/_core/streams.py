@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .aio import END, Channel, ChannelClosed
+from .threads import start_thread
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -360,8 +361,7 @@ class StreamPool:
                 self._since[k] = 0.0
                 ids.append(k)
         for k in ids:
-            threading.Thread(target=self._work, args=(k,), daemon=True,
-                             name=f"memryx-input-{self.lane.idx}-w{k}").start()
+            start_thread(f"memryx-input-{self.lane.idx}-w{k}", self._work, k)
 
     @property
     def workers(self) -> int:

@@ -31,6 +31,7 @@ import ray
 import ray.exceptions
 
 from memryx import ClosedError, DeviceError, Dfp, LoopBlockingError, UsageError
+from memryx._core.threads import loop_future
 
 from ._replica import Replica
 from ._router import _cause, _forget, _Job, _Router, _Slot
@@ -151,7 +152,7 @@ class AcceleratorPool(_Router):
         if refs is None:
             return
         timeout = max(0.0, self._start_deadline - time.monotonic())
-        futures = [asyncio.wrap_future(ref.future()) for ref in refs]
+        futures = [loop_future(ref.future()) for ref in refs]
         _done, pending = await asyncio.wait(futures, timeout=timeout)
         for fut in pending:
             fut.cancel()
@@ -344,7 +345,7 @@ class AcceleratorPool(_Router):
         if self._closed:
             return
         self._closed = True
-        futures = [asyncio.wrap_future(s.handle.close.remote().future())
+        futures = [loop_future(s.handle.close.remote().future())
                    for s in self._slots if s.state == "live"]
         if futures:
             _done, pending = await asyncio.wait(futures, timeout=CLOSE_TIMEOUT)

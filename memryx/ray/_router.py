@@ -25,6 +25,7 @@ import ray
 import ray.exceptions
 
 from memryx import ClosedError, DeviceError
+from memryx._core.threads import loop_future
 
 __all__: list[str] = []
 
@@ -250,7 +251,7 @@ class _Router:
     async def _result_async(self, job: _Job, pending: collections.deque[_Job] | None) -> Any:
         while True:
             try:
-                value = await asyncio.wrap_future(job.ref.future())
+                value = await loop_future(job.ref.future())
             except ray.exceptions.RayError as exc:
                 for again in self._failed(job, exc, pending):
                     await self._submit_async(again)

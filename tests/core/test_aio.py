@@ -13,9 +13,8 @@ from memryx._core.aio import (
     Channel,
     ChannelClosed,
     TaskSet,
-    ThreadConsumer,
-    ThreadProducer,
 )
+from memryx._core.workers import ThreadConsumer, ThreadProducer
 from tests.conftest import in_memryx_call, loop_turns, settle, stack
 
 pytestmark = pytest.mark.asyncio
