@@ -152,7 +152,8 @@ async def run_sync(fn: Callable[..., T], *args: Any,
                    limiter: anyio.CapacityLimiter | None = None,
                    abandon_on_cancel: bool = True) -> T:
     """Run ``fn(*args)`` on a worker thread; cancelling abandons the thread (with
-    ``abandon_on_cancel=False``, the cancellation waits until ``fn`` has returned)."""
+    ``abandon_on_cancel=False``, as ``anyio.to_thread.run_sync`` by default, an anyio
+    cancel scope's cancellation waits until ``fn`` has returned)."""
     return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel,
                                           limiter=limiter)
 
@@ -220,7 +221,10 @@ class Runner:
         return self._portal
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        fut = self.start(fn, *args)
+        try:
+            fut = self.start(fn, *args)
+        except KeyboardInterrupt:  # while the portal hands the call over: as short
+            raise KeyboardInterrupt from None
         try:
             return wait_interruptibly(fut)
         except KeyboardInterrupt:
