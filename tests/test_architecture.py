@@ -38,6 +38,11 @@ BANNED_NAMES: dict[str, str] = {
     "anyio.from_thread.run_sync": "Runner or call_soon",
     "anyio.from_thread.start_blocking_portal": "Runner",
     "anyio.from_thread.BlockingPortal": "Runner",
+    "multiprocessing.pool.ThreadPool": "run_sync or start_thread",
+    "socketserver.ThreadingMixIn": "start_thread",
+    "socketserver.ThreadingTCPServer": "start_thread",
+    "socketserver.ThreadingUnixStreamServer": "start_thread",
+    "http.server.ThreadingHTTPServer": "start_thread",
 }
 
 #: Methods of an event loop (any receiver) that hop threads, with what to use instead.
@@ -52,6 +57,7 @@ BANNED_MODULES: dict[str, str] = {
     "anyio.to_thread": "run_sync",
     "anyio.from_thread": "Runner, call_in_loop or call_soon",
     "concurrent.futures.thread": "run_sync or start_thread",
+    "multiprocessing.dummy": "run_sync or start_thread",
 }
 
 #: Third-party calls that start threads of their own, allowed where listed (and why).
@@ -242,13 +248,17 @@ await loop.run_in_executor(None, print)
 await asyncio.wrap_future(f)
 await anyio.to_thread.run_sync(print)
 pc.start_http_server(8000)
+from multiprocessing.pool import ThreadPool
+ThreadPool(2)
+class Server(socketserver.ThreadingMixIn, Base): ...
+from multiprocessing import dummy
 '''
 
 
 def test_the_check_finds_each_way_to_start_or_cross_a_thread() -> None:
     found = violations(CAUGHT, "memryx/example.py")
     lines = sorted({v.line for v in found})
-    assert lines == [2, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], found
+    assert lines == [2, 6, 7, *range(9, 20), 21, 22, 23], found
     message = "\n".join(str(v) for v in found)
     assert "memryx/example.py:9: threading.Thread outside the thread bridge; use " \
            "memryx._core.threads.start_thread" in message
