@@ -271,6 +271,33 @@ def sink(stamps: Stamps, work: Callable[[], None] | None = None) -> Callable[...
     return output_callback
 
 
+def run_async_callbacks(dfp: Any, frame: np.ndarray, duration: float, **options: Any
+                        ) -> Stamps:
+    """``dfp`` fed by an ``async def`` input callback (:func:`feeder`) and drained by an
+    ``async def`` output callback (:func:`sink`) on the app's loop, in an ``AsyncAccl``
+    made with ``options``: no thread hop for the callbacks."""
+    from memryx import AsyncAccl
+
+    stamps = Stamps()
+    produce = feeder(frame, duration, stamps)
+    consume = sink(stamps)
+
+    async def input_callback() -> np.ndarray | None:
+        return produce()
+
+    async def output_callback(*outputs: Any) -> None:
+        consume(*outputs)
+
+    async def main() -> None:
+        async with AsyncAccl(dfp, **options) as accl:
+            accl.connect_output(output_callback)
+            accl.connect_input(input_callback)
+            await accl.await_done()
+
+    loop_runner()(main())
+    return stamps
+
+
 # -- stage work -------------------------------------------------------------------------------
 _local = threading.local()
 

@@ -40,26 +40,7 @@ def run_plain(dfp: Any, frame: np.ndarray, duration: float) -> c.Stamps:
 
 
 def run_async(dfp: Any, frame: np.ndarray, duration: float) -> c.Stamps:
-    from memryx import AsyncAccl
-
-    stamps = c.Stamps()
-    produce = c.feeder(frame, duration, stamps)
-    consume = c.sink(stamps)
-
-    async def input_callback() -> np.ndarray | None:
-        return produce()
-
-    async def output_callback(*outputs: Any) -> None:
-        consume(*outputs)
-
-    async def main() -> None:
-        async with AsyncAccl(dfp) as accl:
-            accl.connect_output(output_callback)
-            accl.connect_input(input_callback)
-            await accl.await_done()
-
-    c.loop_runner()(main())
-    return stamps
+    return c.run_async_callbacks(dfp, frame, duration)
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -98,26 +98,7 @@ def run_async_accl(dfp: Any, frame: np.ndarray, duration: float, rate: float | N
 
 def run_async_callbacks(dfp: Any, frame: np.ndarray, duration: float) -> c.Stamps:
     """``async def`` callbacks on the app's loop: no thread hop for the callbacks."""
-    from memryx import AsyncAccl
-
-    stamps = c.Stamps()
-    produce = c.feeder(frame, duration, stamps)
-    consume = c.sink(stamps)
-
-    async def input_callback() -> np.ndarray | None:
-        return produce()
-
-    async def output_callback(*outputs: Any) -> None:
-        consume(*outputs)
-
-    async def main() -> None:
-        async with AsyncAccl(dfp, mode="fast") as accl:
-            accl.connect_output(output_callback)
-            accl.connect_input(input_callback)
-            await accl.await_done()
-
-    c.loop_runner()(main())
-    return stamps
+    return c.run_async_callbacks(dfp, frame, duration, mode="fast")
 
 
 def run_sync_batch(dfp: Any, frame: np.ndarray, n: int) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -173,6 +173,31 @@ class TelemetryModel:
 
 
 # -- the mixin ---------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+class _Option(Generic[T]):
+    """A read-only property: the option of the same name the accelerator was built with
+    (its :class:`~memryx._options.Resolved`, ``self._compat``), as the SDK names it."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Option[T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._compat, self.name)  # type: ignore[attr-defined]
+
+    def __set__(self, obj: object, value: NoReturn) -> NoReturn:  # read-only for mypy too
+        raise AttributeError(f"property {self.name!r} of {type(obj).__name__!r} object has "
+                             "no setter")
+
 
 class CompatMixin:
     """The SDK's surface on top of an accelerator facade (see the module docstring)."""
@@ -218,26 +243,15 @@ class CompatMixin:
         return list(self._compat.device_ids)
 
     @property
-    def group_id(self) -> int:
-        """The chip group this accelerator runs on (SDK 1.x)."""
-        return self._compat.group_id
-
-    @property
     def models(self) -> list[str]:
         """The names of the DFP's models, in ``model_idx`` order."""
         return [m.name for m in self._dfp.models]
 
-    @property
-    def scheduler_options(self) -> SchedulerOptions:
-        return self._compat.scheduler_options
-
-    @property
-    def client_options(self) -> ClientOptions:
-        return self._compat.client_options
-
-    @property
-    def use_model_shape(self) -> tuple[bool, bool]:
-        return self._compat.use_model_shape
+    group_id = _Option[int]("The chip group this accelerator runs on (SDK 1.x).")
+    scheduler_options = _Option[SchedulerOptions]("The scheduler options it was built with.")
+    client_options = _Option[ClientOptions]("The client options it was built with.")
+    use_model_shape = _Option[tuple[bool, bool]](
+        "(inputs, outputs) in model shapes rather than the chip's layout (SDK 2.x).")
 
     def shutdown(self) -> None:
         """Release the device (the SDK's name for :meth:`close`)."""
@@ -340,12 +354,18 @@ class CompatMixin:
 
         return one(outputs) if single else [one(f) for f in outputs]
 
-    def _wrap_input(self, fn: Callable[..., Any], model_idx: int) -> Callable[..., Any]:
-        fps = self._compat.client_options.fps_target
+    def _input_conversion(self, model_idx: int) -> tuple[ModelInfo, bool, bool]:
+        """(the model, frames must be chip layout, frames need converting) for an input
+        callback of ``model_idx``."""
         convert, chip_only = self._chip_in(model_idx)
         model = self._dfp.model(model_idx)
         needs_convert = convert and (chip_only or any(
             p.chip_shape not in (p.shape, p.shape[1:]) for p in model.inputs))
+        return model, chip_only, needs_convert
+
+    def _wrap_input(self, fn: Callable[..., Any], model_idx: int) -> Callable[..., Any]:
+        fps = self._compat.client_options.fps_target
+        model, chip_only, needs_convert = self._input_conversion(model_idx)
         if not fps and not needs_convert:
             return fn
 
@@ -356,10 +376,7 @@ class CompatMixin:
     def _wrap_stream_input(self, fn: Callable[[int], Any], model_idx: int) -> Callable[..., Any]:
         """Per-stream pacing for ``connect_streams``: each stream at ``fps_target``."""
         fps = self._compat.client_options.fps_target
-        convert, chip_only = self._chip_in(model_idx)
-        model = self._dfp.model(model_idx)
-        needs_convert = convert and (chip_only or any(
-            p.chip_shape not in (p.shape, p.shape[1:]) for p in model.inputs))
+        model, chip_only, needs_convert = self._input_conversion(model_idx)
         if not fps and not needs_convert:
             return fn
         pacers: dict[int, Pacer] = {}

@@ -475,7 +475,12 @@ class CallbackOutput:
         self.engine.lane_progress(lane)
 
     def _drop(self, n: int) -> None:
-        self.lane.dropped += n
+        # Once the accelerator closes, its close owns the fate of every frame not delivered:
+        # Engine.aclose counts them dropped as in flight. A drop seen here from then on (the
+        # output thread's report of a batch it stopped calling back, which may come after
+        # the close) is one of those frames: counting it too would count it twice.
+        if not self.engine.closed:
+            self.lane.dropped += n
         self.lane.budget.give(n)
         self.engine.lane_progress(self.lane)
 

@@ -174,7 +174,9 @@ class Engine:
             out = self._outputs.get(lane.idx)
             if out is not None:
                 out.close()
-            lane.dropped += lane.in_flight  # admitted and never delivered: dropped by the stop
+            # admitted and never delivered: dropped by the stop, counted here only (from
+            # `closed` on, the output side counts no drop of its own: CallbackOutput._drop)
+            lane.dropped += lane.in_flight
             dropped += lane.dropped
         closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for lane in self.lanes:

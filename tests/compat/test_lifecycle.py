@@ -6,6 +6,7 @@ Every test runs a user's script in a real child process.
 from __future__ import annotations
 
 import signal
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,24 @@ from .scripts import EXIT_BOUND_S, SIGINT_BOUND_S, run_script
 pytestmark = pytest.mark.timeout(240)
 
 INTERRUPTED = (-signal.SIGINT, 130)
+
+
+def _feeding(heavy_dfp: Path) -> str:
+    """A script's start: an AsyncAccl feeding ``heavy_dfp`` in sim:fast from callbacks; it
+    prints READY at its first output (``n[0]`` counts them)."""
+    return textwrap.dedent(f"""
+        import numpy as np
+        from memryx import AsyncAccl
+        accl = AsyncAccl({str(heavy_dfp)!r}, device="sim:fast")
+        x = np.ones(accl.dfp.input_shapes[0], np.float32)
+        n = [0]
+        def out(*o):
+            n[0] += 1
+            if n[0] == 1:
+                print("READY", flush=True)
+        accl.connect_input(lambda: x)
+        accl.connect_output(out)
+    """)
 
 
 def _exited(res) -> None:  # type: ignore[no-untyped-def]
@@ -167,38 +186,14 @@ def _interrupted(res, where: str) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("delay", [0.0, 0.35])
 def test_sigint_in_wait_heavy_model(tmp_path: Path, heavy_dfp: Path, delay: float) -> None:
     """Ctrl-C during wait() on a ResNet-50 in sim:fast: KeyboardInterrupt, no abort."""
-    res = run_script(tmp_path, f"""
-        import numpy as np
-        from memryx import AsyncAccl
-        accl = AsyncAccl({str(heavy_dfp)!r}, device="sim:fast")
-        x = np.ones(accl.dfp.input_shapes[0], np.float32)
-        n = [0]
-        def out(*o):
-            n[0] += 1
-            if n[0] == 1:
-                print("READY", flush=True)
-        accl.connect_input(lambda: x)
-        accl.connect_output(out)
-        accl.wait()
-    """, sigint_on="READY", sigint_delay=delay)  # the moment of Ctrl-C: what varies
+    res = run_script(tmp_path, _feeding(heavy_dfp) + "accl.wait()\n",
+                     sigint_on="READY", sigint_delay=delay)  # the moment of Ctrl-C: what varies
     _interrupted(res, "accl.wait()")
 
 
 def test_sigint_caught_stops_the_pipeline(tmp_path: Path, heavy_dfp: Path) -> None:
     """A script that catches the KeyboardInterrupt goes on; the pipeline has stopped."""
-    res = run_script(tmp_path, f"""
-        import time
-        import numpy as np
-        from memryx import AsyncAccl
-        accl = AsyncAccl({str(heavy_dfp)!r}, device="sim:fast")
-        x = np.ones(accl.dfp.input_shapes[0], np.float32)
-        n = [0]
-        def out(*o):
-            n[0] += 1
-            if n[0] == 1:
-                print("READY", flush=True)
-        accl.connect_input(lambda: x)
-        accl.connect_output(out)
+    res = run_script(tmp_path, _feeding(heavy_dfp) + textwrap.dedent("""
         from scripthelp import threads_ended
         try:
             accl.wait()
@@ -207,7 +202,7 @@ def test_sigint_caught_stops_the_pipeline(tmp_path: Path, heavy_dfp: Path) -> No
             threads_ended()  # then no output can come any more: the count is final
             print("interrupted; outputs after:", n[0] - seen, "closed:",
                   accl._state.value, flush=True)
-    """, sigint_on="READY")
+    """), sigint_on="READY")
     res.check_clean()
     assert res.rc == 0, res.err
     assert "interrupted; outputs after: 0 closed: closed" in res.out
@@ -342,20 +337,7 @@ def test_sigint_twice(tmp_path: Path, heavy_dfp: Path, gap: float) -> None:
     import time
 
     script = tmp_path / "script.py"
-    script.write_text(f"""
-import numpy as np
-from memryx import AsyncAccl
-accl = AsyncAccl({str(heavy_dfp)!r}, device="sim:fast")
-x = np.ones(accl.dfp.input_shapes[0], np.float32)
-n = [0]
-def out(*o):
-    n[0] += 1
-    if n[0] == 1:
-        print("READY", flush=True)
-accl.connect_input(lambda: x)
-accl.connect_output(out)
-accl.wait()
-""")
+    script.write_text(_feeding(heavy_dfp) + "accl.wait()\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL))

@@ -4,23 +4,37 @@ mode's per-stream staleness, and attacks on the modes that compute little (issue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
 import memryx as mx
 from memryx import testing
-from memryx.device import SimulatedDevice
+from memryx.device import Device, SimulatedDevice
 from memryx.device._compute import ReuseCache, frame_key
 from memryx.device.simulated import CHEAP_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH, _Pacer
 from memryx.faults import FaultyDevice
 
+D = TypeVar("D", bound=Device | FaultyDevice)
 
 def identity(fps: float, latency_ms: float, shape: tuple[int, ...] = (1, 4)) -> mx.Dfp:
     return mx.NeuralCompiler(models=testing.identity_model(shape), fps=fps,
                              latency_ms=latency_ms).run()
+
+
+@contextlib.asynccontextmanager
+async def opened(dev: D, dfp: mx.Dfp) -> AsyncIterator[D]:
+    """``dev`` opened on ``dfp`` (chip group 0) for the block, closed after it."""
+    await dev.open(dfp, 0)
+    try:
+        yield dev
+    finally:
+        await dev.aclose()
 
 
 # -- the pacer's schedule (pure: times are given) ---------------------------------------------
@@ -102,9 +116,7 @@ def test_the_timed_frame_budget_is_unchanged():
 @pytest.mark.asyncio
 async def test_frames_due_together_are_released_by_one_wake_up_never_early():
     dfp = identity(fps=2000, latency_ms=5)
-    dev = SimulatedDevice(mode="shapes")
-    await dev.open(dfp, 0)
-    try:
+    async with opened(SimulatedDevice(mode="shapes"), dfp) as dev:
         done: list[tuple[int, float]] = []
         t0 = time.monotonic()
         futs = []
@@ -120,18 +132,14 @@ async def test_frames_due_together_are_released_by_one_wake_up_never_early():
             assert t - t0 >= i / 2000 + 0.005 - 0.0025, (i, t - t0)
         stats = dev.statistics()["models"][0]
         assert stats["frames_out"] == 40
-    finally:
-        await dev.aclose()
 
 
 @pytest.mark.asyncio
 async def test_a_source_stall_is_caught_up_and_costs_no_throughput():
     fps = 1000.0
     dfp = identity(fps=fps, latency_ms=2)
-    dev = SimulatedDevice(mode="shapes", queue_depth=64)  # 64 ms of slack: a loaded host
-    # may oversleep the stall below by tens of milliseconds
-    await dev.open(dfp, 0)
-    try:
+    # 64 ms of slack: a loaded host may oversleep the stall below by tens of milliseconds
+    async with opened(SimulatedDevice(mode="shapes", queue_depth=64), dfp) as dev:
         x = [[np.zeros((1, 4), np.float32)]]
         futs = [dev.submit(0, x) for _ in range(20)]  # 20 ms of work queued
         await asyncio.sleep(0.030)  # the source stalls: the chip ran dry 10 ms ago
@@ -141,8 +149,6 @@ async def test_a_source_stall_is_caught_up_and_costs_no_throughput():
         # the late frames entered as they came, catching up on the schedule
         assert stats["caught_up_frames"] > 0
         assert stats["frames_out"] == 60
-    finally:
-        await dev.aclose()
 
 
 @pytest.mark.asyncio
@@ -219,17 +225,15 @@ def test_sampled_streams_get_only_their_own_streams_outputs():
 @pytest.mark.asyncio
 async def test_sampled_stale_outputs_come_from_the_same_stream_when_the_host_is_slow():
     dfp = identity(fps=2000, latency_ms=1)
-    dev = SimulatedDevice(mode="sampled")
-    await dev.open(dfp, 0)
-    real = dev._models[0].run
-    assert real is not None
+    async with opened(SimulatedDevice(mode="sampled"), dfp) as dev:
+        real = dev._models[0].run
+        assert real is not None
 
-    def slow(frame: list[np.ndarray]) -> list[np.ndarray]:
-        time.sleep(0.01)  # 20 modeled frames per computation: most frames are stale
-        return real(frame)
+        def slow(frame: list[np.ndarray]) -> list[np.ndarray]:
+            time.sleep(0.01)  # 20 modeled frames per computation: most frames are stale
+            return real(frame)
 
-    dev._models[0].run = slow
-    try:
+        dev._models[0].run = slow
         futs = [(s, k, dev.submit(0, [[np.full((1, 4), s * 1000 + k, np.float32)]], [s]))
                 for k in range(60) for s in (1, 2, 3)]
         await asyncio.wait_for(asyncio.gather(*(f for _, _, f in futs)), 20)
@@ -239,8 +243,6 @@ async def test_sampled_stale_outputs_come_from_the_same_stream_when_the_host_is_
         sampled = dev.statistics()["models"][0]["sampled"]
         assert sampled["stale"] > 0
         assert all(sampled["streams"][s]["frames"] == 60 for s in (1, 2, 3))
-    finally:
-        await dev.aclose()
 
 
 def test_sampled_requests_of_different_calls_are_different_streams():
@@ -261,10 +263,8 @@ def test_sampled_requests_of_different_calls_are_different_streams():
 @pytest.mark.asyncio
 async def test_a_device_without_stream_tags_is_one_stream_and_the_faulty_device_passes_them():
     dfp = identity(fps=5000, latency_ms=1)
-    dev = FaultyDevice(SimulatedDevice(mode="sampled"))
-    assert dev.takes_streams
-    await dev.open(dfp, 0)
-    try:
+    async with opened(FaultyDevice(SimulatedDevice(mode="sampled")), dfp) as dev:
+        assert dev.takes_streams
         futs = [dev.submit(0, [[np.full((1, 4), k, np.float32)]], [k % 2]) for k in range(10)]
         futs.append(dev.submit(0, [[np.full((1, 4), 99, np.float32)]]))  # no tags: stream 0
         await asyncio.wait_for(asyncio.gather(*futs), 10)
@@ -272,28 +272,24 @@ async def test_a_device_without_stream_tags_is_one_stream_and_the_faulty_device_
         assert streams[0]["frames"] == 6 and streams[1]["frames"] == 5
         with pytest.raises(ValueError, match="2 stream tags for 1 frames"):
             dev.submit(0, [[np.zeros((1, 4), np.float32)]], [0, 1])
-    finally:
-        await dev.aclose()
 
 
 @pytest.mark.asyncio
 async def test_a_stream_whose_only_computation_failed_gets_a_fresh_one_not_a_hang():
     dfp = identity(fps=2000, latency_ms=1)
-    dev = SimulatedDevice(mode="sampled")
-    await dev.open(dfp, 0)
-    m = dev._models[0]
-    real = m.run
-    calls = [0]
+    async with opened(SimulatedDevice(mode="sampled"), dfp) as dev:
+        m = dev._models[0]
+        real = m.run
+        calls = [0]
 
-    def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise RuntimeError("first computation fails")
-        assert real is not None
-        return real(frame)
+        def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("first computation fails")
+            assert real is not None
+            return real(frame)
 
-    m.run = flaky
-    try:
+        m.run = flaky
         first = dev.submit(0, [[np.full((1, 4), 1, np.float32)]], [3])
         with pytest.raises(mx.DeviceError, match="first computation fails"):
             await asyncio.wait_for(first, 5)
@@ -302,8 +298,6 @@ async def test_a_stream_whose_only_computation_failed_gets_a_fresh_one_not_a_han
         outs = await asyncio.wait_for(asyncio.gather(*rest), 5)
         assert all(2 <= float(o[0][0][0, 0]) <= k for o, k in zip(outs, range(2, 8),
                                                                   strict=True))
-    finally:
-        await dev.aclose()
 
 
 # -- outputs kept by the device are never the receiver's to change -----------------------------
@@ -390,21 +384,19 @@ async def test_a_failed_stream_recomputed_on_the_loop_answers_every_parked_frame
     # a graph cheap enough to run on the loop: the frame computed while answering parked
     # ones re-enters the parked queue's bookkeeping; no frame may be lost there
     dfp = identity(fps=5000, latency_ms=1)
-    dev = SimulatedDevice(mode="sampled")
-    await dev.open(dfp, 0)
-    m = dev._models[0]
-    real = m.run
-    assert real is not None
-    fails = {"n": 1}
+    async with opened(SimulatedDevice(mode="sampled"), dfp) as dev:
+        m = dev._models[0]
+        real = m.run
+        assert real is not None
+        fails = {"n": 1}
 
-    def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
-        if fails["n"]:
-            fails["n"] -= 1
-            raise RuntimeError("boom")
-        return real(frame)
+        def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
+            if fails["n"]:
+                fails["n"] -= 1
+                raise RuntimeError("boom")
+            return real(frame)
 
-    m.run, m.frame_cost, m.costed = flaky, 0.0, True  # computed inline, on the loop
-    try:
+        m.run, m.frame_cost, m.costed = flaky, 0.0, True  # computed inline, on the loop
         futs = [dev.submit(0, [[np.full((1, 4), k, np.float32)]], [k % 3]) for k in range(30)]
         results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -414,5 +406,3 @@ async def test_a_failed_stream_recomputed_on_the_loop_answers_every_parked_frame
                 v = float(r[0][0][0, 0])
                 assert v % 3 == k % 3 and v <= k  # its own stream's, never a later frame's
         assert not m.parked
-    finally:
-        await dev.aclose()
