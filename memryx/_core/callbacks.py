@@ -232,6 +232,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
                 _trace_inputs(lane, stream, meter.frames_in, batch)
             lane.put_many([(None, stream, item[1]) for item in batch],
                           [item[0] for item in batch], meter)
+            lane.flush_now()  # everything that was ready is in: no iteration to wait for
     finally:
         producer.halt()
         left = producer.items.abort()  # made after we stopped listening: never sent

@@ -276,6 +276,15 @@ class Lane:
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
+    def flush_now(self) -> None:
+        """Hand what is queued to the device now, not on the next loop iteration: for a
+        submitter that has just queued a whole batch (it took every frame that was ready)
+        and has nothing to wait for."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush()
+
     def _flush(self) -> None:
         """Hand the queued frames to the device: one ``submit`` per batch."""
         self._flush_handle = None

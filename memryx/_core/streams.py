@@ -259,6 +259,7 @@ class StreamPool:
                         s.meter.frames_in += 1
             if tags:
                 self._put(tags, frames, traced)
+            lane.flush_now()  # everything that was ready is in: no iteration to wait for
             self._wake_granter()  # every item freed a unit or ended a stream
 
     def _put(self, tags: list[Any], frames: list[Any], traced: bool) -> None:
