@@ -412,20 +412,15 @@ class StreamPool:
 
         lock, since = self._lock, self._since
         gate, monotonic = self.engine.input_gate, time.monotonic
-        made = self._made[k] = []  # frames made and not yet put (under the lock)
+        # Frames made and not yet put, in order (under the lock: the loop takes them from a
+        # worker stuck in a callback, and counts them at a stop).
+        made = self._made[k] = []
         s: _Stream | None = None
-        mine: list[tuple[_Stream, Any]] = []  # the current stream's, not yet in ``made``
-        first = 0.0  # when the oldest frame in ``mine`` began
         try:
             with user_code():
                 while True:
                     with lock:
                         if s is not None:  # the last stream's credits are used
-                            if mine:
-                                if not made:
-                                    self._made_at[k] = first
-                                made.extend(mine)
-                                mine = []
                             s.busy = False
                             if s.credits and not s.done and not s.queued:
                                 s.queued = True
@@ -451,24 +446,22 @@ class StreamPool:
                                 item = s.produce()
                         except BaseException as exc:
                             item = _Failed(exc)
-                        since[k] = 0.0
                         now = monotonic()
                         self.cost += 0.05 * (now - started - self.cost)
-                        if not mine:
-                            first = started
-                        mine.append((s, item))
-                        if item is END or isinstance(item, _Failed):
-                            s.done = True
-                            break
-                        if now - first >= PARALLEL_S:  # slow: what is made goes now
-                            with lock:
-                                made.extend(mine)
+                        last = item is END or isinstance(item, _Failed)
+                        with lock:
+                            since[k] = 0.0
+                            s.done = last
+                            if not made:
+                                self._made_at[k] = started
+                            made.append((s, item))
+                            if now - self._made_at[k] >= PARALLEL_S:  # slow: they go now
                                 self._send(made)
-                            mine = []
+                        if last:
+                            break
         finally:
             with lock:
                 since.pop(k, None)
-                made.extend(mine)
                 if made:  # stopped (or the thread ended) with frames not put
                     self._send(made)
                 del self._made[k]

@@ -506,3 +506,34 @@ def test_frames_made_before_a_quick_stream_blocks_are_not_held_back(identity_dfp
     accl.wait()
     accl.close()
     src.check(range(count))
+
+
+def test_frames_of_a_stream_made_before_its_callback_blocks_come_out_and_are_counted(
+        identity_dfp):
+    """One stream holds many units; its callback returns three frames at once, then blocks:
+    those three are not held behind the blocked call, and a stop while it blocks counts
+    every frame it returned (delivered or dropped, never lost)."""
+    release, got = threading.Event(), []
+    calls = [0]
+
+    def source(s: int) -> np.ndarray | None:
+        calls[0] += 1
+        if calls[0] == 4:
+            release.wait(20)
+            return None
+        return val(s, calls[0])
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, lambda s, y: got.append(int(y[0, 0])), 1)
+    try:
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [1, 2, 3]
+        accl.stop()
+        st = stats(accl)
+        assert st["frames_in"] == 3 and st["frames_out"] == 3, st
+        assert st["dropped"] == 0 and st["in_flight"] == 0, st
+    finally:
+        release.set()
+    accl.close()
