@@ -22,7 +22,8 @@ TIMED_FPS, TIMED_LATENCY_MS = 992.0, 3.0
 AGG_GOAL, SHARE_TOL = 0.9, 0.05
 
 
-def _run(dfp: Any, n: int, duration: float, mode: str) -> tuple[list[float], list[int]]:
+def _run(dfp: Any, n: int, duration: float, mode: str
+         ) -> tuple[list[float], list[int], float]:
     from memryx import MultiStreamAsyncAccl
 
     frame = np.zeros(SHAPE, np.float32)
@@ -44,9 +45,12 @@ def _run(dfp: Any, n: int, duration: float, mode: str) -> tuple[list[float], lis
         counts[stream_idx] += 1
 
     accl = MultiStreamAsyncAccl(dfp, mode=mode)
+    cpu = time.process_time()
     accl.connect_streams(input_callback, output_callback, n)
     accl.wait()
-    return t_out, counts
+    cpu_us = (time.process_time() - cpu) / max(1, len(t_out)) * 1e6
+    accl.close()
+    return t_out, counts, cpu_us
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -66,6 +70,7 @@ def run(quick: bool) -> dict[str, Any]:
     for mode, dfp in setups:
         fps: dict[int, list[float]] = {n: [] for n in STREAMS}
         dev: dict[int, list[float]] = {n: [] for n in STREAMS}
+        cpu: dict[int, list[float]] = {n: [] for n in STREAMS}
         expected = TIMED_FPS if mode == "timed" else None
         for _ in range(reps):
             for n in STREAMS:
@@ -73,20 +78,21 @@ def run(quick: bool) -> dict[str, Any]:
                     run_s = duration
                 else:
                     run_s = max(duration, warmup + min_frames * n / expected)
-                t_out, counts = _run(dfp, n, run_s, mode)
+                t_out, counts, cpu_us = _run(dfp, n, run_s, mode)
+                cpu[n].append(cpu_us)
                 if n == 1 and expected is None:
                     expected = c.steady_fps(t_out, warmup)
                 fps[n].append(c.steady_fps(t_out, warmup))
                 mean = sum(counts) / n
                 dev[n].append(max(abs(k / mean - 1) for k in counts) if mean else float("nan"))
-        raw[mode] = {"fps": fps, "share_deviation": dev}
+        raw[mode] = {"fps": fps, "share_deviation": dev, "cpu_us_per_frame": cpu}
         one = c.median(fps[1])
         label = ("`mode=\"fast\"` (as fast as host)" if mode == "fast"
                  else f"`mode=\"timed\"`, modeled {TIMED_FPS:g} fps")
         for n in STREAMS:
             f, d = c.median(fps[n]), c.median(dev[n])
             rows.append([label, n, c.fmt(f), c.ratio(f / one), f"{d * 100:.1f}%",
-                         c.spread(fps[n])])
+                         c.spread(fps[n]), c.fmt(c.median(cpu[n]))])
             if n == 1:
                 continue
             goals.append(c.goal(f"{mode}, {n} streams: aggregate >= {AGG_GOAL}x one stream's",
@@ -106,8 +112,12 @@ def run(quick: bool) -> dict[str, Any]:
         f"\"worst stream\" = largest deviation of a stream's frame count from total / streams; "
         f"median of {reps}.",
         tables=[c.table("", ["device", "streams", "aggregate frames/s", "vs 1 stream",
-                             "worst stream vs fair share", "frames/s min-max"], rows)],
-        goals=goals, notes=notes, raw=raw,
+                             "worst stream vs fair share", "frames/s min-max",
+                             "CPU us per frame"], rows)],
+        goals=goals, raw=raw,
+        notes=[*notes, "\"CPU us per frame\": CPU time of the whole process (all threads) "
+               "per output over the run; it does not depend on the machine's other load the "
+               "way frames/s does, so it shows what a stream count costs."],
     )
 
 

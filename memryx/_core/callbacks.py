@@ -233,6 +233,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
                 _trace_inputs(lane, stream, meter.frames_in, batch)
             lane.put_many([(None, stream, item[1]) for item in batch],
                           [item[0] for item in batch], meter)
+            lane.flush_now()  # everything that was ready is in: no iteration to wait for
     finally:
         producer.halt()
         left = producer.items.abort()  # made after we stopped listening: never sent
@@ -335,21 +336,34 @@ class CallbackOutput:
             self._held = 0
             self._clock.release()
 
-    async def deliver(self, items: list[Out]) -> None:
-        """On the loop: outputs of one device batch, in order."""
-        if self.failed or self.engine.closed:
+    @property
+    def hands_over_now(self) -> bool:
+        """Whether :meth:`deliver_now` takes outputs (a plain callback, on its thread)."""
+        return self._consumer is not None
+
+    def deliver_now(self, items: list[Out]) -> None:
+        """On the loop, for a plain callback: hand outputs of one device batch, in order,
+        to the callback's thread (never waits; the frame budget bounds them)."""
+        if self.failed or self.engine.closed or self._consumer is None:
             self._drop(len(items))
             return
+        try:
+            self._consumer.items.put_many_nowait(items)
+        except ChannelClosed:
+            self._drop(len(items))
+            return
+        if self._clock.virtual:
+            if not self._held:
+                self._clock.hold()
+            self._held += len(items)
+
+    async def deliver(self, items: list[Out]) -> None:
+        """On the loop: outputs of one device batch, in order."""
         if self._consumer is not None:
-            try:
-                self._consumer.items.put_many_nowait(items)  # the budget bounds it
-            except ChannelClosed:
-                self._drop(len(items))
-                return
-            if self._clock.virtual:
-                if not self._held:
-                    self._clock.hold()
-                self._held += len(items)
+            self.deliver_now(items)
+            return
+        if self.failed or self.engine.closed:
+            self._drop(len(items))
             return
         lane = self.lane
         model, meters = lane.meter, lane.streams

@@ -17,9 +17,12 @@ of the loop from it. Here the streams of one model share:
   :data:`MAX_WORKERS`) and never beyond one worker per stream: a callback that
   blocks (a camera waiting for its next frame) does not hold the other streams
   up for long. A worker added that way ends after :data:`RETIRE_S` without work.
-* **one channel to the loop**: workers put ``(stream, frame)`` into it as each
-  frame is made; the loop takes everything that is ready in one wake-up and
-  queues it in the lane, whichever streams it came from.
+* **one channel to the loop**: a worker takes every ready stream in one pass
+  (while callbacks are quick), calls each for its credits and puts the frames it
+  made into the channel as one run of ``(stream, frame)`` pairs (a frame costs
+  an append; a pass that takes :data:`PARALLEL_S` puts what it made so far, so
+  slow callbacks never hold frames back); the loop takes everything that is
+  ready in one wake-up and queues it in the lane, whichever streams it came from.
 * **one granter on the loop**: free units of the model's frame budget are given
   to the streams that want them round-robin, one unit at a time, and no stream
   holds more than ``ceil(budget / live streams)`` units (a blocked stream holds
@@ -63,6 +66,8 @@ RETIRE_S = 1.0
 #: (up to :data:`BASE_WORKERS`); quicker ones by one worker, which is cheaper than
 #: waking another thread for them.
 PARALLEL_S = 200e-6
+#: The most ready streams one worker pass takes while callbacks are quick.
+PASS_STREAMS = 64
 #: How often the loop looks for stuck workers while streams wait.
 TICK_S = 0.01
 
@@ -105,7 +110,8 @@ class StreamPool:
         self.engine = engine
         self.lane = lane
         self.limit = max(1, limit if limit is not None else MAX_WORKERS)
-        self.channel: Channel[tuple[_Stream, Any]] = Channel(lane.budget.total + 64)
+        # items are runs of (stream, frame) made by one worker pass (at most one per frame)
+        self.channel: Channel[list[tuple[_Stream, Any]]] = Channel(lane.budget.total + 64)
         self.streams: list[_Stream] = []
         self.finished = False
         self._live = 0
@@ -115,6 +121,8 @@ class StreamPool:
         self._since: dict[int, float] = {}  # worker -> when its callback started (0: none)
         self._next_worker = 0
         self._sleeping = 0  # workers waiting for a ready stream (under the lock)
+        self._made: dict[int, list[tuple[_Stream, Any]]] = {}  # worker -> frames not put
+        self._made_at: dict[int, float] = {}  # worker -> when its oldest frame not put began
         self.cost = 0.0
         """Running average of a callback call's duration (seconds, written by workers)."""
         self._halted = False
@@ -233,28 +241,27 @@ class StreamPool:
                 return
             tags: list[Any] = []
             frames: list[Any] = []
-            freed = False
-            for s, item in batch:
-                if item is END or isinstance(item, _Failed):
-                    if tags:  # the stream's frames before its end are queued first
-                        self._put(tags, frames, tracer.on)
-                        tags, frames = [], []
-                    self._end(s, item.error if isinstance(item, _Failed) else None)
-                    freed = True
-                    continue
-                s.outstanding -= 1
-                freed = True
-                if tracer.on:
-                    tags.append((s, item))
-                    frames.append(None)
-                else:
-                    tags.append((None, s.idx, item[1]))
-                    frames.append(item[0])
-                    s.meter.frames_in += 1
+            traced = tracer.on
+            for run in batch:
+                for s, item in run:
+                    if item is END or isinstance(item, _Failed):
+                        if tags:  # the stream's frames before its end are queued first
+                            self._put(tags, frames, traced)
+                            tags, frames = [], []
+                        self._end(s, item.error if isinstance(item, _Failed) else None)
+                        continue
+                    s.outstanding -= 1
+                    if traced:
+                        tags.append((s, item))
+                        frames.append(None)
+                    else:
+                        tags.append((None, s.idx, item[1]))
+                        frames.append(item[0])
+                        s.meter.frames_in += 1
             if tags:
-                self._put(tags, frames, tracer.on)
-            if freed:
-                self._wake_granter()
+                self._put(tags, frames, traced)
+            lane.flush_now()  # everything that was ready is in: no iteration to wait for
+            self._wake_granter()  # every item freed a unit or ended a stream
 
     def _put(self, tags: list[Any], frames: list[Any], traced: bool) -> None:
         lane = self.lane
@@ -301,11 +308,15 @@ class StreamPool:
             self._tick.cancel()
             self._tick = None
         lane = self.lane
-        for s, item in self.channel.abort_items():
+        for s, item in (pair for run in self.channel.abort_items() for pair in run):
             if item is not END and not isinstance(item, _Failed):  # its unit is given below
                 lane.meter.frames_in += 1
                 s.meter.frames_in += 1
                 lane.dropped += 1
+        with self._lock:  # made by workers and not put: the channel is closed, so dropped
+            for made in self._made.values():
+                if made:
+                    self._send(made)
         given = 0
         for s in self.streams:
             given += max(0, s.outstanding)
@@ -335,6 +346,7 @@ class StreamPool:
             return
         slow = self.cost >= PARALLEL_S
         with self._lock:
+            self._rescue(time.monotonic())
             waiting, sleeping = len(self._ready), self._sleeping
             free = self._free_awake()
             if waiting and sleeping and (slow or not free):
@@ -398,12 +410,26 @@ class StreamPool:
     def _work(self, k: int) -> None:
         from .runner import user_code
 
-        lock, ready, since, channel = self._lock, self._ready, self._since, self.channel
-        gate, stop = self.engine.input_gate, self.engine.stopping
+        lock, since = self._lock, self._since
+        gate, monotonic = self.engine.input_gate, time.monotonic
+        # Frames made and not yet put, in order (under the lock: the loop takes them from a
+        # worker stuck in a callback, and counts them at a stop).
+        made = self._made[k] = []
+        s: _Stream | None = None
         try:
             with user_code():
                 while True:
                     with lock:
+                        if s is not None:  # the last stream's credits are used
+                            s.busy = False
+                            if s.credits and not s.done and not s.queued:
+                                s.queued = True
+                                self._ready.append(s)
+                            # quick callbacks: the frames of every ready stream go in one
+                            # put (a frame costs an append)
+                            if made and (not self._ready or self.cost >= PARALLEL_S
+                                         or monotonic() - self._made_at[k] >= PARALLEL_S):
+                                self._send(made)
                         s = self._next(k)
                         if s is None:
                             return
@@ -411,7 +437,7 @@ class StreamPool:
                     for _ in range(n):
                         if self._stopped():
                             return
-                        since[k] = started = time.monotonic()
+                        since[k] = started = monotonic()
                         try:
                             if gate is not None:
                                 with gate:
@@ -420,23 +446,46 @@ class StreamPool:
                                 item = s.produce()
                         except BaseException as exc:
                             item = _Failed(exc)
-                        since[k] = 0.0
-                        self.cost += 0.05 * (time.monotonic() - started - self.cost)
-                        if item is END or isinstance(item, _Failed):
-                            s.done = True
-                            channel.put_from_thread((s, item), stop)
+                        now = monotonic()
+                        self.cost += 0.05 * (now - started - self.cost)
+                        last = item is END or isinstance(item, _Failed)
+                        with lock:
+                            since[k] = 0.0
+                            s.done = last
+                            if not made:
+                                self._made_at[k] = started
+                            made.append((s, item))
+                            if now - self._made_at[k] >= PARALLEL_S:  # slow: they go now
+                                self._send(made)
+                        if last:
                             break
-                        if not channel.put_from_thread((s, item), stop):
-                            self._lost(s)
-                            return
-                    with lock:
-                        s.busy = False
-                        if s.credits and not s.done and not s.queued:
-                            s.queued = True
-                            ready.append(s)
         finally:
             with lock:
                 since.pop(k, None)
+                if made:  # stopped (or the thread ended) with frames not put
+                    self._send(made)
+                del self._made[k]
+
+    def _send(self, made: list[tuple[_Stream, Any]]) -> None:
+        """Under the lock: put the frames made by a worker into the channel as one run and
+        empty ``made``. Never waits: what is in the channel is bounded by the units granted
+        and the streams' ends. A stopped pool's channel is closed: they were never sent."""
+        run = made[:]
+        made.clear()
+        try:
+            self.channel.put_many_nowait((run,))
+        except ChannelClosed:
+            for s, item in run:
+                if item is not END and not isinstance(item, _Failed):
+                    self._lost(s)
+
+    def _rescue(self, now: float) -> None:
+        """On the loop, under the lock: frames made by a worker stuck in a later callback
+        of its pass go now (they would wait for that callback to return)."""
+        for k, made in self._made.items():
+            t = self._since.get(k, 0.0)
+            if made and t and now - t >= STUCK_S:
+                self._send(made)
 
     def _lost(self, s: _Stream) -> None:
         """On a worker: a frame made after the pool stopped listening (a stop)."""

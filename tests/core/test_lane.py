@@ -201,3 +201,71 @@ async def test_a_device_that_takes_streams_gets_each_frames_stream(identity_dfp)
     assert tags[5] == tags[6] < 0 and tags[5] not in (tags[1], tags[2])
     assert not faults
     await tasks.aclose()
+
+
+class CallbackSink:
+    """Stands for a plain output callback's deliverer: outputs handed over as the device
+    future resolves (``deliver_now``) or by the collector (``deliver``)."""
+
+    hands_over_now = True
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.got: list[tuple[str, int, int]] = []
+        self.handed = 0
+
+    def deliver_now(self, items: list[Any]) -> None:
+        self._take("now", items)
+
+    async def deliver(self, items: list[Any]) -> None:
+        self._take("collector", items)
+
+    def _take(self, how: str, items: list[Any]) -> None:
+        for stream, outs, _, _, _ in items:
+            self.got.append((how, stream, int(outs[0][0, 0])))
+            self.handed += 1
+            self.lane.meter.frames_out += 1
+        self.lane.budget.give(len(items))
+
+
+async def test_outputs_for_a_plain_callback_are_handed_over_as_the_future_resolves(
+        identity_dfp):
+    """The head batch goes to the output thread from the future's own callback (no
+    collector wake-up in between); order and exactly-once hold whichever path a batch
+    takes, and a batch with a request frame always goes through the collector."""
+    lane, device, tasks, faults = await make(identity_dfp, batch=1)
+    sink = CallbackSink(lane)
+    lane.set_callback_sink(sink)
+    request = Collect()
+    assert lane.budget.take_nowait(4) == 4  # the whole budget
+    for i in range(3):
+        lane.put((None, 7, 0.0), frame(i))
+    lane.put((request, 3, 0.0), frame(3))
+    await asyncio.sleep(0)
+    assert len(device.submits) == 4
+    for i in (2, 1):  # later batches done first: nothing may be delivered yet
+        device.answer(i)
+    await loop_turns()
+    assert sink.got == []
+    device.answer(0)  # the collector waits for this one: handed over as it resolves
+    await loop_turns()
+    assert [(s, v) for _, s, v in sink.got] == [(7, 0), (7, 10), (7, 20)]
+    assert sink.got[0][0] == "now"
+    assert request.got == []
+    device.answer(3)
+    await loop_turns()
+    assert request.got == [(3, 30)]
+    assert lane.budget.free == 4 and lane.in_flight == 0 and not faults
+    await tasks.aclose()
+
+
+async def test_a_failed_batch_is_not_handed_over(identity_dfp):
+    lane, device, tasks, faults = await make(identity_dfp, batch=1)
+    sink = CallbackSink(lane)
+    lane.set_callback_sink(sink)
+    lane.put((None, 0, 0.0), frame(0))
+    await asyncio.sleep(0)
+    device.submits[0][1].set_exception(RuntimeError("chip on fire"))
+    await loop_turns()
+    assert sink.got == [] and [str(f) for f in faults] == ["chip on fire"]
+    await tasks.aclose()

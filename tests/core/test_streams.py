@@ -443,3 +443,97 @@ def test_camera_like_streams_that_sleep_for_their_next_frame_keep_their_rate(ide
     assert got == [frames_each] * count
     # one after the other they would take count x 0.4 s; in parallel about 0.4 s
     assert elapsed < count * frames_each / rate / 2, elapsed
+
+
+@pytest.mark.parametrize("count", [32, 64])
+def test_many_streams_fair_shares_and_order(identity_dfp, count):
+    """Every stream gets its share of the budget (round robin, one unit at a time) and its
+    outputs in order, with more streams than the budget has units."""
+    total, stop = 60 * count, threading.Event()
+    made = [0] * count
+    got: dict[int, list[int]] = defaultdict(list)
+    n = [0]
+
+    def source(s: int) -> np.ndarray | None:
+        if stop.is_set():
+            return None
+        made[s] += 1
+        return val(s, made[s])
+
+    def sink(s: int, y: np.ndarray) -> None:
+        got[s].append(int(y[0, 0]))
+        n[0] += 1
+        if n[0] == total:
+            stop.set()
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, sink, count)
+    accl.wait()
+    st = stats(accl)
+    accl.close()
+    for s in range(count):  # in order, none lost, none twice
+        assert got[s] == [s * 100_000 + i for i in range(1, made[s] + 1)], s
+    assert st["frames_out"] == sum(made) and st["dropped"] == 0 and st["in_flight"] == 0
+    shares = [len(got[s]) for s in range(count)]
+    assert max(shares) - min(shares) <= 0.25 * total / count, shares  # fair share: 60
+
+
+def test_frames_made_before_a_quick_stream_blocks_are_not_held_back(identity_dfp):
+    """A worker puts the frames of quick streams in one go; when a stream that was quick
+    blocks, frames the worker made before it still reach the loop (the pool's tick takes
+    them) and the other streams go on."""
+    count, n, release = 8, 150, threading.Event()
+    src = Streams(count, n)
+
+    def source(s: int) -> np.ndarray | None:
+        if s == 0 and src.next[0] == 20:
+            release.wait(20)
+        return src.source(s)
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, src.sink, count)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(len(src.got[s]) == n for s in range(1, count)):
+                break
+            time.sleep(0.01)
+        assert not release.is_set()
+        src.check(range(1, count))
+        assert len(src.got[0]) == 20  # every frame it made before it blocked came out
+    finally:
+        release.set()
+    accl.wait()
+    accl.close()
+    src.check(range(count))
+
+
+def test_frames_of_a_stream_made_before_its_callback_blocks_come_out_and_are_counted(
+        identity_dfp):
+    """One stream holds many units; its callback returns three frames at once, then blocks:
+    those three are not held behind the blocked call, and a stop while it blocks counts
+    every frame it returned (delivered or dropped, never lost)."""
+    release, got = threading.Event(), []
+    calls = [0]
+
+    def source(s: int) -> np.ndarray | None:
+        calls[0] += 1
+        if calls[0] == 4:
+            release.wait(20)
+            return None
+        return val(s, calls[0])
+
+    accl = mx.MultiStreamAsyncAccl(identity_dfp)
+    accl.connect_streams(source, lambda s, y: got.append(int(y[0, 0])), 1)
+    try:
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [1, 2, 3]
+        accl.stop()
+        st = stats(accl)
+        assert st["frames_in"] == 3 and st["frames_out"] == 3, st
+        assert st["dropped"] == 0 and st["in_flight"] == 0, st
+    finally:
+        release.set()
+    accl.close()
