@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import re
-import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -91,11 +92,35 @@ _MEMRYX_DIR = os.path.dirname(mx.__file__) + os.sep
 _TESTS_DIR = os.path.dirname(__file__) + os.sep
 
 
-def stack(thread: threading.Thread) -> Iterator[Any]:
-    frame = sys._current_frames().get(thread.ident or 0)
-    while frame is not None:
-        yield frame.f_code
-        frame = frame.f_back
+_THREAD_LINE = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)")
+_FRAME_LINE = re.compile(r'^  File "(.*)", line \d+ in (.*)$')
+
+
+def stacks() -> dict[int, list[tuple[str, str]]]:
+    """``(filename, function)`` of every thread's Python frames, most recent first,
+    read in one step. faulthandler writes them from C while this thread holds the GIL,
+    so no other thread runs meanwhile. Walking another thread's frames from Python
+    (``sys._current_frames()`` then ``f_back``) lets that thread run between two steps,
+    and on CPython 3.11 reading ``f_back`` of a frame it has just left can crash the
+    interpreter (seen: a segfault in tests/reliability after a few thousand polls)."""
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(f, all_threads=True)
+        f.seek(0)
+        lines = f.read().splitlines()
+    found: dict[int, list[tuple[str, str]]] = {}
+    frames: list[tuple[str, str]] = []
+    for line in lines:
+        if header := _THREAD_LINE.match(line):
+            frames = found.setdefault(int(header.group(1), 16), [])
+        elif frame := _FRAME_LINE.match(line):
+            frames.append((frame.group(1), frame.group(2)))
+    return found
+
+
+def stack(thread: threading.Thread) -> list[tuple[str, str]]:
+    """``(filename, function)`` of ``thread``'s frames, most recent first (see
+    :func:`stacks`); empty for a thread that has ended or runs no Python code."""
+    return stacks().get(thread.ident or 0, [])
 
 
 async def loop_turns(n: int = 20) -> None:
@@ -108,8 +133,8 @@ async def loop_turns(n: int = 20) -> None:
 def in_memryx_call(name: str, thread: threading.Thread | None = None) -> bool:
     """Whether ``thread`` (the main thread by default) is inside memryx's function
     ``name`` right now: blocked in ``wait()``, ``receive()``, ``run()``..."""
-    return any(code.co_name == name and code.co_filename.startswith(_MEMRYX_DIR)
-               for code in stack(thread or threading.main_thread()))
+    return any(function == name and filename.startswith(_MEMRYX_DIR)
+               for filename, function in stack(thread or threading.main_thread()))
 
 
 #: Worker threads an event loop owns (its default executor, anyio's pool): they outlive
@@ -126,7 +151,7 @@ async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> boo
 
     def idle(thread: threading.Thread) -> bool:
         return bool(_LOOP_WORKERS.match(thread.name)) and not any(
-            code.co_filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for code in stack(thread))
+            filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for filename, _ in stack(thread))
 
     def check() -> bool:
         if any(task is not me and not task.done() for task in asyncio.all_tasks()):

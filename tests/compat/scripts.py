@@ -41,16 +41,25 @@ def _restore_sigint() -> None:  # pragma: no cover - runs in the child
 #: Written beside every script as ``scripthelp.py``: what a script waits on instead of
 #: sleeping (``from scripthelp import ready_inside, inside, threads_ended``).
 SCRIPT_HELP = '''
-import sys, threading, time
+import faulthandler, re, tempfile, threading, time
 
 def inside(name, thread=None):
-    """Whether `thread` (the main one by default) is in memryx's function `name` now."""
-    frame = sys._current_frames().get((thread or threading.main_thread()).ident)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == name and "memryx" in code.co_filename:
+    """Whether `thread` (the main one by default) is in memryx's function `name` now.
+    The frames are read in one step by faulthandler (from C, holding the GIL): walking
+    another thread's frames from Python can crash CPython 3.11 when it leaves one."""
+    ident = (thread or threading.main_thread()).ident
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(f, all_threads=True)
+        f.seek(0)
+        text = f.read()
+    mine = False
+    for line in text.splitlines():
+        header = re.match(r"^(?:Current thread|Thread) (0x[0-9a-f]+)", line)
+        if header:
+            mine = int(header.group(1), 16) == ident
+        elif mine and re.match(r'^  File ".*memryx.*", line \\d+ in ' + re.escape(name) + "$",
+                               line):
             return True
-        frame = frame.f_back
     return False
 
 def wait_until(check, seconds=30.0):

@@ -217,8 +217,8 @@ async def test_thread_producer_makes_one_item_per_credit_and_ends():
     # its thread waits for credit (blocked in _run's wait): no credit, no call
     thread = next(t for t in threading.enumerate() if t.name.startswith("test-producer"))
     assert settle(lambda: in_memryx_call("_run", thread) and any(
-        code.co_name == "wait" and code.co_filename == threading.__file__
-        for code in stack(thread)))
+        function == "wait" and filename == threading.__file__
+        for filename, function in stack(thread)))
     assert got == [0, 1, 2] and len(p.items) == 0 and p.produced == 3
     p.grant(10)
     with pytest.raises(ChannelClosed):
