@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 import numpy as np
@@ -47,3 +48,36 @@ async def test_fd_device_failures_nobody_reads_are_not_loop_errors(identity_dfp:
         await device.aclose()
         loop.set_exception_handler(old)
     assert not [c for c in seen if "never retrieved" in str(c.get("message"))], seen
+
+
+# -- memryx bench: the device's mode, and more streams than frames --------------------------------
+@pytest.fixture
+def bench_dfp(tmp_path: Any, identity_dfp: mx.Dfp) -> str:
+    path = tmp_path / "m.dfp"
+    identity_dfp.write(str(path))
+    return str(path)
+
+
+@pytest.mark.timeout(120)
+def test_bench_runs_the_mode_its_device_spec_names(bench_dfp: str, capsys: Any,
+                                                   monkeypatch: Any) -> None:
+    # "--device sim:reuse" (or MEMRYX_DEVICE=sim:reuse) ran and reported timed mode: the
+    # bench's default mode overwrote the spec's; "--device sim:bogus" ran in timed mode too.
+    from memryx.cli import main
+
+    assert main(["bench", bench_dfp, "--frames", "20", "--device", "sim:reuse", "--json",
+                 "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "reuse" and result["reuse"]["hits"] + result["reuse"]["misses"] == 20
+    monkeypatch.setenv("MEMRYX_DEVICE", "sim:shapes")
+    assert main(["bench", bench_dfp, "--frames", "20", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "shapes"
+    assert main(["bench", bench_dfp, "--frames", "20", "--mode", "fast", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "fast"  # the flag beats the env
+    monkeypatch.delenv("MEMRYX_DEVICE")
+    assert main(["bench", bench_dfp, "--frames", "20", "--device", "sim:bogus", "-q"]) == 1
+    assert "unknown simulated device mode 'bogus'" in capsys.readouterr().err
+    assert main(["bench", bench_dfp, "--frames", "20", "--device", "sim:reuse", "--mode",
+                 "shapes", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "mode 'shapes' contradicts the device 'sim:reuse'" in err
