@@ -118,6 +118,10 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str | None = None,
     """
     from .accl import MultiStreamAsyncAccl
 
+    if frames < 2 * streams:  # a stream of 0 frames has no latency, of 1 frame no rate
+        raise UsageError(f"{frames} frame(s) over {streams} stream(s): every stream needs at "
+                         f"least 2 frames to have a rate (give at least {2 * streams} frames "
+                         "or fewer streams)")
     server = _server_spec(device)
     if server is not None:
         given = ([f"mode={mode!r}"] if mode is not None else []) + sorted(device_options)

@@ -81,3 +81,20 @@ def test_bench_runs_the_mode_its_device_spec_names(bench_dfp: str, capsys: Any,
                  "shapes", "-q"]) == 1
     err = capsys.readouterr().err
     assert "mode 'shapes' contradicts the device 'sim:reuse'" in err
+
+
+@pytest.mark.timeout(120)
+def test_bench_refuses_streams_that_would_get_no_rate(bench_dfp: str, capsys: Any) -> None:
+    # --frames 3 --streams 5 ran, printed "0.0 fps" streams and then died on a format
+    # error ("unsupported format string passed to NoneType.__format__"): two streams got
+    # no frame at all (no latency), the others one (no rate).
+    from memryx.cli import main
+
+    assert main(["bench", bench_dfp, "--frames", "3", "--streams", "5", "-q"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "every stream needs at least 2 frames" in captured.err
+    assert "NoneType" not in captured.err
+    assert main(["bench", bench_dfp, "--frames", "10", "--streams", "5", "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(fps > 0 for fps in result["per_stream_fps"].values())
