@@ -98,3 +98,29 @@ def test_bench_refuses_streams_that_would_get_no_rate(bench_dfp: str, capsys: An
     assert main(["bench", bench_dfp, "--frames", "10", "--streams", "5", "--json", "-q"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert all(fps > 0 for fps in result["per_stream_fps"].values())
+
+
+# -- a post-processing model that does not fit the model's outputs ------------------------------
+@pytest.mark.timeout(60)
+def test_a_post_model_that_does_not_fit_the_outputs_is_refused_when_set(mobilenet_dfp: Any
+                                                                        ) -> None:
+    # It used to be taken, and the first output then raised onnxruntime's own untyped
+    # InvalidArgument ("Got invalid dimensions for input: x ...") from run() / wait().
+    from memryx import testing
+
+    out = mobilenet_dfp.model(0).outputs[0]  # 'probs', (1, 10) float32
+    with mx.SyncAccl(mobilenet_dfp, device="sim:fast") as accl:
+        with pytest.raises(mx.ShapeError, match=r"gets output port 0 \('probs'\), of shape "
+                           r"\(1, 10\), but takes shape \(1, 7\)"):
+            accl.set_postprocessing_model(testing.identity_model((1, 7)))
+        with pytest.raises(mx.DtypeError, match="of dtype float32, but takes float64"):
+            accl.set_postprocessing_model(testing.identity_model(out.shape, np.float64))
+        with pytest.raises(mx.InputCountError, match="takes 2 input"):
+            accl.set_postprocessing_model(testing.add_model(out.shape))
+        # a fitting one (an open batch dimension fits) is taken and runs
+        post = testing.identity_model(out.shape)
+        for value in (post.graph.input[0], post.graph.output[0]):
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
+        accl.set_postprocessing_model(post)
+        frame = np.zeros(mobilenet_dfp.model(0).inputs[0].shape, np.float32)
+        assert accl.run(frame).shape == out.shape
