@@ -214,3 +214,30 @@ def test_a_closed_callback_accelerator_frees_its_device_without_a_garbage_collec
     finally:
         gc.enable()
         gc.collect()
+
+
+# -- compile-time overrides of the modeled figures -----------------------------------------------
+@pytest.mark.timeout(60)
+def test_modeled_overrides_out_of_the_dfp_range_name_the_option(tmp_path: Any, capsys: Any
+                                                                ) -> None:
+    # --fps 1e-9 / 1e12 and --latency-ms 1e7 were taken, then the DFP written from them was
+    # refused as "corrupted DFP: model 0 modeled fps is 1e-09"; --fps 0.5 read "0 fps".
+    import onnx
+
+    from memryx import testing
+    from memryx.cli import main
+
+    for fps, latency, bad in ((1e-9, None, "fps: 1e-09"), (1e12, None, "fps: 1e+12"),
+                              (None, 1e7, "latency_ms: 1e+07")):
+        with pytest.raises(mx.CompilerError, match="is out of range") as info:
+            mx.NeuralCompiler(models=testing.identity_model(), fps=fps, latency_ms=latency)
+        assert "corrupted" not in str(info.value)
+        assert bad.split(":")[0] in str(info.value)
+    model = tmp_path / "m.onnx"
+    onnx.save(testing.identity_model(), str(model))
+    assert main(["compile", str(model), "-o", str(tmp_path / "m.dfp"), "--fps", "1e-9"]) == 1
+    err = capsys.readouterr().err
+    assert "fps: 1e-09 is out of range: it must be from 0.1 to 1e+09" in err
+    assert "corrupted" not in err
+    assert main(["compile", str(model), "-o", str(tmp_path / "m.dfp"), "--fps", "0.5"]) == 0
+    assert "modeled MX3: 0.5 fps" in capsys.readouterr().out
