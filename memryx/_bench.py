@@ -70,12 +70,32 @@ def _written_since(path: Path, since: float) -> bool:
         return False
 
 
-def _server_spec(device: str | None) -> str | None:
-    """The device server ``device`` (else ``$MEMRYX_DEVICE``) names, or None: simulated."""
+def _device_spec(device: str | None) -> str:
+    """``device``, else ``$MEMRYX_DEVICE``, else ``"sim"``."""
     from .device.base import DEVICE_ENV
 
-    spec = device if device is not None else os.environ.get(DEVICE_ENV, "sim")
+    return device if device is not None else os.environ.get(DEVICE_ENV, "sim")
+
+
+def _server_spec(device: str | None) -> str | None:
+    """The device server ``device`` (else ``$MEMRYX_DEVICE``) names, or None: simulated."""
+    spec = _device_spec(device)
     return None if spec.partition(":")[0] in ("sim", "simulated") else spec
+
+
+def _sim_mode(device: str | None, mode: str | None) -> str:
+    """The simulated device's mode: ``mode``, else the one a ``"sim:MODE"`` spec names.
+
+    ``mode`` contradicting ``device`` is refused; ``mode`` wins over ``$MEMRYX_DEVICE``.
+    A spec's mode used to be overwritten by the default ``"timed"``: ``--device sim:reuse``
+    (or ``MEMRYX_DEVICE=sim:reuse``) ran and reported timed mode, and ``sim:bogus`` ran too.
+    """
+    spec = _device_spec(device)
+    named = spec.partition(":")[2].partition(":")[0]
+    if mode is not None and named and named != mode and device is not None:
+        raise UsageError(f"mode {mode!r} contradicts the device {spec!r}, which names mode "
+                         f"{named!r}: give the mode once")
+    return mode or named or "timed"  # an explicit mode wins over $MEMRYX_DEVICE's
 
 
 def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str | None = None,
@@ -98,6 +118,10 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str | None = None,
     """
     from .accl import MultiStreamAsyncAccl
 
+    if frames < 2 * streams:  # a stream of 0 frames has no latency, of 1 frame no rate
+        raise UsageError(f"{frames} frame(s) over {streams} stream(s): every stream needs at "
+                         f"least 2 frames to have a rate (give at least {2 * streams} frames "
+                         "or fewer streams)")
     server = _server_spec(device)
     if server is not None:
         given = ([f"mode={mode!r}"] if mode is not None else []) + sorted(device_options)
@@ -107,7 +131,7 @@ def run_bench(dfp: Dfp, *, frames: int, streams: int, mode: str | None = None,
                              "in its own mode (memryx serve --mode); leave them out")
         accl_options: dict[str, Any] = {"device": server}
     else:
-        accl_options = {"mode": mode or "timed", **device_options}
+        accl_options = {"mode": _sim_mode(device, mode), **device_options}
         if device is not None:
             accl_options["device"] = device
     model = dfp.model(model_idx)

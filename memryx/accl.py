@@ -53,7 +53,7 @@ from ._compat import CompatMixin
 from ._core.callbacks import CallbackKind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
-from ._core.processing import make_processor
+from ._core.processing import PortSpec, check_post_inputs, make_processor
 from ._core.threads import (
     Runner,
     await_future,
@@ -477,8 +477,10 @@ class _Accelerator(CompatMixin):
         """Run ``model_or_path`` on each output of ``model_idx``; callbacks and ``run``
         then get its outputs. Same forms as :meth:`set_preprocessing_model`; set it
         before connecting the model's output."""
-        self._dfp.model(model_idx)
+        model = self._dfp.model(model_idx)
         proc = make_processor(model_or_path, model_idx, "post-processing")
+        check_post_inputs(proc, [PortSpec(model_idx, p.port, p.layer, p.shape, p.dtype,
+                                          where="output port") for p in model.outputs])
         self._engine.set_processor(model_idx, "post", proc)
         self._post_set.add(model_idx)
         self._post_outputs[model_idx] = proc.n_outputs

@@ -160,7 +160,9 @@ def _describe(dfp: Dfp, out: TextIO) -> None:
             out.write(f"  out {_port(p)}\n")
         if m.perf:
             perf = m.perf
-            out.write(f"  modeled MX3: {perf['fps']:.0f} fps ({perf.get('bound', '?')}-bound), "
+            fps = perf["fps"]  # a slow override (0.5 fps) must not read "0 fps"
+            shown = f"{fps:.0f}" if fps >= 10 else f"{fps:.2g}"
+            out.write(f"  modeled MX3: {shown} fps ({perf.get('bound', '?')}-bound), "
                       f"latency {perf['latency_ms']:.2f} ms, "
                       f"{perf.get('macs', 0) / 1e9:.3f} GMAC, "
                       f"{perf.get('weights', 0) / 1e6:.2f}M weights\n")

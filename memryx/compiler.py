@@ -39,7 +39,15 @@ from ._crop import extract as _extract
 from ._crop import graph_inputs as _graph_inputs
 from ._exceptions import CompilerError, DfpError
 from ._version import __version__
-from .dfp import PORT_DTYPES, Dfp, ModelInfo, PortInfo
+from .dfp import (
+    MAX_MODELED_FPS,
+    MAX_MODELED_LATENCY_MS,
+    MIN_MODELED_FPS,
+    PORT_DTYPES,
+    Dfp,
+    ModelInfo,
+    PortInfo,
+)
 from .timing import estimate, layer_costs
 
 __all__ = ["WEIGHTS_PER_CHIP", "NeuralCompiler"]
@@ -206,7 +214,10 @@ def _ports(model: onnx.ModelProto, what: str, model_idx: int, first_in: int, fir
     return tuple(inputs), tuple(outputs)
 
 
-def _per_model_number(value: Any, count: int, what: str) -> list[float | None]:
+def _per_model_number(value: Any, count: int, what: str, low: float, high: float
+                      ) -> list[float | None]:
+    """One number per model, each in ``(0, high]`` and at least ``low`` (what a DFP may
+    hold: out of it, the DFP would be refused as corrupted after compiling)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
         raise CompilerError(f"{what}: expected one value per model ({count}), got {len(values)}")
@@ -214,6 +225,9 @@ def _per_model_number(value: Any, count: int, what: str) -> list[float | None]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
                               not v > 0 or v != v or v == float("inf")):
             raise CompilerError(f"{what}: expected a positive finite number, got {v!r}")
+        if v is not None and not low <= v <= high:
+            raise CompilerError(f"{what}: {v!r} is out of range: it must be from {low:g} to "
+                                f"{high:g}")
     return [float(v) if v is not None else None for v in values]
 
 
@@ -295,8 +309,10 @@ class NeuralCompiler:
         self.autocrop = autocrop
         self._inputs = _per_model(inputs, len(self._sources), "inputs")
         self._outputs = _per_model(outputs, len(self._sources), "outputs")
-        self._fps = _per_model_number(fps, len(self._sources), "fps")
-        self._latency = _per_model_number(latency_ms, len(self._sources), "latency_ms")
+        self._fps = _per_model_number(fps, len(self._sources), "fps", MIN_MODELED_FPS,
+                                      MAX_MODELED_FPS)
+        self._latency = _per_model_number(latency_ms, len(self._sources), "latency_ms", 0.0,
+                                          MAX_MODELED_LATENCY_MS)
         #: After :meth:`run`: the pre-/post-processing model of each model (or None), as ONNX.
         #: For a TFLite source it is the ONNX form of the cropped TFLite part, or None when
         #: that part cannot be converted (custom operators): use the written ``.tflite``.

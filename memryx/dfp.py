@@ -362,13 +362,16 @@ class Dfp:
 
 #: The slowest modeled rate a DFP may claim (frames/s): slower would stall a run for ages.
 MIN_MODELED_FPS = 0.1
+#: The fastest modeled rate a DFP may claim (frames/s).
+MAX_MODELED_FPS = 1e9
 #: The longest modeled latency a DFP may claim (ms).
 MAX_MODELED_LATENCY_MS = 60_000.0
 
 
 def _check_modeled(perf: Mapping[str, Any], mi: int) -> None:
     """The modeled figures the simulator paces by must be sane numbers."""
-    checks = (("fps", MIN_MODELED_FPS, 1e9), ("latency_ms", 0.0, MAX_MODELED_LATENCY_MS))
+    checks = (("fps", MIN_MODELED_FPS, MAX_MODELED_FPS),
+              ("latency_ms", 0.0, MAX_MODELED_LATENCY_MS))
     for key, low, high in checks:
         if key not in perf:
             continue

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
@@ -316,16 +318,38 @@ class Budget:
             fut.set_result(got)
 
 
+def weak_handler(fn: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
+    """``fn``, holding its object weakly when it is a bound method (an owner's own error
+    handler given to something the owner holds: a strong one makes a reference cycle).
+    Called once the owner is gone, it does nothing: nobody is left to tell."""
+    if not inspect.ismethod(fn):
+        return fn
+    ref = weakref.WeakMethod(fn)
+
+    def call(exc: BaseException) -> None:
+        handler = ref()
+        if handler is not None:
+            handler(exc)
+
+    return call
+
+
 class TaskSet:
     """Tasks that live and die together.
 
     A task that ends with an exception (other than cancellation) is reported to
     ``on_error`` exactly once; nothing is left for the loop's exception handler.
+
+    A bound method as ``on_error`` (its owner's own handler, the usual case) is held
+    weakly: owner -> task set -> owner was a reference cycle, so a closed device, engine
+    or server session, with its onnxruntime sessions and frame buffers, lived on until
+    the next full garbage collection (a device server grew by hundreds of MB per client
+    that came and went). Errors after the owner is gone have nobody to go to.
     """
 
     def __init__(self, name: str, on_error: Callable[[BaseException], None]) -> None:
         self._name = name
-        self._on_error = on_error
+        self._on_error = weak_handler(on_error)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

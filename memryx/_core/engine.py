@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import ClosedError, NotConnectedError, UsageError
 from .._trace import Tracer
 from ..clock import clock_of
-from .aio import TaskSet
+from .aio import TaskSet, weak_handler
 from .callbacks import (
     CallbackKind,
     CallbackOutput,
@@ -99,7 +99,8 @@ class Engine:
         self._tasks = TaskSet("memryx", self._on_fault)
         self._feeders = TaskSet("memryx-feed", self._on_fault)
         for model in self.dfp.models:
-            lane = Lane(model, self.device, self.device.limits(model.index), self._on_fault)
+            lane = Lane(model, self.device, self.device.limits(model.index),
+                        weak_handler(self._on_fault))  # no Engine <-> Lane cycle
             lane.pre = self._processors.get((model.index, "pre"))
             lane.post = self._processors.get((model.index, "post"))
             lane.tracer = self.tracer

@@ -20,7 +20,8 @@ from numpy.typing import NDArray
 from .._exceptions import DtypeError, InputCountError, ShapeError
 from .._lifecycle import GuardedSession
 
-__all__ = ["OnnxProcessor", "PortSpec", "Processor", "conform", "make_processor", "new_session"]
+__all__ = ["OnnxProcessor", "PortSpec", "Processor", "check_post_inputs", "conform",
+           "make_processor", "new_session"]
 
 Array = NDArray[Any]
 
@@ -54,6 +55,8 @@ class Processor:
 
     #: Port-like descriptions of the inputs, when known (ONNX models), for validation.
     input_specs: tuple[PortSpec, ...] | None = None
+    #: The inputs' declared dimensions, None where the model leaves one open (when known).
+    input_dims: tuple[tuple[int | None, ...], ...] | None = None
     n_outputs: int | None = None
     #: True when running it may take long enough that it belongs on a worker thread.
     blocking: bool = True
@@ -68,13 +71,16 @@ class OnnxProcessor(Processor):
         self._names = [i.name for i in self._session.get_inputs()]
         self.n_outputs = len(self._session.get_outputs())
         specs = []
+        dims = []
         for i, meta in enumerate(self._session.get_inputs()):
             shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+            dims.append(tuple(d if isinstance(d, int) and d > 0 else None for d in meta.shape))
             elem = _ORT_TYPES.get(meta.type)
             dtype = np.dtype(elem) if elem else np.dtype(np.float32)
             specs.append(PortSpec(model_idx, i, meta.name, shape, dtype,
                                   where=f"{role} model input"))
         self.input_specs = tuple(specs)
+        self.input_dims = tuple(dims)
 
     def __call__(self, arrays: list[Array]) -> list[Array]:
         outs = self._session.run(None, dict(zip(self._names, arrays, strict=True)))
@@ -147,6 +153,39 @@ def make_processor(model_or_path: Any, model_idx: int, role: str) -> Processor:
         f"{role} model for model {model_idx} must be an ONNX path, onnx.ModelProto, bytes or a "
         f"callable, got {type(model_or_path).__name__}"
     )
+
+
+def check_post_inputs(proc: Processor, outputs: Sequence[PortSpec]) -> None:
+    """A post-processing model must take what the model's output ports give: as many
+    inputs, in port order, and (ONNX models) of the same dtypes and, where it fixes them,
+    dimensions.
+
+    Checked when it is set: a mismatch used to surface only at the first output, as
+    onnxruntime's own untyped error from inside ``run()`` / ``wait()``.
+    """
+    specs = proc.input_specs
+    if specs is None or not outputs:
+        return
+    model_idx = outputs[0].model_idx
+    if len(specs) != len(outputs):
+        raise InputCountError(
+            f"post-processing model for model {model_idx} takes {len(specs)} input(s), but "
+            f"the model has {len(outputs)} output port(s) "
+            f"({', '.join(repr(o.layer) for o in outputs)})")
+    dims = proc.input_dims
+    if dims is None:  # declared dimensions unknown (not ONNX): the count is all we know
+        return
+    for spec, want, out in zip(specs, dims, outputs, strict=True):
+        where = (f"post-processing model for model {model_idx}: its input {spec.port} "
+                 f"({spec.layer!r}) gets output port {out.port} ({out.layer!r})")
+        if spec.dtype != out.dtype:
+            raise DtypeError(f"{where}, of dtype {out.dtype}, but takes {spec.dtype}")
+        fits = len(want) == len(out.shape) and all(
+            w is None or w == d for w, d in zip(want, out.shape, strict=True))
+        if not fits:
+            shown = ", ".join("?" if w is None else str(w) for w in want)
+            raise ShapeError(f"{where}, of shape {out.shape}, but takes shape "
+                             f"({shown}{',' if len(want) == 1 else ''})")
 
 
 def _describe(spec: PortSpec, what: str = "frame") -> str:

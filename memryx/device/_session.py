@@ -374,8 +374,12 @@ class Session(asyncio.Protocol):
         for slot in self.slots:
             for end in slot.frames:
                 end.close()
-        if self.device is not None:
-            await self.device.aclose()
+        device, self.device = self.device, None
+        # the slots point back at this session: let the device (its onnxruntime sessions,
+        # its buffers) go now, not at the next full garbage collection
+        self.slots = []
+        if device is not None:
+            await device.aclose()
 
     def statistics(self) -> dict[str, Any]:
         return {

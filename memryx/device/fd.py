@@ -289,7 +289,7 @@ class FdDevice:
                     if exc is None:
                         batch.future.cancel()
                     else:
-                        batch.future.set_exception(exc)
+                        _fail(batch.future, exc)
             sent.clear()
 
     # -- writing ----------------------------------------------------------------------------------
@@ -367,10 +367,10 @@ class FdDevice:
         assert self._loop is not None
         batch = _Batch(self._loop.create_future(), len(frames))
         if self._closed:
-            batch.future.set_exception(ClosedError("the device is closed"))
+            _fail(batch.future, ClosedError("the device is closed"))
             return batch.future
         if self._fault is not None:
-            batch.future.set_exception(self._fault)
+            _fail(batch.future, self._fault)
             return batch.future
         events = []
         sent = self._sent[model_idx]
@@ -451,3 +451,12 @@ class FdDevice:
                 await self._ping_task
         if self._control is not None:
             self._control[1].close()
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail a batch's future with ``exc``, already marked as seen: the core raises the first
+    failed batch it awaits and drops the rest (with several device ids, the other
+    connections' batches too), which asyncio would otherwise print at exit as "Future
+    exception was never retrieved"."""
+    fut.set_exception(exc)
+    fut.exception()
