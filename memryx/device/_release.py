@@ -30,7 +30,8 @@ from typing import Any
 
 from ..clock import Clock, Timer
 
-__all__ = ["EARLY_WAKE_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker", "Releases"]
+__all__ = ["EARLY_WAKE_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker", "Releases",
+           "paced_batch"]
 
 #: The shortest time between two release wake-ups of a model on the real clock (frames
 #: due meanwhile are released together, at most this late).
@@ -44,6 +45,15 @@ MAX_LEAD_S = 0.002
 LEAD_STEP_S = 0.000005
 #: How often the waker's thread looks whether its loop has ended without telling it.
 WAKER_POLL_S = 0.25
+
+
+def paced_batch(interval: float, queue_depth: int) -> int:
+    """The most frames the core hands a paced model in one ``submit``: those whose releases
+    fit in one ``RELEASE_TICK_S`` (a batch is released with its last frame, so its first
+    is at most a tick late, as frames due within a tick of one wake-up are anyway), at
+    most ``queue_depth``. One frame per ``submit`` for a model slower than a frame a tick:
+    each frame is released at its own time."""
+    return max(1, min(queue_depth, int(RELEASE_TICK_S / interval + 1e-9) + 1))
 
 
 @dataclass

@@ -129,3 +129,102 @@ def test_unpaced_modes_report_no_release_error():
     with mx.SyncAccl(identity(fps=1000, latency_ms=1), mode="fast") as accl:
         accl.run([np.zeros((1, 4), np.float32)])
         assert accl.statistics()["device"]["models"][0]["release_error_ms"] is None
+
+
+# -- batches in the paced modes ------------------------------------------------------------
+def test_a_paced_model_takes_the_frames_of_one_release_tick_per_submit():
+    from memryx.device._release import RELEASE_TICK_S, paced_batch
+
+    assert paced_batch(1 / 1000, 16) == 1  # slower than a frame a tick: one at a time
+    assert paced_batch(RELEASE_TICK_S, 16) == 2
+    assert paced_batch(1 / 20000, 16) == 7  # 0.3 ms holds 6 intervals: 7 frames
+    assert paced_batch(1 / 1e6, 16) == 16  # never more than the device's queue
+    with mx.SyncAccl(identity(fps=20000, latency_ms=1), mode="shapes") as accl:
+        assert accl.statistics()["models"][0]["frame_budget"] > 7
+    dev = SimulatedDevice(mode="shapes")
+
+    async def limits() -> tuple[int, int]:
+        await dev.open(identity(fps=20000, latency_ms=1), 0)
+        try:
+            return dev.limits(0).batch, SimulatedDevice(mode="fast").queue_depth
+        finally:
+            await dev.aclose()
+
+    assert asyncio.run(limits())[0] == 7
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_released_with_its_last_frame_and_every_frame_is_counted():
+    fps, latency = 20000.0, 0.002
+    dev = SimulatedDevice(mode="reuse")
+    await dev.open(identity(fps=fps, latency_ms=latency * 1000), 0)
+    try:
+        frames = [[np.full((1, 4), k, np.float32)] for k in range(7)]
+        t0 = time.monotonic()
+        out = await asyncio.wait_for(dev.submit(0, frames), 10)
+        t1 = time.monotonic()
+        assert [float(o[0][0, 0]) for o in out] == list(range(7))  # paired, in order
+        # the last frame enters 6 intervals after the first: the batch leaves then
+        assert t1 - t0 >= latency + 6 / fps - 0.001
+        stats = dev.statistics()["models"][0]
+        assert stats["frames_in"] == stats["frames_out"] == 7
+        assert len(dev._models[0].latencies) == len(dev._models[0].release_errors) == 7
+        errors = list(dev._models[0].release_errors)
+        # the first frame waited for the last one: later than it by 6 intervals
+        assert errors[0] - errors[-1] == pytest.approx(6 / fps, abs=1e-9)
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize("mode", ["shapes", "reuse", "sampled", "timed"])
+def test_batched_paced_modes_deliver_one_output_per_frame_in_order_with_exact_counts(mode):
+    # fast enough for several frames a tick: the core hands the device batches
+    dfp = identity(fps=40000, latency_ms=0.5)
+    n_streams, per_stream = 3, 400
+    sent = [0] * n_streams
+    got: dict[int, list[float]] = {s: [] for s in range(n_streams)}
+
+    def source(s: int) -> np.ndarray | None:
+        sent[s] += 1
+        k = sent[s]
+        return np.full((1, 4), s * 10000 + k % 50, np.float32) if k <= per_stream else None
+
+    accl = mx.MultiStreamAsyncAccl(dfp, mode=mode)
+    try:
+        accl.connect_streams(source, lambda s, o: got[s].append(float(o[0, 0])), n_streams)
+        accl.wait()
+        stats = accl.statistics()
+        dev = stats["device"]["models"][0]
+    finally:
+        accl.close()
+    total = n_streams * per_stream
+    assert dev["frames_in"] == dev["frames_out"] == total
+    for s, values in got.items():
+        assert len(values) == per_stream
+        if mode == "shapes":
+            assert values == [0.0] * per_stream
+        elif mode == "sampled":  # its own stream's outputs, never a later frame's
+            for k, v in enumerate(values, start=1):
+                assert s * 10000 <= v and (v - s * 10000) in {j % 50 for j in range(1, k + 1)}
+        else:  # computed or reused: exactly its own frame's outputs
+            assert values == [s * 10000 + k % 50 for k in range(1, per_stream + 1)]
+    if mode == "reuse":
+        assert dev["reuse"]["hits"] + dev["reuse"]["misses"] == total
+        assert dev["reuse"]["misses"] >= n_streams * 50  # each distinct frame computed once
+    if mode == "sampled":
+        sampled = dev["sampled"]
+        assert sampled["fresh"] + sampled["stale"] == total
+        assert sum(sampled["staleness_histogram"].values()) == total
+        assert all(sampled["streams"][s]["frames"] == per_stream for s in range(n_streams))
+    err = dev["release_error_ms"]
+    assert err["p50"] is not None and err["p1"] > -1.0  # never far early
+
+
+@pytest.mark.asyncio
+async def test_in_virtual_time_a_paced_model_takes_one_frame_per_submit():
+    dev = SimulatedDevice(mode="shapes", clock=VirtualClock())
+    await dev.open(identity(fps=20000, latency_ms=1), 0)
+    try:
+        assert dev.limits(0).batch == 1  # wake-ups are free: every frame leaves when due
+    finally:
+        await dev.aclose()
