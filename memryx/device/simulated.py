@@ -237,10 +237,15 @@ class SimulatedDevice:
                 cache=ReuseCache(self.cache_size) if self.mode == "reuse" else None,
                 sampler=Sampler(self.concurrency) if self.mode == "sampled" else None)
             if pacer is not None:
-                if self._waker is None and not self.clock.virtual:
+                # a model slower than a frame a tick releases each frame at its own time:
+                # the waker's thread wakes it precisely; a faster one's frames leave in
+                # batches anyway, on the loop's cheaper (millisecond) timers
+                precise = (not self.clock.virtual
+                           and paced_batch(pacer.interval, self.queue_depth) == 1)
+                if precise and self._waker is None:
                     self._waker = PreciseWaker(self._loop)
                 model.releases = Releases(self.clock, functools.partial(self._due, model),
-                                          self._waker)
+                                          self._waker if precise else None)
             self._models.append(model)
         log.debug("simulated device opened %d model(s) in %s mode (%s)", len(runners),
                   self.mode, self.backend or "nothing computed")

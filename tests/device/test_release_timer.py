@@ -228,3 +228,16 @@ async def test_in_virtual_time_a_paced_model_takes_one_frame_per_submit():
         assert dev.limits(0).batch == 1  # wake-ups are free: every frame leaves when due
     finally:
         await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_model_released_in_batches_uses_the_loops_timers_not_the_waker():
+    dev = SimulatedDevice(mode="shapes")
+    await dev.open(identity(fps=20000, latency_ms=1), 0)
+    try:
+        futs = [dev.submit(0, [[np.zeros((1, 4), np.float32)]] * 3) for _ in range(10)]
+        outs = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        assert [len(o) for o in outs] == [3] * 10
+        assert dev._waker is None  # no thread: its frames leave in batches anyway
+    finally:
+        await dev.aclose()
