@@ -194,9 +194,10 @@ class Releases:
     ``push(release, job)`` keeps a job until its release time (the device clock's), then
     ``resolve(job)`` runs on the loop. One wake-up is armed for the earliest job; it
     releases every job due by then, in release order (ties: first pushed first), so a late
-    wake-up releases what it owes and the schedule does not slip. Jobs due less than
-    ``tick`` apart go out in one wake-up: the wake-ups, not the frames, are what cost the
-    loop at high rates.
+    wake-up releases what it owes and the schedule does not slip. On the loop's timers, jobs due
+    less than ``RELEASE_TICK_S`` apart go out in one wake-up (the wake-ups, not the
+    frames, are what cost the loop at high rates); with a :class:`PreciseWaker` (models
+    slower than a frame a tick) and in virtual time each job has its own.
 
     Wake-ups are aimed early by what they are learnt to oversleep (``oversleep``: the
     median of the observed lateness, tracked in steps of ``LEAD_STEP_S``, so that a
@@ -217,7 +218,9 @@ class Releases:
         self.oversleep = 0.0
         """How late a wake-up comes, learnt as it runs (seconds)."""
         self.closed = False
-        self.tick = 0.0 if clock.virtual else RELEASE_TICK_S
+        # no least spacing where wake-ups are free (virtual time) or each frame has its own
+        # (the waker serves models slower than a frame a tick: each frame at its own time)
+        self.tick = 0.0 if clock.virtual or waker is not None else RELEASE_TICK_S
         self.early = 0.0 if clock.virtual else EARLY_WAKE_S
 
     def __len__(self) -> int:
