@@ -52,7 +52,8 @@ WAKER_POLL_S = 0.25
 
 
 def paced_batch(interval: float, queue_depth: int) -> int:
-    """The most frames the core hands a paced model in one ``submit``: those whose releases
+    """The most frames the core hands a paced model of a mode that computes little in one
+    ``submit``: those whose releases
     fit in one ``RELEASE_TICK_S`` (a batch is released with its last frame, so its first
     is at most a tick late, as frames due within a tick of one wake-up are anyway), at
     most ``queue_depth``. One frame per ``submit`` for a model slower than a frame a tick:

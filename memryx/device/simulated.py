@@ -275,7 +275,9 @@ class SimulatedDevice:
         m = self._models[model_idx]
         if m.pacer is None:
             batch = FAST_BATCH
-        elif self.clock.virtual:  # wake-ups cost nothing there: each frame leaves when due
+        elif self.clock.virtual or self.mode not in CHEAP_MODES:
+            # virtual time: wake-ups cost nothing, each frame leaves when due; timed: the
+            # compute, not the runtime's per-frame cost, bounds it (one frame per submit)
             batch = 1
         else:
             batch = paced_batch(m.pacer.interval, self.queue_depth)

@@ -241,3 +241,13 @@ async def test_a_model_released_in_batches_uses_the_loops_timers_not_the_waker()
         assert dev._waker is None  # no thread: its frames leave in batches anyway
     finally:
         await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_timed_mode_takes_one_frame_per_submit():
+    dev = SimulatedDevice(mode="timed")
+    await dev.open(identity(fps=20000, latency_ms=1), 0)
+    try:
+        assert dev.limits(0).batch == 1  # it computes every frame: no batches
+    finally:
+        await dev.aclose()
