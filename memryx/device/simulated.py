@@ -10,9 +10,17 @@ is later, and leaves at ``entry_i + latency`` (fps and latency from the DFP's
 performance model, see :mod:`memryx.timing`). A frame up to ``queue_depth``
 slots late (a host stall between the source and the device) does not move the
 slots after it: the frames behind it catch up, so a stall costs no throughput;
-a later one restarts the slots at its arrival (see :class:`_Pacer`). Frames go
-in one per ``submit`` so that each is released at its own time; one wake-up per
-model releases every frame that is due.
+a later one restarts the slots at its arrival (see :class:`._release.Pacer`).
+
+A batch is released with its last frame, so the core hands a paced model only
+the frames whose releases fit in one release tick (``Limits.batch``, see
+:func:`._release.paced_batch`): one frame per ``submit`` for models slower than
+a frame a tick (each frame released at its own time), a few for faster ones (the
+first of them at most a tick late, counted in ``release_error_ms``). One wake-up
+per model releases every batch that is due; on the real clock a thread of the
+device's own wakes it (:class:`._release.PreciseWaker`: the loop's timers wake
+in whole milliseconds), so a release lands within tens of microseconds of its
+time on a quiet host.
 
 * ``"timed"`` (default): every frame computed, paced.
 * ``"reuse"``: paced; each distinct frame computed once, identical frames get
@@ -48,25 +56,21 @@ is 16 by default in the modes that compute little, 4 in the others).
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import functools
 import logging
 import math
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from .._core.aio import TaskSet
 from .._core.runner import run_sync
 from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError, UsageError
-from ..clock import REAL_CLOCK, Clock, Timer
+from ..clock import REAL_CLOCK, Clock
 from ._compute import (
     DEFAULT_CACHE_SIZE,
     ReuseCache,
@@ -77,19 +81,20 @@ from ._compute import (
     modeled_perf,
     resolve_backend,
 )
+from ._release import Pacer, PreciseWaker, Releases, paced_batch
+from ._state import LATE_WINDOW, Frame, Slots, model_statistics
+from ._state import Job as _Job
+from ._state import ModelState as _Model
+from ._state import fail as _fail
 from .base import Limits
 
 if TYPE_CHECKING:
-    from ..dfp import Dfp, ModelInfo
+    from ..dfp import Dfp
 
 __all__ = ["CHEAP_MODES", "MODES", "PACED_MODES", "SimulatedDevice"]
 
 log = logging.getLogger("memryx.device.sim")
 
-Array = NDArray[Any]
-Frame = list[Array]
-Slots = Sequence[Frame | None]
-"""Outputs of a job's frames; None: a sampled frame, answered when due."""
 MODES = ("timed", "reuse", "sampled", "shapes", "fast", "shapes-unpaced")
 #: The modes that release outputs at the modeled MX3 rate and latency.
 PACED_MODES = ("timed", "reuse", "sampled", "shapes")
@@ -110,128 +115,20 @@ KEEPS_TIMING = {
 }
 #: How much later than its modeled release an output may be before it counts as late.
 LATE_TOLERANCE_S = 0.002
-#: The host is reported too slow when at least half of this many last outputs (and of
-#: at least ``LATE_MIN`` outputs) were late: a stall of a busy machine is not reported.
-LATE_WINDOW = 100
+#: The host is reported too slow when at least half of the last ``LATE_WINDOW`` outputs
+#: (and of at least ``LATE_MIN`` outputs) were late: a stall of a busy machine is not reported.
 LATE_MIN = LATE_WINDOW
 #: In timed mode, late frames enough to report a host whose compute time per frame (per
 #: worker) exceeds the modeled frame interval.
 LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
-#: The shortest time between two release wake-ups of a model (frames due meanwhile are
-#: released together, at most this late).
-RELEASE_TICK_S = 0.0003
-#: How much earlier than aimed a paced wake-up may come and still release its frame.
-EARLY_WAKE_S = 0.0005
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
 FAST_BATCH = 64
 #: How long a close waits for the frame a worker thread is computing.
 CLOSE_WAIT_S = 10.0
 #: The most frames of one model computed in one thread hop.
 RUN_BATCH = 16
-
-
-@dataclass
-class _Pacer:
-    """Release times of one model's outputs under the timing model.
-
-    The chip takes a frame every ``interval`` seconds while it has one: its *slots* are
-    spaced by the interval. A frame that arrives after its slot (a host stall between the
-    source and the device) enters when it arrives, but the slots that follow keep the
-    schedule, so frames waiting behind it enter as soon as they are there until the
-    schedule is met again: the stall does not cost throughput. This holds for frames up to
-    ``slack`` seconds behind the schedule (the device's input queue: frames a chip would
-    have had waiting); a frame later than that restarts the schedule at its arrival (the
-    source is slower than the chip, or paused). So the k-th frame after a restart never
-    enters before ``restart + k * interval``: the pacer never delivers more frames than
-    the chip could have since the schedule started, and it catches up on at most
-    ``slack / interval + 1`` frames at once.
-    """
-
-    interval: float
-    latency: float
-    slack: float = 0.0
-    slot: float = -1e18
-    """The schedule: when the last frame was due to enter."""
-    last_entry: float = -1e18
-    last_release: float = -1e18
-    caught_up: int = 0
-    """Frames that entered less than an interval after the one before (catching up)."""
-
-    def admit(self, now: float) -> tuple[float, float]:
-        """The frame arriving ``now`` enters the pipeline: its (entry, release) times."""
-        slot = self.slot + self.interval
-        if now > slot + self.slack:  # too far behind the schedule: restart it
-            slot = now
-        self.slot = slot
-        entry = max(now, slot)
-        if entry < self.last_entry + self.interval:
-            self.caught_up += 1
-        self.last_entry = entry
-        self.last_release = max(entry + self.latency, self.last_release)
-        return entry, self.last_release
-
-
-@dataclass
-class _Job:
-    frames: list[Frame]
-    future: asyncio.Future[list[Frame]]
-    times: list[tuple[float, float]]
-    seqs: list[tuple[int, int]] = field(default_factory=list)
-    """Sampled mode: the frames' streams and numbers in their streams."""
-
-
-@dataclass
-class _Model:
-    info: ModelInfo
-    run: Runner | None
-    pacer: _Pacer | None
-    in_chip: int
-    cache: ReuseCache | None = None
-    sampler: Sampler | None = None
-    jobs: deque[_Job] = field(default_factory=deque)
-    parked: deque[tuple[_Job, Slots, float]] = field(default_factory=deque)
-    """Sampled mode: jobs due before any frame of their stream was computed."""
-    error: DeviceError | None = None
-    """Sampled mode: a failed computation whose own frame was answered already."""
-    workers: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
-    late_frames: int = 0
-    max_late: float = 0.0
-    recent_late: deque[bool] = field(default_factory=lambda: deque(maxlen=LATE_WINDOW))
-    host_slower: bool = False
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-    """Per frame: from entering the (modeled) chip to leaving the device."""
-    due: list[tuple[float, int, _Job, Slots]] = field(default_factory=list)
-    """Paced modes: jobs whose outputs are ready and not due yet, a heap by release time."""
-    timer: Timer | None = None
-    """The one wake-up armed for the earliest of ``due``, at ``timer_at`` (monotonic)."""
-    timer_at: float = 0.0
-    oversleep: float = 0.0
-    """How late the loop wakes a timer, learnt as it runs (seconds)."""
-    frame_cost: float = 1.0
-    """Running average of the host's CPU time per frame (``thread_time``, seconds)."""
-    costed: bool = False
-    computing: int = 0
-    """Worker threads inside ``_compute`` (under ``lock``)."""
-    stopping: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    first_out: float = 0.0
-    last_out: float = 0.0
-    modeled: dict[str, Any] = field(default_factory=dict)
-
-    def admit(self, now: float) -> tuple[float, float]:
-        """Entry and release time of a frame that reaches the chip ``now``."""
-        return self.pacer.admit(now) if self.pacer is not None else (now, now)
-
-
-def _percentiles(samples: deque[float]) -> dict[str, float | None]:
-    ms = np.asarray(samples) * 1000.0
-    if not ms.size:
-        return {"p50": None, "p99": None}
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 class SimulatedDevice:
@@ -294,8 +191,8 @@ class SimulatedDevice:
             CHEAP_QUEUE_DEPTH if mode in CHEAP_MODES else DEFAULT_QUEUE_DEPTH)
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
-        self._order = itertools.count()  # ties in the release heaps: first come first out
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waker: PreciseWaker | None = None
         self._closed = False
         self._fault: BaseException | None = None
         self._reported = False
@@ -332,13 +229,27 @@ class SimulatedDevice:
                     raise DfpError(f"model {info.index} ({info.name!r}): modeled fps {fps!r} "
                                    f"and latency {latency_s * 1000!r} ms cannot be simulated")
                 # frames up to the device's input queue behind the schedule catch up
-                pacer = _Pacer(1.0 / fps, latency_s, slack=self.queue_depth / fps)
+                pacer = Pacer(1.0 / fps, latency_s, slack=self.queue_depth / fps)
                 # frames the modeled pipeline holds at full rate, plus the one entering
                 in_chip = max(1, min(1 << 20, math.ceil(latency_s * fps))) + 1
-            self._models.append(_Model(
+            model = _Model(
                 info=info, run=run, pacer=pacer, in_chip=in_chip, modeled=modeled,
                 cache=ReuseCache(self.cache_size) if self.mode == "reuse" else None,
-                sampler=Sampler(self.concurrency) if self.mode == "sampled" else None))
+                sampler=Sampler(self.concurrency) if self.mode == "sampled" else None)
+            if pacer is not None:
+                # a model slower than a frame a tick releases each frame at its own time:
+                # the waker's thread wakes it precisely; a faster one's frames leave in
+                # batches anyway, on the loop's cheaper (millisecond) timers
+                precise = (not self.clock.virtual
+                           and paced_batch(pacer.interval, self.queue_depth) == 1)
+                if precise and self._waker is None:
+                    try:
+                        self._waker = PreciseWaker(self._loop)
+                    except NotImplementedError:  # a loop that watches no fds: its timers
+                        precise = False
+                model.releases = Releases(self.clock, functools.partial(self._due, model),
+                                          self._waker if precise else None)
+            self._models.append(model)
         log.debug("simulated device opened %d model(s) in %s mode (%s)", len(runners),
                   self.mode, self.backend or "nothing computed")
 
@@ -362,7 +273,14 @@ class SimulatedDevice:
 
     def limits(self, model_idx: int) -> Limits:
         m = self._models[model_idx]
-        batch = 1 if m.pacer is not None else FAST_BATCH
+        if m.pacer is None:
+            batch = FAST_BATCH
+        elif self.clock.virtual or self.mode not in CHEAP_MODES:
+            # virtual time: wake-ups cost nothing, each frame leaves when due; timed: the
+            # compute, not the runtime's per-frame cost, bounds it (one frame per submit)
+            batch = 1
+        else:
+            batch = paced_batch(m.pacer.interval, self.queue_depth)
         return Limits(in_queue=self.queue_depth, in_chip=m.in_chip,
                       out_queue=self.queue_depth, batch=batch)
 
@@ -377,7 +295,7 @@ class SimulatedDevice:
             fut.set_exception(self._lost(model))
             return fut
         now = self.clock.now()
-        job = _Job(frames, fut, [model.admit(now) for _ in frames])
+        job = _Job(frames, fut, model.admit(now, len(frames)))
         model.frames_in += len(frames)
         if model.run is None:  # shapes modes
             self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
@@ -500,54 +418,17 @@ class SimulatedDevice:
         if model.pacer is None:
             self._resolve(model, job, outputs, None)
             return
-        assert self._loop is not None
         release = job.times[-1][1]
         now = self.clock.now()
         if release - now > 0:  # wait in the model's heap for its time
-            heapq.heappush(model.due, (release, next(self._order), job, outputs))
-            # (a job due within a tick of the armed wake-up goes out with it)
-            if model.timer is None or release + self._tick() < model.timer_at:
-                self._arm(model, release, now)
+            assert model.releases is not None
+            model.releases.push(release, now, (job, outputs))
             return
         self._resolve(model, job, outputs, release)
 
-    def _tick(self) -> float:
-        """The least time between two release wake-ups: none in virtual time, where a
-        wake-up costs nothing and every output leaves exactly when due."""
-        return 0.0 if self.clock.virtual else RELEASE_TICK_S
-
-    def _arm(self, model: _Model, release: float, now: float) -> None:
-        """(Re-)arm the model's one wake-up for ``release`` (the device clock's time), a
-        little early by what the loop is known to oversleep."""
-        if model.timer is not None:
-            model.timer.cancel()
-            model.timer = None
-        if self._closed:  # a computation that finished after the close: nothing to wake
-            return
-        model.timer = self.clock.call_later(release - now - model.oversleep, self._due, model)
-        model.timer_at = release
-
-    def _due(self, model: _Model) -> None:
-        """The model's wake-up: release every job that is due, in release order, at once
-        (a late wake-up releases what it owes, the schedule does not slip)."""
-        model.timer = None
-        due = model.due
-        if not due:
-            return
-        now = self.clock.now()
-        late = now - model.timer_at  # the loop wakes timers a little late: aim earlier
-        model.oversleep = min(0.002, max(0.0, model.oversleep + 0.1 * late))
-        # the job this wake-up was aimed at (early by ``oversleep``) is due; a wake-up far
-        # earlier than aimed (a coarse loop clock) waits again
-        early = 0.0 if self.clock.virtual else EARLY_WAKE_S
-        horizon = max(now, min(model.timer_at, now + model.oversleep + early))
-        while due and due[0][0] <= horizon:
-            _, _, job, outputs = heapq.heappop(due)
-            self._resolve(model, job, outputs, None)
-        if due and model.timer is None and not self._closed:
-            # frames due closer together than a tick go out together: the wake-ups, not the
-            # frames, are what cost the loop at high rates (the schedule does not slip)
-            self._arm(model, max(due[0][0], now + self._tick()), now)
+    def _due(self, model: _Model, item: tuple[_Job, Slots]) -> None:
+        """A job's release time has come (the model's wake-up)."""
+        self._resolve(model, item[0], item[1], None)
 
     def _resolve(self, model: _Model, job: _Job, outputs: Slots,
                  release: float | None) -> None:
@@ -579,15 +460,17 @@ class SimulatedDevice:
         if late:
             model.late_frames += len(job.frames)
             model.max_late = max(model.max_late, behind)
-        for _ in job.frames:
-            model.recent_late.append(late)
+        model.recent_late.extend([late] * len(job.frames))
         if late and not model.host_slower and self._behind(model):
             self._slower(model)
         model.first_out = model.first_out or now
         model.last_out = now
         model.frames_out += len(outputs)
-        for entry, _ in job.times:
+        errors = model.release_errors if model.pacer is not None else None
+        for entry, due in job.times:
             model.latencies.append(now - entry)
+            if errors is not None:
+                errors.append(now - due)
         job.future.set_result(outputs)  # type: ignore[arg-type]
 
     def _behind(self, model: _Model) -> bool:
@@ -636,27 +519,7 @@ class SimulatedDevice:
             model.max_late * 1000, advice)
 
     def statistics(self) -> dict[str, Any]:
-        models = []
-        for m in self._models:
-            span = m.last_out - m.first_out
-            entry: dict[str, Any] = {
-                "model_idx": m.info.index, "frames_in": m.frames_in, "frames_out": m.frames_out,
-                "late_frames": m.late_frames, "max_late_ms": m.max_late * 1000,
-                "host_slower": m.host_slower,
-                "device_fps": (m.frames_out - 1) / span if span > 0 else 0.0,
-                "device_latency_ms": _percentiles(m.latencies),
-                "modeled_fps": m.modeled.get("fps"),
-                "modeled_latency_ms": m.modeled.get("latency_ms"),
-                "in_chip": m.in_chip,
-                "caught_up_frames": m.pacer.caught_up if m.pacer is not None else 0,
-                "queued": sum(len(j.frames) for j in m.jobs),
-                "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,
-            }
-            if m.cache is not None:
-                entry["reuse"] = m.cache.statistics()
-            if m.sampler is not None:
-                entry["sampled"] = m.sampler.statistics()
-            models.append(entry)
+        models = [model_statistics(m) for m in self._models]
         slower = any(m.host_slower for m in self._models)
         return {"device": self.name, "mode": self.mode, "paced": self.paced,
                 "backend": self.backend, "host_slower": slower,
@@ -668,18 +531,17 @@ class SimulatedDevice:
             return
         self._closed = True
         for m in self._models:
-            if m.timer is not None:
-                m.timer.cancel()
-                m.timer = None
-            for _, _, job, _ in m.due:
-                job.future.cancel()
-            m.due.clear()
+            if m.releases is not None:
+                for job, _ in m.releases.close():
+                    job.future.cancel()
             for job in [*m.jobs, *(p[0] for p in m.parked)]:
                 job.future.cancel()
             m.jobs.clear()
             m.parked.clear()
         for m in self._models:
             m.stopping = True
+        if self._waker is not None:
+            self._waker.close()
         if self._tasks is not None:
             await self._tasks.aclose()
         # A graph still running on a worker thread would be torn down under its feet by an
@@ -690,10 +552,3 @@ class SimulatedDevice:
                 break
             await asyncio.sleep(0.005)
 
-
-def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    """Fail a frame's future with ``exc``, already marked as seen: the lane raises it when
-    it reaches that frame, but a loop that stops first (the process exiting with the
-    accelerator still running) would print it as "Future exception was never retrieved"."""
-    fut.set_exception(exc)
-    fut.exception()

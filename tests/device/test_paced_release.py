@@ -17,7 +17,8 @@ import memryx as mx
 from memryx import testing
 from memryx.device import Device, SimulatedDevice
 from memryx.device._compute import ReuseCache, frame_key
-from memryx.device.simulated import CHEAP_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH, _Pacer
+from memryx.device._release import Pacer as _Pacer
+from memryx.device.simulated import CHEAP_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH
 from memryx.faults import FaultyDevice
 
 D = TypeVar("D", bound=Device | FaultyDevice)
@@ -160,7 +161,8 @@ async def test_close_with_frames_waiting_for_their_release_cancels_them_and_its_
     await asyncio.sleep(0)
     await dev.aclose()
     assert all(f.cancelled() for f in futs)
-    assert dev._models[0].timer is None and not dev._models[0].due
+    releases = dev._models[0].releases
+    assert releases is not None and releases.timer is None and not releases.due
     with pytest.raises(mx.ClosedError):
         dev.submit(0, [[np.zeros((1, 4), np.float32)]])
 
