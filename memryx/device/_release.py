@@ -20,18 +20,15 @@ pushes, handed back to its ``resolve`` when due.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
-import os
 import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._core.threads import call_soon, start_thread
 from ..clock import Clock, Timer
 
 __all__ = ["EARLY_WAKE_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker", "Releases",
@@ -124,13 +121,8 @@ class _Wake:
 class PreciseWaker:
     """Calls back on ``loop`` at a ``time.monotonic`` time, precisely: one thread (started
     at the first wake-up, ended by :meth:`close` or when the loop has ended) waits for the
-    earliest wake-up and hands it to the loop.
-
-    The hand-over is a byte written to a pipe of the waker's own that the loop watches
-    (``add_reader``), never a call into the loop from the thread: a loop closing on its
-    own thread (an interrupted program that never closed the device) must not be
-    touched from another one while it tears its handles down, and a pipe stays valid
-    until :meth:`close` (or the waker's collection) closes it.
+    earliest wake-up and hands it to the loop through the thread bridge
+    (:func:`memryx._core.threads.call_soon`); a loop closed meanwhile ends the thread.
 
     The thread sleeps in a timed wait (no spinning): it costs one thread wake-up and one
     loop wake-up per wake-up asked for, which the release heap bounds (one per model at a
@@ -143,16 +135,10 @@ class PreciseWaker:
         self._name = name
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Wake]] = []
-        self._fired: deque[_Wake] = deque()
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
         self.wakeups = 0
-        self._rfd, self._wfd = os.pipe()
-        self._close_fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
-        loop.add_reader(self._rfd, self._drain)
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Call ``callback(*args)`` on the loop at monotonic time ``when``."""
@@ -163,24 +149,10 @@ class PreciseWaker:
                 return wake
             heapq.heappush(self._heap, (when, next(self._order), wake))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._name, self._run)
             elif self._heap[0][2] is wake:  # earlier than what the thread waits for
                 self._cond.notify()
         return wake
-
-    def _drain(self) -> None:
-        """On the loop: run the wake-ups the thread has handed over."""
-        try:
-            while os.read(self._rfd, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:  # closed under us: nothing more comes
-            return
-        fired = self._fired
-        while fired:
-            fired.popleft().fire()
 
     def _run(self) -> None:
         heap, cond, monotonic = self._heap, self._cond, time.monotonic
@@ -202,17 +174,14 @@ class PreciseWaker:
                         return
                     cond.wait(min(delay, WAKER_POLL_S))
                 self.wakeups += 1
-                self._fired.append(wake)
                 try:
-                    os.write(self._wfd, b"\0")
-                except BlockingIOError:  # the loop has not drained yet: it will see this one
-                    pass
-                except OSError:  # closed: nobody to wake
+                    call_soon(self._loop, wake.fire)
+                except RuntimeError:  # the loop is closed: nobody to wake
                     return
 
     def close(self) -> None:
-        """End the thread (waits for it: it only ever waits on its condition) and close
-        the pipe. On the loop's thread."""
+        """End the thread (waits for it: it only ever waits on its condition). On the
+        loop's thread."""
         with self._cond:
             self._closed = True
             self._heap.clear()
@@ -220,16 +189,6 @@ class PreciseWaker:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._rfd)
-        self._fired.clear()
-        self._close_fds()
-
-
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class Releases:

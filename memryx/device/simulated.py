@@ -243,10 +243,7 @@ class SimulatedDevice:
                 precise = (not self.clock.virtual
                            and paced_batch(pacer.interval, self.queue_depth) == 1)
                 if precise and self._waker is None:
-                    try:
-                        self._waker = PreciseWaker(self._loop)
-                    except NotImplementedError:  # a loop that watches no fds: its timers
-                        precise = False
+                    self._waker = PreciseWaker(self._loop)
                 model.releases = Releases(self.clock, functools.partial(self._due, model),
                                           self._waker if precise else None)
             self._models.append(model)
