@@ -148,13 +148,31 @@ def _onnx_ports(graph: bytes) -> tuple[list[tuple[str, tuple[Any, ...], str]], .
 
 
 _OPENVINO_FIRST_INFER = threading.Lock()
+_OPENVINO_CORE: list[Any] = []  # the process's one OpenVINO Core, once made
+
+
+def _openvino_core() -> Any:
+    """The process's one OpenVINO ``Core``, made on first use and never released.
+
+    When OpenVINO's CPU plugin loads it gives the thread loading it an alternate signal
+    stack of its own, and when it unloads (the last ``Core`` released) it unmaps that
+    stack, restoring the registration only if that happens on the same thread. Released
+    on another thread (a garbage collection, a device closed elsewhere), the loading
+    thread kept a registration into unmapped memory, and the next signal it handled
+    (Ctrl-C: Python's handlers run on the alternate stack) crashed the process with a
+    segfault. Loaded once and kept, the plugin never unmaps it.
+    """
+    with _OPENVINO_FIRST_INFER:
+        if not _OPENVINO_CORE:
+            import openvino as ov
+
+            _OPENVINO_CORE.append(ov.Core())
+        return _OPENVINO_CORE[0]
 
 
 def _openvino_runner(info: ModelInfo) -> Runner:
-    import openvino as ov
-
     _check_ports(info, _onnx_ports(info.graph))
-    core = ov.Core()
+    core = _openvino_core()
     model = core.read_model(info.graph, b"")
     # f32 everywhere: a CPU that prefers bf16 would otherwise change the outputs
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",

@@ -354,6 +354,40 @@ def test_openvino_runners_first_used_from_several_threads_at_once(cnn):
 
 
 @needs_openvino
+@pytest.mark.timeout(180)
+def test_ctrl_c_after_an_openvino_runner_was_released_on_another_thread(tmp_path):
+    """OpenVINO's CPU plugin gives the thread that loads it an alternate signal stack and
+    unmaps it when the plugin unloads; released on another thread, the loading thread was
+    left with a registration into unmapped memory and the next Ctrl-C it handled was a
+    segfault (rc -11; seen as a whole test run dying in a Ctrl-C test). One Core kept for
+    the process keeps the plugin loaded: the interrupt comes out as KeyboardInterrupt."""
+    import subprocess
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import gc, os, signal, threading, time\n"
+        "import memryx as mx\n"
+        "from memryx import testing\n"
+        "from memryx.device._compute import load_runner\n"
+        "dfp = mx.NeuralCompiler(models=testing.identity_model((1, 4))).run()\n"
+        "box = [load_runner(dfp.model(0), 'openvino')]  # loaded on the main thread\n"
+        "def drop():\n"
+        "    box.clear()\n"
+        "    gc.collect()\n"
+        "t = threading.Thread(target=drop)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('KeyboardInterrupt')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=150)
+    assert (done.returncode, done.stdout.strip()) == (0, "KeyboardInterrupt"), done.stderr
+
+
+@needs_openvino
 @pytest.mark.parametrize("model", ["cnn", "split", "add"])
 def test_openvino_gives_the_outputs_of_onnxruntime(model, cnn, split_dfp):
     if model == "cnn":
