@@ -119,7 +119,10 @@ def clock_of(device: Any) -> Clock:
     return clock if isinstance(clock, Clock) else REAL_CLOCK
 
 
-class _VirtualTimer:
+class ScheduledCall:
+    """``callback(*args)`` due at ``when`` on some clock, until cancelled: the timer of
+    :class:`VirtualClock` and of the simulated device's precise release thread."""
+
     __slots__ = ("args", "callback", "cancelled", "when")
 
     def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -130,6 +133,11 @@ class _VirtualTimer:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def fire(self) -> None:
+        if not self.cancelled:
+            self.callback(*self.args)
+
 
 
 class VirtualClock(Clock):
@@ -151,7 +159,7 @@ class VirtualClock(Clock):
                 not -_FLOAT_MAX <= start <= _FLOAT_MAX:
             raise ValueError(f"start must be a finite number of seconds, got {start!r:.60}")
         self._now = float(start)
-        self._heap: list[tuple[float, int, _VirtualTimer]] = []
+        self._heap: list[tuple[float, int, ScheduledCall]] = []
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._holds = 0
@@ -190,7 +198,7 @@ class VirtualClock(Clock):
         self._running()
         delay = _delay(delay)
         if delay == _INF:
-            return _VirtualTimer(_INF, callback, args)  # never due: never scheduled
+            return ScheduledCall(_INF, callback, args)  # never due: never scheduled
         return self._push(max(0.0, delay), callback, args)
 
     async def sleep(self, delay: float) -> None:
@@ -222,7 +230,7 @@ class VirtualClock(Clock):
         if delay <= 0:
             return False
         done = threading.Event()
-        timer = (_VirtualTimer(_INF, done.set, ()) if delay == _INF
+        timer = (ScheduledCall(_INF, done.set, ()) if delay == _INF
                  else self._push(delay, done.set, ()))
         try:
             while not done.wait(0.05):
@@ -233,9 +241,9 @@ class VirtualClock(Clock):
             timer.cancel()
 
     def _push(self, delay: float, callback: Callable[..., Any], args: tuple[Any, ...]
-              ) -> _VirtualTimer:
+              ) -> ScheduledCall:
         with self._lock:
-            timer = _VirtualTimer(self._now + delay, callback, args)
+            timer = ScheduledCall(self._now + delay, callback, args)
             heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
         self._kick()
         return timer
@@ -292,7 +300,7 @@ class VirtualClock(Clock):
 
     def _jump(self) -> None:
         """Move to the earliest timer and fire every timer due then, in the order set."""
-        due: list[_VirtualTimer] = []
+        due: list[ScheduledCall] = []
         with self._lock:
             while self._heap and self._heap[0][2].cancelled:
                 heapq.heappop(self._heap)

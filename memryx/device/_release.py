@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._core.threads import call_soon, start_thread
-from ..clock import Clock, Timer
+from ..clock import Clock, ScheduledCall, Timer
 
 __all__ = ["EARLY_WAKE_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker", "Releases",
            "paced_batch"]
@@ -99,25 +99,6 @@ class Pacer:
         return entry, self.last_release
 
 
-class _Wake:
-    """A wake-up of :class:`PreciseWaker` (cancellable, like an event loop's timer)."""
-
-    __slots__ = ("args", "callback", "cancelled", "when")
-
-    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.when = when
-        self.callback = callback
-        self.args = args
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def fire(self) -> None:
-        if not self.cancelled:
-            self.callback(*self.args)
-
-
 class PreciseWaker:
     """Calls back on ``loop`` at a ``time.monotonic`` time, precisely: one thread (started
     at the first wake-up, ended by :meth:`close` or when the loop has ended) waits for the
@@ -134,7 +115,7 @@ class PreciseWaker:
         self._loop = loop
         self._name = name
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Wake]] = []
+        self._heap: list[tuple[float, int, ScheduledCall]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -142,7 +123,7 @@ class PreciseWaker:
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Call ``callback(*args)`` on the loop at monotonic time ``when``."""
-        wake = _Wake(when, callback, args)
+        wake = ScheduledCall(when, callback, args)
         with self._cond:
             if self._closed:
                 wake.cancelled = True
