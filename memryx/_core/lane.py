@@ -364,8 +364,10 @@ class Lane:
 
         def done(_fut: asyncio.Future[list[Frame]]) -> None:
             if not waiter.done():
-                self._hand_over(fut)
-                waiter.set_result(None)
+                try:
+                    self._hand_over(fut)
+                finally:  # the collector wakes whatever happened (it reports errors)
+                    waiter.set_result(None)
 
         fut.add_done_callback(done)
         try:
