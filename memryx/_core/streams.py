@@ -82,11 +82,11 @@ class _Failed:
 
 
 class _Stream:
-    """One input stream; ``credits``/``busy``/``queued`` are guarded by the pool's lock,
-    ``outstanding``/``ended`` belong to the loop."""
+    """One input stream; ``credits``/``busy``/``queued``/``holder`` are guarded by the
+    pool's lock, ``outstanding``/``ended`` belong to the loop."""
 
-    __slots__ = ("args", "busy", "credits", "done", "ended", "fn", "gen", "idx", "meter",
-                 "outstanding", "produce", "queued", "role")
+    __slots__ = ("args", "busy", "credits", "done", "ended", "fn", "gen", "holder", "idx",
+                 "meter", "outstanding", "produce", "queued", "role")
 
     def __init__(self, idx: int, role: str, meter: Meter,
                  produce: Callable[[], Any], gen: Any) -> None:
@@ -99,6 +99,7 @@ class _Stream:
         self.busy = False
         self.queued = False
         self.done = False  # thread side: no more calls
+        self.holder: int | None = None  # the worker holding frames of it not yet put
         self.outstanding = 0  # loop side: units granted, not come back as frames
         self.ended = False  # loop side
 
@@ -405,6 +406,10 @@ class StreamPool:
         s = ready.popleft()
         s.queued = False
         s.busy = True
+        if s.holder is not None and s.holder != k:
+            # another worker still holds frames it made of this stream: they go first, or
+            # this worker's frames of it could reach the channel before them (out of order)
+            self._send(self._made[s.holder])
         return s
 
     def _work(self, k: int) -> None:
@@ -455,6 +460,7 @@ class StreamPool:
                             if not made:
                                 self._made_at[k] = started
                             made.append((s, item))
+                            s.holder = k
                             if now - self._made_at[k] >= PARALLEL_S:  # slow: they go now
                                 self._send(made)
                         if last:
@@ -472,6 +478,8 @@ class StreamPool:
         and the streams' ends. A stopped pool's channel is closed: they were never sent."""
         run = made[:]
         made.clear()
+        for s, _ in run:
+            s.holder = None
         try:
             self.channel.put_many_nowait((run,))
         except ChannelClosed:
