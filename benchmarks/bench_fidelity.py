@@ -200,9 +200,10 @@ def run(quick: bool) -> dict[str, Any]:
                 model_table],
         goals=goals + model_goals, raw=raw,
         notes=["Information, not goals: \"device-reported p50\" is the simulated device's own "
-               "latency (chip entry to output, `statistics()[\"device\"]`); \"host path p50 "
-               "(fast mode)\" is the same paced run with `mode=\"fast\"`, i.e. the time the "
-               "runtime itself adds around an instant device; \"p50 latency ms, saturated\" "
+               "latency (from the frame ready on the host to its release, "
+               "`statistics()[\"device\"]`); \"host path p50 (fast mode)\" is the same paced "
+               "run with `mode=\"fast\"`, i.e. the time the runtime itself adds around an "
+               "instant device; \"p50 latency ms, saturated\" "
                "is measured in the throughput runs, where frames also wait in the bounded "
                "buffers; \"device release error\" is how far from its modeled time the "
                "device released each output of the latency runs "

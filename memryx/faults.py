@@ -258,6 +258,8 @@ class FaultyDevice:
         self.name = f"faulty:{inner.name}"
         #: Stream tags pass through to an inner device that takes them.
         self.takes_streams = bool(getattr(inner, "takes_streams", False))
+        #: So do the times frames were ready (``Lane.put_many``).
+        self.takes_ready = bool(getattr(inner, "takes_ready", False))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models: list[_ModelState] = []
         self._submitted = 0
@@ -317,12 +319,13 @@ class FaultyDevice:
         return self._telemetry
 
     def submit(self, model_idx: int, frames: list[Frame],
-               streams: list[int] | None = None) -> asyncio.Future[list[Frame]]:
+               streams: list[int] | None = None,
+               ready: float | None = None) -> asyncio.Future[list[Frame]]:
         if self._closed:
             raise ClosedError("the device is closed")
         assert self._loop is not None, "submit() before open()"
         if not 0 <= model_idx < len(self._models):
-            return self._inner_submit(model_idx, frames, streams)  # it names the problem
+            return self._inner_submit(model_idx, frames, streams, ready)  # it names the problem
         out: asyncio.Future[list[Frame]] = self._loop.create_future()
         if self._dead is not None:
             _fail(out, DeviceError(str(self._dead), lost_frames=len(frames)))
@@ -350,16 +353,20 @@ class FaultyDevice:
                 self._fired.add(i)
         model = self._models[model_idx]
         job = _Job(first=first, frames=len(frames), out=out, submitted=now)
-        inner = self._inner_submit(model_idx, frames, streams)  # may raise (closed): no job
+        # may raise (closed): then no job
+        inner = self._inner_submit(model_idx, frames, streams, ready)
         model.jobs.append(job)
         inner.add_done_callback(lambda fut: self._inner_done(model, job, fut))
         return out
 
-    def _inner_submit(self, model_idx: int, frames: list[Frame], streams: list[int] | None
-                      ) -> asyncio.Future[list[Frame]]:
+    def _inner_submit(self, model_idx: int, frames: list[Frame], streams: list[int] | None,
+                      ready: float | None) -> asyncio.Future[list[Frame]]:
+        options: dict[str, Any] = {}
         if streams is not None and self.takes_streams:
-            return self.inner.submit(model_idx, frames, streams)  # type: ignore[call-arg]
-        return self.inner.submit(model_idx, frames)
+            options["streams"] = streams
+        if ready is not None and self.takes_ready:
+            options["ready"] = ready
+        return self.inner.submit(model_idx, frames, **options)
 
     def statistics(self) -> dict[str, Any]:
         stats = dict(self.inner.statistics())

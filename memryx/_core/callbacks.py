@@ -158,15 +158,18 @@ def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], met
     """``(produce, generator or None)``: ``produce()`` runs on a thread, calls the input
     callback once and returns the prepared frame, or :data:`END`.
 
-    A frame from the thread is ``(frame, callback returned)``, and when traced also
-    ``(callback called, pre-processing done)``; the loop numbers and records them as it
-    queues them.
+    A frame from the thread is ``(frame, callback returned, ready)`` (*ready*: the time
+    the device counts its latency from, see :meth:`.lane.Lane.put_many`: when the
+    pre-processing ended, or without one when the callback returned), and when traced
+    also ``callback called``; the loop numbers and records them as it queues them.
     """
-    prepare, tracer = lane.prepare, lane.tracer
+    prepare, tracer, now = lane.prepare, lane.tracer, lane.now
 
-    def traced(item: Any, t: float, done: float) -> Any:
+    def ready(item: Any, t: float, done: float) -> Any:
         frame = prepare(item)
-        return frame, done, t, lane.now()
+        if tracer.on:
+            return frame, done, now(), t
+        return frame, done, done if lane.pre is None else now()
 
     if kind is CallbackKind.GENERATOR:
         gen = fn(*args)
@@ -178,7 +181,7 @@ def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], met
             meter.input_s += done - t
             if item is None or item is END:
                 return END
-            return traced(item, t, done) if tracer.on else (prepare(item), done)
+            return ready(item, t, done)
 
         return produce_next, gen
 
@@ -193,7 +196,7 @@ def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], met
         if item is None:
             return END
         _not_awaited(item, role)
-        return traced(item, t, done) if tracer.on else (prepare(item), done)
+        return ready(item, t, done)
 
     return produce, None
 
@@ -232,7 +235,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
             if tracer.on:
                 _trace_inputs(lane, stream, meter.frames_in, batch)
             lane.put_many([(None, stream, item[1]) for item in batch],
-                          [item[0] for item in batch], meter)
+                          [item[0] for item in batch], meter, batch[-1][2])
             lane.flush_now()  # everything that was ready is in: no iteration to wait for
     finally:
         producer.halt()
@@ -279,7 +282,8 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                         tracer.frame(stream, lane.idx, "input callback", t, done, k)
                         tracer.frame(stream, lane.idx, "pre-processing", done, lane.now(),
                                      k)
-                    lane.put((None, stream, done), frame, meter)
+                    lane.put((None, stream, done), frame, meter,
+                             done if lane.pre is None else lane.now())
                     used += 1
             finally:
                 budget.give(got - used)
@@ -510,7 +514,7 @@ def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ..
     tracer, model = lane.tracer, lane.idx
     for k, item in enumerate(batch, first):
         if len(item) == 4:
-            _, done, called, prepared = item
+            _, done, prepared, called = item
             tracer.frame(stream, model, "input callback", called, done, k)
             tracer.frame(stream, model, "pre-processing", done, prepared, k)
 

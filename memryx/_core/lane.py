@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -168,6 +169,9 @@ class Lane:
         # callback stream's index, or for requests a number < 0 per receiver (run call,
         # astream, send/receive), kept as long as the receiver lives.
         self._takes_streams = bool(getattr(device, "takes_streams", False))
+        # Devices that ``takes_ready`` get when the batch's last frame was ready (put_many).
+        self._takes_ready = bool(getattr(device, "takes_ready", False))
+        self._ready = -math.inf
         self._request_streams: weakref.WeakKeyDictionary[Any, int] = \
             weakref.WeakKeyDictionary()
         self._next_request_stream = itertools.count(-1, -1)
@@ -252,10 +256,15 @@ class Lane:
         return self.post is not None and self.post.blocking
 
     # -- frames in -----------------------------------------------------------------------------
-    def put(self, tag: Tag, frame: Frame, stream: Meter | None = None) -> None:
-        """Queue one admitted frame (its budget unit is held by the caller)."""
+    def put(self, tag: Tag, frame: Frame, stream: Meter | None = None,
+            ready: float | None = None) -> None:
+        """Queue one admitted frame (its budget unit is held by the caller); ``ready``:
+        when it was ready for the device (default: now), see :meth:`put_many`."""
         if self.tracer.on:
             self._trace_put((tag,), stream)
+        ready = self.now() if ready is None else ready
+        if ready > self._ready:
+            self._ready = ready
         self._queued_tags.append(tag)
         self._queued.append(frame)
         self.meter.frames_in += 1
@@ -264,8 +273,17 @@ class Lane:
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def put_many(self, tags: list[Tag], frames: list[Frame], stream: Meter | None = None
-                 ) -> None:
+    def put_many(self, tags: list[Tag], frames: list[Frame], stream: Meter | None = None,
+                 ready: float | None = None) -> None:
+        """Queue admitted frames. ``ready`` is when the last of them was ready for the
+        device (default: now): when its pre-processing ended, or without pre-processing
+        when its input callback returned, on whichever thread. A device that
+        ``takes_ready`` counts their latency from then, so the runtime's own hand-over to
+        the device (its checks and copy, a thread switch, a loop iteration) is inside the
+        modeled latency, as the transfer to a real chip is inside its measured one."""
+        ready = self.now() if ready is None else ready
+        if ready > self._ready:
+            self._ready = ready
         if self.tracer.on:
             self._trace_put(tags, stream)
         self._queued_tags.extend(tags)
@@ -292,6 +310,10 @@ class Lane:
             return
         tags, frames = self._queued_tags, self._queued
         self._queued_tags, self._queued = [], []
+        options: dict[str, Any] = {}
+        if self._takes_ready:
+            options["ready"] = self._ready
+        self._ready = -math.inf
         traced = None
         if self._traced:
             traced, self._traced = self._traced, []
@@ -299,10 +321,9 @@ class Lane:
         try:
             for i in range(0, len(frames), limit):
                 if self._takes_streams:
-                    fut = self.device.submit(self.idx, frames[i:i + limit],  # type: ignore[call-arg]
-                                             self._streams_of(tags[i:i + limit]))
-                else:
-                    fut = self.device.submit(self.idx, frames[i:i + limit])
+                    options["streams"] = self._streams_of(tags[i:i + limit])
+                fut = self.device.submit(self.idx, frames[i:i + limit],
+                                         **options)
                 self._inflight.append((tags[i:i + limit], fut))
                 if traced is not None:
                     self._trace_submit(fut, traced, len(frames), i, min(len(frames), i + limit))

@@ -242,16 +242,19 @@ class StreamPool:
                 return
             tags: list[Any] = []
             frames: list[Any] = []
+            ready = -math.inf
             traced = tracer.on
             for run in batch:
                 for s, item in run:
                     if item is END or isinstance(item, _Failed):
                         if tags:  # the stream's frames before its end are queued first
-                            self._put(tags, frames, traced)
+                            self._put(tags, frames, traced, ready)
                             tags, frames = [], []
                         self._end(s, item.error if isinstance(item, _Failed) else None)
                         continue
                     s.outstanding -= 1
+                    if item[2] > ready:
+                        ready = item[2]
                     if traced:
                         tags.append((s, item))
                         frames.append(None)
@@ -260,14 +263,14 @@ class StreamPool:
                         frames.append(item[0])
                         s.meter.frames_in += 1
             if tags:
-                self._put(tags, frames, traced)
+                self._put(tags, frames, traced, ready)
             lane.flush_now()  # everything that was ready is in: no iteration to wait for
             self._wake_granter()  # every item freed a unit or ended a stream
 
-    def _put(self, tags: list[Any], frames: list[Any], traced: bool) -> None:
+    def _put(self, tags: list[Any], frames: list[Any], traced: bool, ready: float) -> None:
         lane = self.lane
         if not traced:
-            lane.put_many(tags, frames)
+            lane.put_many(tags, frames, None, ready)
             return
         from .callbacks import _trace_inputs
 
@@ -278,7 +281,7 @@ class StreamPool:
             if last:
                 _trace_inputs(lane, s.idx, s.meter.frames_in, run)
                 lane.put_many([(None, s.idx, it[1]) for it in run], [it[0] for it in run],
-                              s.meter)
+                              s.meter, ready)
                 run = []
 
     def _end(self, s: _Stream, error: BaseException | None) -> None:

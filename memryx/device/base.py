@@ -17,7 +17,10 @@ whose class sets ``takes_streams = True`` is also told each frame's *stream*
 (``submit(model_idx, frames, streams)``: one int per frame; a callback stream's
 index, or a number below 0 per request receiver), for strategies that work per
 stream (the simulated device's ``"sampled"`` mode); other devices are called
-without it.
+without it. Likewise a device whose class sets ``takes_ready = True`` is told when
+the batch's last frame was ready on the host (``ready=``, on the device's clock):
+the simulated device counts its modeled latency from then, so the core's own
+hand-over is inside it (:meth:`memryx._core.lane.Lane.put_many`).
 """
 
 from __future__ import annotations

@@ -7,10 +7,16 @@ the outputs are due. The modes say what is computed and when it is released;
 the *paced* ones release like the chip would: frame *i* enters the modeled
 pipeline at its slot ``slot_i = slot_{i-1} + 1/fps``, or when it arrives if that
 is later, and leaves at ``entry_i + latency`` (fps and latency from the DFP's
-performance model, see :mod:`memryx.timing`). A frame up to ``queue_depth``
-slots late (a host stall between the source and the device) does not move the
-slots after it: the frames behind it catch up, so a stall costs no throughput;
-a later one restarts the slots at its arrival (see :class:`._release.Pacer`).
+performance model, see :mod:`memryx.timing`). A frame *arrives* when the core had
+it ready for the device (``submit``'s ``ready``: its pre-processing done, on
+whichever thread), not when the core's hand-over reaches ``submit``: a chip's
+latency is measured from the host, with the transfer inside it, so the runtime's
+own thread switch and loop iteration are inside the modeled latency too, and an
+app sees the modeled latency from its input callback's return to its output. A
+frame up to ``queue_depth`` slots late (a host stall between the source and the
+device) does not move the slots after it: the frames behind it catch up, so a
+stall costs no throughput; a later one restarts the slots at its arrival (see
+:class:`._release.Pacer`).
 
 A batch is released with its last frame, so the core hands a paced model only
 the frames whose releases fit in one release tick (``Limits.batch``, see
@@ -155,6 +161,7 @@ class SimulatedDevice:
 
     name = "sim"
     takes_streams = True
+    takes_ready = True
 
     def __init__(self, *, mode: str = "timed", groups: int = 1, concurrency: int | None = None,
                  queue_depth: int | None = None, backend: str | None = None,
@@ -282,7 +289,11 @@ class SimulatedDevice:
                       out_queue=self.queue_depth, batch=batch)
 
     def submit(self, model_idx: int, frames: list[Frame],
-               streams: Sequence[int] | None = None) -> asyncio.Future[list[Frame]]:
+               streams: Sequence[int] | None = None,
+               ready: float | None = None) -> asyncio.Future[list[Frame]]:
+        """Frames in; ``ready``: when the last of them was ready for the device on the host
+        (the core's hand-over to the device is inside the modeled latency, see the module
+        docstring); default: now."""
         model = self._model(model_idx)
         if streams is not None and len(streams) != len(frames):
             raise ValueError(f"{len(streams)} stream tags for {len(frames)} frames")
@@ -292,7 +303,8 @@ class SimulatedDevice:
             fut.set_exception(self._lost(model))
             return fut
         now = self.clock.now()
-        job = _Job(frames, fut, model.admit(now, len(frames)))
+        arrived = now if ready is None or not ready < now else ready
+        job = _Job(frames, fut, model.admit(arrived, len(frames)))
         model.frames_in += len(frames)
         if model.run is None:  # shapes modes
             self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
