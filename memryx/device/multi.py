@@ -44,6 +44,10 @@ class MultiDevice:
                              f"device(s) for ids {list(ids)}")
         self.devices = list(devices)
         self.ids = list(ids)
+        # each frame's stream and ready time pass through to devices that take them (the
+        # simulated "sampled" mode answers a frame with outputs of its own stream only)
+        self.takes_streams = all(getattr(d, "takes_streams", False) for d in self.devices)
+        self.takes_ready = all(getattr(d, "takes_ready", False) for d in self.devices)
         self._in_flight: list[list[int]] = []  # [device][model] frames submitted, not done
         self._submitted: list[list[int]] = []
         self._next = 0
@@ -84,10 +88,16 @@ class MultiDevice:
         self._next = (best + 1) % n
         return best
 
-    def submit(self, model_idx: int, frames: list[list[Array]]
+    def submit(self, model_idx: int, frames: list[list[Array]],
+               streams: Sequence[int] | None = None, ready: float | None = None
                ) -> asyncio.Future[list[list[Array]]]:
         i = self._pick(model_idx)
-        fut = self.devices[i].submit(model_idx, frames)
+        options: dict[str, Any] = {}
+        if streams is not None and self.takes_streams:
+            options["streams"] = streams
+        if ready is not None and self.takes_ready:
+            options["ready"] = ready
+        fut = self.devices[i].submit(model_idx, frames, **options)
         count = len(frames)
         self._in_flight[i][model_idx] += count
         self._submitted[i][model_idx] += count

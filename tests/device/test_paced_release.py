@@ -189,8 +189,10 @@ def test_stop_in_the_middle_of_a_paced_run_returns_promptly_and_delivers_no_more
 
 
 # -- sampled: staleness per stream ---------------------------------------------------------
-def test_sampled_streams_get_only_their_own_streams_outputs():
+@pytest.mark.parametrize("device_ids", [None, [0, 1]], ids=["one device", "two devices"])
+def test_sampled_streams_get_only_their_own_streams_outputs(device_ids: list[int] | None):
     # identity model: an output is the frame it was computed from; stream s sends s*1000 + k
+    # (over two devices each one tells the streams apart: the stream tags pass through)
     dfp = identity(fps=5000, latency_ms=1)
     n_streams, per_stream = 6, 60
     sent = [0] * n_streams
@@ -204,17 +206,21 @@ def test_sampled_streams_get_only_their_own_streams_outputs():
     def sink(s: int, out: np.ndarray) -> None:
         got[s].append(float(out[0, 0]))
 
-    accl = mx.MultiStreamAsyncAccl(dfp, mode="sampled")
+    accl = mx.MultiStreamAsyncAccl(dfp, device_ids, mode="sampled")
     try:
         accl.connect_streams(source, sink, n_streams)
         accl.wait()
-        sampled = accl.statistics()["device"]["models"][0]["sampled"]
+        dev = accl.statistics()["device"]
     finally:
         accl.close()
     for s, values in got.items():
         assert len(values) == per_stream
         for k, v in enumerate(values, start=1):
             assert s * 1000 < v <= s * 1000 + k  # its own stream's, never a later frame's
+    if device_ids is not None:
+        return  # each device counts the staleness of the frames it answered
+    sampled = dev["models"][0]["sampled"]
+    for s, values in got.items():
         staleness = [s * 1000 + k - v for k, v in enumerate(values, start=1)]
         per = sampled["streams"][s]
         assert per["frames"] == per_stream

@@ -102,7 +102,7 @@ async def test_the_fault_wrapper_passes_ready_through():
         await dev.aclose()
 
 
-@pytest.mark.parametrize("kind", ["plain", "async", "multistream"])
+@pytest.mark.parametrize("kind", ["plain", "async", "multistream", "two devices"])
 def test_the_runtimes_hand_over_is_inside_the_modeled_latency(monkeypatch: Any, kind: str):
     """End to end on the real clock: a hand-over slowed by 150 ms (between the input
     callback's return and the device) does not add to a modeled latency of 300 ms. The
@@ -145,13 +145,13 @@ def test_the_runtimes_hand_over_is_inside_the_modeled_latency(monkeypatch: Any, 
     if kind == "multistream":
         accl = mx.MultiStreamAsyncAccl(dfp, device="sim:shapes")
     else:
-        accl = mx.AsyncAccl(dfp, device="sim:shapes")
+        accl = mx.AsyncAccl(dfp, [0, 1] if kind == "two devices" else None, device="sim:shapes")
     try:
         if kind == "multistream":  # the stream pool's workers make the frames
             accl.connect_streams(lambda s: frames(), lambda s, y: out(y), 1)
         else:
             accl.connect_output(out)
-            accl.connect_input(frames if kind == "plain" else aframes)
+            accl.connect_input(aframes if kind == "async" else frames)
         accl.wait()
         stats = accl.statistics()
     finally:
@@ -159,4 +159,5 @@ def test_the_runtimes_hand_over_is_inside_the_modeled_latency(monkeypatch: Any, 
     assert len(got) == 3
     latencies = [b - a for a, b in zip(sent, got, strict=True)]
     assert all(0.299 <= lat < 0.43 for lat in latencies), latencies
-    assert stats["device"]["models"][0]["late_frames"] == 0
+    devices = stats["device"].get("devices", {0: stats["device"]}).values()
+    assert sum(d["models"][0]["late_frames"] for d in devices) == 0
