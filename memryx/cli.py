@@ -196,6 +196,11 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         from ._plot import require_matplotlib
 
         require_matplotlib()
+    from .accl import MultiStreamAsyncAccl
+
+    if args.streams > MultiStreamAsyncAccl.MAX_STREAMS:
+        raise MemryxError(f"--streams {args.streams}: at most "
+                          f"{MultiStreamAsyncAccl.MAX_STREAMS} streams per model")
     dfp = _open_dfp(args.dfp)
     if not 0 <= args.model_idx < dfp.num_models:
         raise MemryxError(f"--model-idx {args.model_idx}: {args.dfp} has {dfp.num_models} "
