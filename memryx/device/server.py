@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from .._core.aio import TaskSet
+from .._core.threads import call_soon
 from ..dfp import Dfp
 from ._limits import ServerLimits
 from ._listen import ServerRunningError, SocketClaim, default_socket_path
@@ -263,7 +264,7 @@ class StopSignals:
         """Set ``event`` (on ``loop``) on a stop request: now if one was made already."""
         def wake() -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(event.set)
+                call_soon(loop, event.set)
 
         self._wake = wake
         if self.count:
