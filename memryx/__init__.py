@@ -20,6 +20,7 @@ from ._exceptions import ModelIndexError as ModelIndexError
 from ._exceptions import NotConnectedError as NotConnectedError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import ShapeError as ShapeError
+from ._exceptions import StreamCountError as StreamCountError
 from ._exceptions import UsageError as UsageError
 from ._options import ClientOptions as ClientOptions
 from ._options import SchedulerOptions as SchedulerOptions
@@ -59,6 +60,7 @@ __all__ = [
     "ProtocolError",
     "SchedulerOptions",
     "ShapeError",
+    "StreamCountError",
     "SyncAccl",
     "UsageError",
     "__version__",

@@ -7,6 +7,7 @@
     │   ├── ShapeError (ValueError)   a frame's shape does not match its port
     │   ├── DtypeError (TypeError)    a frame's dtype does not match its port
     │   ├── InputCountError (ValueError)  wrong number of arrays for a model's ports
+    │   ├── StreamCountError (ValueError) more streams than one model may have
     │   ├── ModelIndexError (IndexError)  model_idx / group_id / stream index out of range
     │   ├── CallbackSignatureError (RuntimeError)  a callback takes the wrong parameters
     │   ├── NotConnectedError (RuntimeError)       wait() with an unconnected input/output
@@ -39,6 +40,7 @@ __all__ = [
     "NotConnectedError",
     "ProtocolError",
     "ShapeError",
+    "StreamCountError",
     "UsageError",
 ]
 
@@ -61,6 +63,11 @@ class DtypeError(UsageError, TypeError):
 
 class InputCountError(UsageError, ValueError):
     """The number of arrays given does not match the number of the model's input ports."""
+
+
+class StreamCountError(UsageError, ValueError):
+    """``connect_streams`` would give a model more streams than it may have
+    (``MultiStreamAsyncAccl.MAX_STREAMS``)."""
 
 
 class ModelIndexError(UsageError, IndexError):

@@ -75,6 +75,7 @@ from ._exceptions import (
     ModelIndexError,
     NotConnectedError,
     ShapeError,
+    StreamCountError,
     UsageError,
 )
 from ._lifecycle import register as register_for_exit
@@ -750,6 +751,12 @@ class MultiStreamAsyncAccl(_Accelerator):
         Other parameters as :class:`AsyncAccl`.
     """
 
+    #: The most streams one model may have, over every ``connect_streams`` call: far more
+    #: cameras than one accelerator serves at a useful rate (at 2,000 frames/s over all
+    #: streams, 4096 streams get under half a frame per second each), and a bound on the
+    #: time and memory the streams' state takes (10**6 streams took 30 s and 2.3 GB).
+    MAX_STREAMS = 4096
+
     def __init__(self, dfp: DfpLike, device_ids: int | Sequence[int] | None = None,
                  stream_workers: int | None = None,
                  use_model_shape: bool | tuple[bool, bool] = (True, True),
@@ -776,6 +783,14 @@ class MultiStreamAsyncAccl(_Accelerator):
                             f"({stream_count!r})")
         if stream_count < 1:
             raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
+        groups = self._stream_groups.get(model_idx)
+        have = groups[-1][0] + groups[-1][1] if groups else 0
+        if have + stream_count > self.MAX_STREAMS:
+            more = f"; it has {have} already" if have else ""
+            raise StreamCountError(
+                f"stream_count {stream_count}: model {model_idx} may have at most "
+                f"{self.MAX_STREAMS} streams (MultiStreamAsyncAccl.MAX_STREAMS){more}; "
+                "use more accelerators (or processes) for more streams")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
         n_out = self._n_outputs(model_idx)
         if n_out is not None:
@@ -783,7 +798,6 @@ class MultiStreamAsyncAccl(_Accelerator):
                             f"the output callback of model {model_idx}")
         output_callback = self._wrap_output(output_callback, model_idx, True, n_out)
         input_callback = self._wrap_stream_input(input_callback, model_idx)
-        groups = self._stream_groups.get(model_idx)
         if groups is None:  # the first call: a router sends each stream to its own callback
             groups = self._stream_groups[model_idx] = [(0, stream_count, output_callback)]
             self._apply(self._engine.connect_output, model_idx,

@@ -17,6 +17,7 @@ the library itself only logs. Every user error is one line on stderr, exit 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ._bench import Timeline, run_bench
 from ._exceptions import DfpError, MemryxError
@@ -33,6 +34,9 @@ from ._version import __version__
 from .device._compute import BACKENDS
 from .device.simulated import MODES
 from .dfp import Dfp, PortInfo
+
+if TYPE_CHECKING:
+    from .device.server import StopSignals
 
 __all__ = ["Timeline", "main", "run_bench"]
 
@@ -192,6 +196,11 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         from ._plot import require_matplotlib
 
         require_matplotlib()
+    from .accl import MultiStreamAsyncAccl
+
+    if args.streams > MultiStreamAsyncAccl.MAX_STREAMS:
+        raise MemryxError(f"--streams {args.streams}: at most "
+                          f"{MultiStreamAsyncAccl.MAX_STREAMS} streams per model")
     dfp = _open_dfp(args.dfp)
     if not 0 <= args.model_idx < dfp.num_models:
         raise MemryxError(f"--model-idx {args.model_idx}: {args.dfp} has {dfp.num_models} "
@@ -276,6 +285,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         tls_server_context,
     )
 
+    log.debug("memryx device server starting (pid %d)", os.getpid())
+
     options = SchedulerOptions(frame_limit=args.frame_limit, time_limit_ms=args.time_limit_ms,
                                ifmap_queue=args.ifmap_queue, ofmap_queue=args.ofmap_queue,
                                max_time_limit_ms=args.max_time_limit_ms)
@@ -305,7 +316,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         out.flush()
     try:
         serve(args.socket, mode=args.mode, options=options, limits=limits, tcp=args.tcp,
-              token=token, insecure=args.insecure, tls=tls, groups=args.groups)
+              token=token, insecure=args.insecure, tls=tls, groups=args.groups,
+              signals=args.stop_signals)
     except ServerRunningError as exc:
         sys.stderr.write(f"memryx serve: error: {exc}\n")
         return 3
@@ -483,9 +495,42 @@ def _configure_logging(args: argparse.Namespace) -> logging.Handler:
     return handler
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (the first word that is not an option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # `memryx serve` stops cleanly on SIGINT / SIGTERM: from here on, whatever it is doing
+    # (parsing, starting, serving, stopping), a signal is a stop request, never a
+    # KeyboardInterrupt, and once it has stopped, an ignored one.
+    stop_signals: StopSignals | None = None
+    if _command(sys.argv[1:] if argv is None else argv) == "serve":
+        from .device.server import StopSignals
+
+        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+            stop_signals = StopSignals().install()
+    try:
+        return _main(argv, stop_signals)
+    finally:
+        if stop_signals is not None:
+            if argv is not None:  # called in-process, not as the command: put them back
+                stop_signals.restore()
+            else:  # the process is on its way out, stopped cleanly: a late signal is
+                # ignored (at finalization Python puts SIG_DFL back, which would kill it)
+                stop_signals.ignore()
+
+
+def _main(argv: Sequence[str] | None, stop_signals: StopSignals | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.stop_signals = stop_signals
     args.progress = progress_mode(quiet=args.quiet)
     handler = _configure_logging(args)
     try:

@@ -60,6 +60,10 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "not a memryx DFP" in capsys.readouterr().err
     assert main(["compile", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x.dfp")]) == 1
     assert "no ONNX file" in capsys.readouterr().err
+    # more streams than one model may have: refused before the DFP is even read
+    assert main(["bench", str(bad), "--streams", "4097"]) == 1
+    err = capsys.readouterr().err
+    assert err == "memryx bench: error: --streams 4097: at most 4096 streams per model\n", err
 
 
 # -- a quiet library ------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import contextlib
 import enum
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -303,14 +304,16 @@ class CallbackOutput:
 
     def __init__(self, engine: Engine, lane: Lane, fn: Callable[..., Any],
                  with_stream_idx: bool) -> None:
-        self.engine = engine
+        # weakly: the engine holds this (``_outputs``), and so does its lane (callback_sink);
+        # a strong reference back made a cycle that kept a closed accelerator's device until
+        # a full garbage collection. A collected engine reads as closed.
+        self._engine: Callable[[], Engine | None] = weakref.ref(engine)
+        self._stopping = engine.stopping
         self.lane = lane
         self.fn = fn
         self.kind = classify(fn)
         self.with_stream_idx = with_stream_idx
         self.failed = False
-        self.handed = 0
-        """Outputs handed to the callback (counted when it is called)."""
         self.role = f"the output callback of model {lane.idx}"
         self._consumer: ThreadConsumer[Out] | None = None
         self._clock = clock_of(lane.device)
@@ -330,7 +333,7 @@ class CallbackOutput:
                     self._batch_done(report[0])
             self._consumer = ThreadConsumer(
                 f"memryx-output-{self.lane.idx}", consume, done,
-                self.lane.budget.total, self.engine.stopping, OUTPUT_BATCH)
+                self.lane.budget.total, self._stopping, OUTPUT_BATCH)
 
     def _unhold(self, n: int) -> None:
         if self._held <= 0:
@@ -348,7 +351,7 @@ class CallbackOutput:
     def deliver_now(self, items: list[Out]) -> None:
         """On the loop, for a plain callback: hand outputs of one device batch, in order,
         to the callback's thread (never waits; the frame budget bounds them)."""
-        if self.failed or self.engine.closed or self._consumer is None:
+        if self.failed or self._engine_closed() or self._consumer is None:
             self._drop(len(items))
             return
         try:
@@ -366,23 +369,23 @@ class CallbackOutput:
         if self._consumer is not None:
             self.deliver_now(items)
             return
-        if self.failed or self.engine.closed:
+        if self.failed or self._engine_closed():
             self._drop(len(items))
             return
         lane = self.lane
         model, meters = lane.meter, lane.streams
         fn, with_idx, finish, blocks = self.fn, self.with_stream_idx, lane.finish, \
             lane.finish_blocks
-        tracer, engine = lane.tracer, self.engine
+        tracer = lane.tracer
         done = 0
         started = lane.now()  # each frame's hand-over starts where the last one ended
         try:
             for n, item in enumerate(items):
-                if self.failed or engine.closed:
+                if self.failed or self._engine_closed():
                     self._drop(len(items) - n)
                     return
                 stream, outputs, t0, ready, k = item
-                self.handed += 1
+                lane.handed += 1
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
@@ -415,21 +418,21 @@ class CallbackOutput:
         finally:
             if done:
                 lane.budget.give(done)
-                engine.lane_progress(lane)
+                self._progress()
 
     def _call_batch(self, batch: list[Out]
                     ) -> list[tuple[Out, BaseException | None, float, float]]:
         """On the output thread: post-process and call back each output of ``batch``;
         report each with the time its own callback (and post-processing) started and ended."""
         report: list[tuple[Out, BaseException | None, float, float]] = []
-        stopping = self.engine.stopping
+        stopping = self._stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
         tracer, model, now = self.lane.tracer, self.lane.idx, self.lane.now
         for item in batch:
             if stopping.is_set() or self.failed:
                 break  # stopped: no callback after stop() returns
             stream, outputs, _, _, k = item
-            self.handed += 1  # from here on the frame is the callback's
+            self.lane.handed += 1  # from here on the frame is the callback's
             started = now()
             try:
                 res = finish(outputs)
@@ -472,7 +475,7 @@ class CallbackOutput:
             done += 1
         if done:
             lane.budget.give(done)
-            self.engine.lane_progress(lane)
+            self._progress()
 
     def _done_one(self, item: Out, error: BaseException | None,
                   started: float, finished: float) -> None:
@@ -488,24 +491,44 @@ class CallbackOutput:
         else:
             where = self.role + (f", stream {stream}" if self.with_stream_idx else "")
             self.failed = True
-            self.engine.record(error, where)
-            self.engine.stop_feeding(lane)
-        self.engine.lane_progress(lane)
+            engine = self._engine()
+            if engine is not None:
+                engine.record(error, where)
+                engine.stop_feeding(lane)
+        self._progress()
 
     def _drop(self, n: int) -> None:
         # Once the accelerator closes, its close owns the fate of every frame not delivered:
         # Engine.aclose counts them dropped as in flight. A drop seen here from then on (the
         # output thread's report of a batch it stopped calling back, which may come after
         # the close) is one of those frames: counting it too would count it twice.
-        if not self.engine.closed:
+        if not self._engine_closed():
             self.lane.dropped += n
         self.lane.budget.give(n)
-        self.engine.lane_progress(self.lane)
+        self._progress()
+
+    def _engine_closed(self) -> bool:
+        engine = self._engine()
+        return engine is None or engine.closed
+
+    def _progress(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine.lane_progress(self.lane)
+
+    @property
+    def handed(self) -> int:
+        """Outputs handed to the callback (counted when it is called)."""
+        return self.lane.handed
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.items.abort()  # counted by the engine as in flight at the stop
+        consumer, self._consumer = self._consumer, None  # its thread keeps it while it ends
+        if consumer is not None:
+            consumer.items.abort()  # counted by the engine as in flight at the stop
         self._unhold(self._held)
+        # no lane <-> deliverer cycle once closed (the count of handed outputs is the lane's)
+        if self.lane.callback_sink is self:
+            self.lane.callback_sink = None
 
 
 def _trace_inputs(lane: Lane, stream: int, first: int, batch: list[tuple[Any, ...]]) -> None:

@@ -168,6 +168,9 @@ class Engine:
         for tasks in (self._feeders, self._tasks):
             if tasks is not None:
                 await tasks.aclose()
+        # the stream pools hold the engine (pool.engine): no cycle left once closed, so the
+        # device is freed by reference counting (the output deliverers drop theirs in close())
+        self._pools.clear()
         dropped = 0
         for lane in self.lanes:
             lane.close()

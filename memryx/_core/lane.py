@@ -149,6 +149,8 @@ class Lane:
         """Frames admitted and never delivered (the output callback raised, or a stop)."""
         self.device_wait_s = 0.0
         self.callback_sink: Any = None  # the output callback's deliverer, when connected
+        self.handed = 0
+        """Outputs handed to the output callback (counted when it is called)."""
         self._on_fault = on_fault
         self._loop = asyncio.get_running_loop()
         self._queued_tags: list[Tag] = []
@@ -188,9 +190,7 @@ class Lane:
     def delivered(self) -> int:
         """Frames whose outputs reached their receiver (a callback still running when the
         accelerator stopped was handed its frame: that counts)."""
-        out = self.callback_sink
-        handed = out.handed if out is not None else 0
-        return max(self.meter.frames_out, handed)
+        return max(self.meter.frames_out, self.handed)
 
     @property
     def in_flight(self) -> int:

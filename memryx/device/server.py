@@ -17,17 +17,21 @@ models leave the schedule and its device is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .._core.aio import TaskSet
+from .._core.threads import call_soon
 from ..dfp import Dfp
 from ._limits import ServerLimits
 from ._listen import ServerRunningError, SocketClaim, default_socket_path
@@ -35,7 +39,7 @@ from ._scheduler import ChipScheduler, SchedulerOptions
 from ._session import Session
 
 __all__ = ["DeviceServer", "SchedulerOptions", "ServerLimits", "ServerRunningError",
-           "default_socket_path", "parse_host_port", "serve", "tls_server_context"]
+           "StopSignals", "default_socket_path", "parse_host_port", "serve", "tls_server_context"]
 
 log = logging.getLogger("memryx.server")
 
@@ -189,29 +193,116 @@ class DeviceServer:
             self._claim = None
 
     async def serve_forever(self) -> None:
-        await self.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        """Serve until SIGINT / SIGTERM (main thread), then stop cleanly.
+
+        The handlers are in place before the server starts: a signal that lands while it
+        starts, serves or stops ends in the same clean stop.
+        """
+        signals = StopSignals().install()
         try:
-            await stop.wait()
+            await self.serve_until(signals)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self.aclose()
-            log.info("memryx device server stopped")
+            signals.restore()
+
+    async def serve_until(self, signals: StopSignals) -> None:
+        """Serve until ``signals`` has a stop request (one made already counts)."""
+        stop = asyncio.Event()
+        signals.attach(asyncio.get_running_loop(), stop)
+        try:
+            if stop.is_set():
+                log.info("memryx device server stopped before it started")
+                return
+            await self.start()  # a signal now is only recorded: start, then stop at once
+            try:
+                await stop.wait()
+            finally:
+                await self.aclose()
+                log.info("memryx device server stopped")
+        finally:
+            signals.detach()
 
 
-def serve(path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+class StopSignals:
+    """SIGINT and SIGTERM as a request to stop, from the moment :meth:`install` is called.
+
+    The handler only counts the signal and wakes the loop that waits for it (see
+    :meth:`attach`); it never raises. So a Ctrl-C at any moment of a server's life, while it
+    starts, serves or stops, ends in the same clean stop, and a second Ctrl-C while it stops
+    changes nothing: the stop already under way finishes (it is bounded) and the exit is
+    still clean. Installed in the main thread only (as :func:`signal.signal` requires).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        #: Stop signals received so far.
+        self.count = 0
+        self._wake: Callable[[], None] | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def install(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def ignore(self) -> None:
+        """Ignore the signals from now on (a process that has stopped and is exiting)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        """Set ``event`` (on ``loop``) on a stop request: now if one was made already."""
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                call_soon(loop, event.set)
+
+        self._wake = wake
+        if self.count:
+            event.set()
+
+    def detach(self) -> None:
+        self._wake = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # runs in the main thread between two bytecodes, wherever it is: record, wake, return
+        self.count += 1
+        wake = self._wake
+        if wake is not None:
+            wake()
+
+
+def serve(path: str | os.PathLike[str] | None = None, *, signals: StopSignals | None = None,
+          **kwargs: Any) -> None:
     """Run a device server until SIGINT / SIGTERM (uvloop when installed).
 
+    ``signals``: stop requests installed earlier by the caller (the ``memryx serve``
+    command installs them before anything else, so that a Ctrl-C during start-up is a
+    clean stop too); by default they are installed here, and restored on return.
     Keyword arguments are those of :class:`DeviceServer`.
     """
-    server = DeviceServer(path, **kwargs)
+    own = signals is None
+    stop = StopSignals().install() if signals is None else signals
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(server.serve_forever())
-    else:
-        uvloop.run(server.serve_forever())
+        if stop.requested:  # stopped before it started: nothing to start or clean up
+            log.info("memryx device server stopped before it started")
+            return
+        server = DeviceServer(path, **kwargs)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover
+            asyncio.run(server.serve_until(stop))
+        else:
+            uvloop.run(server.serve_until(stop))
+    finally:
+        if own:
+            stop.restore()

@@ -241,3 +241,60 @@ def test_color_classifier_streams_predict_the_truth():
     accl.connect_streams(source, lambda s, probs: got[s].append(int(np.argmax(probs))), 3)
     accl.wait()
     assert dict(got) == truth
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_count_past_the_limit_is_refused_at_once(identity_dfp):
+    # connect_streams(..., 10**6) used to take 30 s and 2.3 GB before the first frame.
+    limit = mx.MultiStreamAsyncAccl.MAX_STREAMS
+    assert limit == 4096
+    x = np.ones((1, 4), np.float32)
+    with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
+        t0 = time.monotonic()
+        with pytest.raises(mx.StreamCountError,
+                           match=r"stream_count 1000000: model 0 may have at most 4096 "
+                                 r"streams \(MultiStreamAsyncAccl.MAX_STREAMS\)") as info:
+            accl.connect_streams(lambda s: None, lambda s, y: None, 10**6)
+        assert time.monotonic() - t0 < 5  # refused, not connected and then refused
+        assert isinstance(info.value, ValueError) and isinstance(info.value, mx.UsageError)
+        # nothing was connected: the model takes streams up to the limit, and they run
+        left = dict.fromkeys(range(limit - 6), 1)
+        added = threading.Event()
+
+        def source(s):
+            if s == 0:  # runs until the last streams are added (so that some stream is open)
+                left[0] = left[0] - 1
+                return None if added.is_set() and left[0] < 0 else x
+            if left.get(s, 0) <= 0:
+                return None
+            left[s] -= 1
+            return x
+
+        got = defaultdict(int)
+        accl.connect_streams(source, lambda s, y: got.__setitem__(s, got[s] + 1), limit - 6)
+        # added streams count towards the limit, which the message says
+        with pytest.raises(mx.StreamCountError, match=r"stream_count 7: .* at most 4096 "
+                                                      r"streams .*; it has 4090 already"):
+            accl.connect_streams(lambda s: None, lambda s, y: None, 7)
+        left.update(dict.fromkeys(range(limit - 6, limit), 2))
+        accl.connect_streams(source, lambda s, y: got.__setitem__(s, got[s] + 1), 6)  # fits
+        added.set()
+        accl.wait()
+    assert got[0] >= 1 and len(got) == limit and got[limit - 1] == 2
+    assert sum(got.values()) == got[0] + (limit - 7) + 12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_stream_count_past_the_limit_is_refused_in_async_code(identity_dfp):
+    async def source(s):
+        return None
+
+    async def sink(s, y):
+        pass
+
+    async with mx.MultiStreamAsyncAccl(identity_dfp) as accl:
+        with pytest.raises(mx.StreamCountError, match="at most 4096 streams"):
+            accl.connect_streams(source, sink, 4097)
+        accl.connect_streams(source, sink, 4096)
+        await accl.await_done()

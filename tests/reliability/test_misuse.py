@@ -285,6 +285,9 @@ CASES = [
          TypeError, "group_id must be an int, got bool"),
     case("stream-count-zero", lambda e: streams(e.identity, lambda i: None, lambda i, y: None, 0),
          ValueError, "stream_count must be a positive int, got 0"),
+    case("stream-count-huge",
+         lambda e: streams(e.identity, lambda i: None, lambda i, y: None, 10**6),
+         mx.StreamCountError, r"stream_count 1000000: model 0 may have at most 4096 streams"),
     # a wrong type is a TypeError (issue 9)
     case("stream-count-str", lambda e: streams(e.identity, lambda i: None, lambda i, y: None, "4"),
          TypeError, r"stream_count must be an int, got str \('4'\)"),
