@@ -48,3 +48,66 @@ async def test_concurrent_aruns_each_get_their_own_post_processed_outputs(identi
         outs = await asyncio.gather(*[accl.arun(np.full((1, 4), k, np.float32))
                                       for k in range(10)])
     assert [float(o.ravel()[0]) for o in outs] == [float(k) for k in range(10)]
+
+
+# -- several device ids: the stream of each frame and when it was ready ---------------------------
+@pytest.mark.timeout(90)
+def test_sampled_mode_over_several_device_ids_answers_each_stream_with_its_own_outputs() -> None:
+    # MultiDevice (device_ids=[0, 1]) dropped submit's streams: the simulated devices'
+    # "sampled" mode then took every frame for stream 0 and answered frames of one camera
+    # with another camera's outputs (894 of 1200 here), silently.
+    from memryx import testing
+
+    dfp = mx.NeuralCompiler(models=testing.identity_model((1, 4)), fps=20000,
+                            latency_ms=0.5).run()  # faster than this host: frames are sampled
+    streams, frames = 4, 150
+    sent = [0] * streams
+    wrong: list[tuple[int, float]] = []
+    got = [0] * streams
+
+    def source(s: int) -> Any:
+        if sent[s] >= frames:
+            return None
+        sent[s] += 1
+        return np.full((1, 4), 100.0 * s, np.float32)
+
+    def sink(s: int, y: Any) -> None:
+        got[s] += 1
+        value = float(np.asarray(y).ravel()[0])
+        if value != 100.0 * s:
+            wrong.append((s, value))
+
+    accl = mx.MultiStreamAsyncAccl(dfp, device_ids=[0, 1], device="sim:sampled")
+    try:
+        accl.connect_streams(source, sink, streams)
+        accl.wait()
+    finally:
+        accl.close()
+    assert got == [frames] * streams
+    assert wrong == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_several_device_ids_count_the_modeled_latency_from_ready() -> None:
+    # MultiDevice dropped submit's ready= too: over several ids the modeled latency
+    # counted from the hand-over again, not from when the frame was ready.
+    from memryx.clock import VirtualClock
+    from memryx.device import SimulatedDevice
+    from memryx.device.multi import MultiDevice
+
+    dfp = mx.NeuralCompiler(models=mx.testing.identity_model((1, 4)), fps=100,
+                            latency_ms=20).run()
+    clock = VirtualClock()
+    dev = MultiDevice([SimulatedDevice(mode="shapes", groups=2, clock=clock),
+                       SimulatedDevice(mode="shapes", groups=2, clock=clock)], [0, 1])
+    assert dev.takes_ready and dev.takes_streams
+    await dev.open(dfp, 0)
+    try:
+        t0 = clock.now()
+        await clock.sleep(0.005)  # the hand-over took 5 ms
+        fut = dev.submit(0, [[np.zeros((1, 4), np.float32)]], streams=[3], ready=t0)
+        await asyncio.wait_for(asyncio.shield(fut), 10)
+        assert clock.now() - t0 == pytest.approx(0.020, abs=1e-9)
+    finally:
+        await dev.aclose()
