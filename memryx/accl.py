@@ -50,7 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._compat import CompatMixin
-from ._core.callbacks import CallbackKind, check_signature, classify
+from ._core.callbacks import CallbackKind, check_output_kind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
 from ._core.processing import PortSpec, check_post_inputs, make_processor
@@ -720,6 +720,7 @@ class AsyncAccl(_Accelerator):
         callback's to keep. May be an ``async def`` function.
         """
         self._dfp.model(model_idx)
+        check_output_kind(callback, f"the output callback of model {model_idx}")
         callback = self._wrap_output(callback, model_idx, False, self._n_outputs(model_idx))
         self._apply(self._engine.connect_output, model_idx, callback, False)
 
@@ -777,6 +778,7 @@ class MultiStreamAsyncAccl(_Accelerator):
         if stream_count < 1:
             raise ValueError(f"stream_count must be a positive int, got {stream_count!r}")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
+        check_output_kind(output_callback, f"the output callback of model {model_idx}")
         n_out = self._n_outputs(model_idx)
         if n_out is not None:
             check_signature(output_callback, n_out + 1,

@@ -154,3 +154,49 @@ def test_sampled_mode_over_a_device_server_answers_each_stream_with_its_own_outp
     finally:
         srv.stop()
     assert wrong == []
+
+
+# -- an output callback that is a generator function -------------------------------------------
+def _gen_out(y: Any) -> Any:
+    yield y  # a generator function: calling it runs none of its body
+
+
+async def _agen_out(y: Any) -> Any:
+    yield y
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fn", [_gen_out, _agen_out], ids=["generator", "async-generator"])
+@pytest.mark.parametrize("api", ["connect_output", "connect_streams"])
+def test_an_output_callback_that_is_a_generator_function_is_refused_when_connected(
+        identity_dfp: Any, fn: Any, api: str) -> None:
+    # A plain generator function as output callback was "called" for every frame without
+    # running a line of it: every output was silently dropped. An async generator function
+    # failed later, inside the run, with a bare TypeError ("object async_generator can't
+    # be used in 'await' expression").
+    if api == "connect_output":
+        accl: Any = mx.AsyncAccl(identity_dfp)
+        try:
+            with pytest.raises(mx.CallbackSignatureError, match="generator"):
+                accl.connect_output(fn)
+        finally:
+            accl.close()
+    else:
+        accl = mx.MultiStreamAsyncAccl(identity_dfp)
+        try:
+            with pytest.raises(mx.CallbackSignatureError, match="generator"):
+                accl.connect_streams(lambda s: None, _two(fn), 1)
+        finally:
+            accl.close()
+
+
+def _two(fn: Any) -> Any:
+    """``fn`` as a stream output callback (stream index first), still a generator function."""
+    if fn is _gen_out:
+        def gen(s: int, y: Any) -> Any:
+            yield y
+        return gen
+
+    async def agen(s: int, y: Any) -> Any:
+        yield y
+    return agen
