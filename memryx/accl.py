@@ -53,7 +53,7 @@ from ._compat import CompatMixin
 from ._core.callbacks import CallbackKind, check_output_kind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
-from ._core.processing import PortSpec, check_post_inputs, make_processor
+from ._core.processing import PortSpec, check_post_inputs, make_processor, running_processors
 from ._core.threads import (
     Runner,
     await_future,
@@ -231,6 +231,11 @@ class _Accelerator(CompatMixin):
                   *args: Any) -> T:
         """Run core coroutine ``fn`` for a sync caller, blocking only that caller."""
         self._check_open()
+        running = running_processors()
+        if running and any(proc is lane.pre or proc is lane.post
+                           for lane in self._engine.lanes for proc in running):
+            raise UsageError(f"{what} cannot be called from this accelerator's own pre- or "
+                             f"post-processing: it would wait for itself")
         if self._state is _State.ASYNC:
             assert self._loop is not None
             if on_loop_thread(self._loop):

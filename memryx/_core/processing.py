@@ -9,6 +9,7 @@ descriptions (count, type, dtype, shape) and returns private copies.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,16 @@ _ORT_TYPES = {
 }
 
 
+#: The Python processors running on each thread (innermost last), so that an accelerator
+#: can refuse a blocking call from its own pre- or post-processing (it would wait for itself).
+_running = threading.local()
+
+
+def running_processors() -> tuple[Processor, ...]:
+    """The Python pre-/post-processing callables running on the calling thread."""
+    return tuple(getattr(_running, "procs", ()))
+
+
 class CallableProcessor(Processor):
     def __init__(self, fn: Callable[..., Any], role: str) -> None:
         self._fn = fn
@@ -103,7 +114,14 @@ class CallableProcessor(Processor):
         self._copies = role != "pre-processing"
 
     def __call__(self, arrays: list[Array]) -> list[Array]:
-        result = self._fn(*arrays)
+        procs: list[Processor] | None = getattr(_running, "procs", None)
+        if procs is None:
+            procs = _running.procs = []
+        procs.append(self)
+        try:
+            result = self._fn(*arrays)
+        finally:
+            procs.pop()
         if isinstance(result, (np.ndarray, np.generic)):
             return [self._own(result, arrays) if self._copies else np.asarray(result)]
         if isinstance(result, (list, tuple)) and all(

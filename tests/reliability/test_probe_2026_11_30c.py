@@ -200,3 +200,36 @@ def _two(fn: Any) -> Any:
     async def agen(s: int, y: Any) -> Any:
         yield y
     return agen
+
+
+# -- pre-/post-processing that calls back into its own accelerator --------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("where", ["pre", "post"])
+@pytest.mark.parametrize("call", ["run", "receive"])
+def test_processing_that_calls_its_own_accelerator_is_a_usage_error_not_a_hang(
+        identity_dfp: Any, where: str, call: str) -> None:
+    # A pre- or post-processing callable calling run()/receive() on its own SyncAccl waited
+    # for itself for ever (the frame it processes can only finish after it returns), as
+    # wait() from an own callback would, which is refused.
+    x = np.zeros((1, 4), np.float32)
+    with mx.SyncAccl(identity_dfp) as accl:
+        def fn(y: np.ndarray) -> np.ndarray:
+            if call == "run":
+                return np.asarray(accl.run(y))
+            accl.receive()
+            return y
+
+        if where == "pre":
+            accl.set_preprocessing_model(fn)
+        else:
+            accl.set_postprocessing_model(fn)
+        with pytest.raises(mx.UsageError, match="own pre- or post-processing"):
+            accl.run(x)
+
+
+@pytest.mark.timeout(30)
+def test_processing_may_run_frames_on_another_accelerator(identity_dfp: Any) -> None:
+    x = np.ones((1, 4), np.float32)
+    with mx.SyncAccl(identity_dfp) as other, mx.SyncAccl(identity_dfp) as accl:
+        accl.set_postprocessing_model(lambda y: np.asarray(other.run(y)) * 2)
+        assert float(np.asarray(accl.run(x)).ravel()[0]) == 2.0
