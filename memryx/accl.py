@@ -50,10 +50,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._compat import CompatMixin
-from ._core.callbacks import CallbackKind, check_signature, classify
+from ._core.callbacks import CallbackKind, check_output_kind, check_signature, classify
 from ._core.engine import ChannelSink, Engine, WouldBlock
 from ._core.lane import Frame
-from ._core.processing import PortSpec, check_post_inputs, make_processor
+from ._core.processing import PortSpec, check_post_inputs, make_processor, running_processors
 from ._core.threads import (
     Runner,
     await_future,
@@ -232,6 +232,11 @@ class _Accelerator(CompatMixin):
                   *args: Any) -> T:
         """Run core coroutine ``fn`` for a sync caller, blocking only that caller."""
         self._check_open()
+        running = running_processors()
+        if running and any(proc is lane.pre or proc is lane.post
+                           for lane in self._engine.lanes for proc in running):
+            raise UsageError(f"{what} cannot be called from this accelerator's own pre- or "
+                             f"post-processing: it would wait for itself")
         if self._state is _State.ASYNC:
             assert self._loop is not None
             if on_loop_thread(self._loop):
@@ -721,6 +726,7 @@ class AsyncAccl(_Accelerator):
         callback's to keep. May be an ``async def`` function.
         """
         self._dfp.model(model_idx)
+        check_output_kind(callback, f"the output callback of model {model_idx}")
         callback = self._wrap_output(callback, model_idx, False, self._n_outputs(model_idx))
         self._apply(self._engine.connect_output, model_idx, callback, False)
 
@@ -792,6 +798,7 @@ class MultiStreamAsyncAccl(_Accelerator):
                 f"{self.MAX_STREAMS} streams (MultiStreamAsyncAccl.MAX_STREAMS){more}; "
                 "use more accelerators (or processes) for more streams")
         check_signature(input_callback, 1, f"the input callback of model {model_idx}")
+        check_output_kind(output_callback, f"the output callback of model {model_idx}")
         n_out = self._n_outputs(model_idx)
         if n_out is not None:
             check_signature(output_callback, n_out + 1,

@@ -44,7 +44,8 @@ from .workers import ThreadConsumer, ThreadProducer
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["END", "CallbackKind", "CallbackOutput", "check_signature", "classify", "feed"]
+__all__ = ["END", "CallbackKind", "CallbackOutput", "check_output_kind", "check_signature",
+           "classify", "feed"]
 
 #: The most outputs handed to a sync output callback's thread in one batch.
 OUTPUT_BATCH = 64
@@ -86,6 +87,18 @@ def classify(fn: Callable[..., Any]) -> CallbackKind:
     if any(inspect.isgeneratorfunction(t) for t in targets):
         return CallbackKind.GENERATOR
     return CallbackKind.SYNC
+
+
+def check_output_kind(fn: Any, role: str) -> None:
+    """Refuse a generator function (plain or async) as an output callback: calling one runs
+    none of its body, so every output would be dropped without a word."""
+    kind = classify(fn) if callable(fn) else CallbackKind.SYNC
+    if kind in (CallbackKind.GENERATOR, CallbackKind.ASYNC_GENERATOR):
+        what = "an async generator" if kind is CallbackKind.ASYNC_GENERATOR else "a generator"
+        raise CallbackSignatureError(
+            f"{role} {getattr(fn, '__qualname__', fn)!r} is {what} function: calling it would "
+            f"run none of its body (it only makes a generator), so every output would be "
+            f"lost; use `return` instead of `yield` (or `async def` without `yield`)")
 
 
 def check_signature(fn: Any, n_args: int | None, role: str) -> None:

@@ -9,6 +9,7 @@ descriptions (count, type, dtype, shape) and returns private copies.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,22 +96,51 @@ _ORT_TYPES = {
 }
 
 
+#: The Python processors running on each thread (innermost last), so that an accelerator
+#: can refuse a blocking call from its own pre- or post-processing (it would wait for itself).
+_running = threading.local()
+
+
+def running_processors() -> tuple[Processor, ...]:
+    """The Python pre-/post-processing callables running on the calling thread."""
+    return tuple(getattr(_running, "procs", ()))
+
+
 class CallableProcessor(Processor):
     def __init__(self, fn: Callable[..., Any], role: str) -> None:
         self._fn = fn
         self._role = role
+        # pre-processing outputs are copied anyway, into the device-ready frame (conform)
+        self._copies = role != "pre-processing"
 
     def __call__(self, arrays: list[Array]) -> list[Array]:
-        result = self._fn(*arrays)
+        procs: list[Processor] | None = getattr(_running, "procs", None)
+        if procs is None:
+            procs = _running.procs = []
+        procs.append(self)
+        try:
+            result = self._fn(*arrays)
+        finally:
+            procs.pop()
         if isinstance(result, (np.ndarray, np.generic)):
-            return [np.asarray(result)]
+            return [self._own(result, arrays) if self._copies else np.asarray(result)]
         if isinstance(result, (list, tuple)) and all(
                 isinstance(r, (np.ndarray, np.generic)) for r in result):
-            return [np.asarray(r) for r in result]
+            return [self._own(r, arrays) if self._copies else np.asarray(r) for r in result]
         raise TypeError(
             f"{self._role} callable {getattr(self._fn, '__qualname__', self._fn)!r} must return "
             f"a numpy.ndarray or a sequence of them, got {type(result).__name__}"
         )
+
+    @staticmethod
+    def _own(result: Any, arrays: list[Array]) -> Array:
+        """A result the runtime may keep: the callable's own array may be a buffer it
+        writes again on its next call (outputs of a batch ``run``, concurrent ``arun``
+        calls and ``receive`` are handed out after later frames were processed), so it is
+        copied; an input array handed back as it is is the frame's own already."""
+        if any(result is a for a in arrays):
+            return result  # type: ignore[no-any-return]
+        return np.array(result, copy=True)
 
 
 def _onnx_processor(model: bytes, model_idx: int, role: str, source: str) -> OnnxProcessor:

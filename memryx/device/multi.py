@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
+from ..clock import clock_of
 from .base import Device, Limits
 
 if TYPE_CHECKING:
@@ -51,6 +52,14 @@ class MultiDevice:
         self._in_flight: list[list[int]] = []  # [device][model] frames submitted, not done
         self._submitted: list[list[int]] = []
         self._next = 0
+        # Per-frame streams and ready times go through when every device takes them (the
+        # simulated device's "sampled" mode answers a frame with its own stream's outputs
+        # only if it is told the streams); ready times only on the devices' one clock.
+        self.takes_streams = all(getattr(d, "takes_streams", False) for d in self.devices)
+        clocks = {id(clock_of(d)) for d in self.devices}
+        self.clock = clock_of(self.devices[0])
+        self.takes_ready = len(clocks) == 1 and all(getattr(d, "takes_ready", False)
+                                                    for d in self.devices)
 
     async def open(self, dfp: Dfp, group_id: int) -> None:
         """Open every device on its own id (``group_id`` is the first id, unused)."""
