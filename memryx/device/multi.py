@@ -45,10 +45,6 @@ class MultiDevice:
                              f"device(s) for ids {list(ids)}")
         self.devices = list(devices)
         self.ids = list(ids)
-        # each frame's stream and ready time pass through to devices that take them (the
-        # simulated "sampled" mode answers a frame with outputs of its own stream only)
-        self.takes_streams = all(getattr(d, "takes_streams", False) for d in self.devices)
-        self.takes_ready = all(getattr(d, "takes_ready", False) for d in self.devices)
         self._in_flight: list[list[int]] = []  # [device][model] frames submitted, not done
         self._submitted: list[list[int]] = []
         self._next = 0

@@ -303,6 +303,8 @@ class SimulatedDevice:
             fut.set_exception(self._lost(model))
             return fut
         now = self.clock.now()
+        if ready is not None and not math.isfinite(ready):
+            raise ValueError(f"ready must be a finite time on the device's clock, got {ready!r}")
         arrived = now if ready is None or not ready < now else ready
         job = _Job(frames, fut, model.admit(arrived, len(frames)))
         model.frames_in += len(frames)

@@ -69,6 +69,20 @@ async def test_ready_never_moves_a_frame_earlier_than_the_schedule_or_later_than
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), float("inf")])
+async def test_a_ready_time_that_is_not_finite_is_refused(bad: float):
+    dev = SimulatedDevice(mode="shapes", clock=VirtualClock())
+    await dev.open(identity(fps=100, latency_ms=20), 0)
+    try:
+        with pytest.raises(ValueError, match="ready must be a finite time"):
+            dev.submit(0, X, ready=bad)
+        fut = dev.submit(0, X, ready=None)  # the device still takes frames
+        await asyncio.wait_for(asyncio.shield(fut), 10)
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.asyncio
 async def test_a_frame_whose_hand_over_outlasted_its_latency_is_released_at_once_and_late():
     clock = VirtualClock()
     dev = SimulatedDevice(mode="shapes", clock=clock)
