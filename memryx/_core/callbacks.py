@@ -223,9 +223,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
-        lane.meter.frames_in += 1
-        meter.frames_in += 1
-        lane.dropped += 1
+        lane.lost_frames(meter)
 
     budget = lane.budget
     producer: ThreadProducer[tuple[Any, ...]] = ThreadProducer(
@@ -255,9 +253,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
         producer.halt()
         left = producer.items.abort()  # made after we stopped listening: never sent
         if left:
-            lane.meter.frames_in += left
-            meter.frames_in += left
-            lane.dropped += left
+            lane.lost_frames(meter, left)
         budget.give(outstanding)  # frames left in the channel held units too
         if gen is not None and inspect.getgeneratorstate(gen) != "GEN_RUNNING":
             with contextlib.suppress(Exception):

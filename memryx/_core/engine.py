@@ -180,8 +180,7 @@ class Engine:
                 out.close()
             # admitted and never delivered: dropped by the stop, counted here only (from
             # `closed` on, the output side counts no drop of its own: CallbackOutput._drop)
-            lane.dropped += lane.in_flight
-            dropped += lane.dropped
+            dropped += lane.count_at_close()
         closed = ClosedError(f"the accelerator was closed with {dropped} frame(s) in flight")
         for lane in self.lanes:
             lane.budget.fail(closed)

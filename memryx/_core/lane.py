@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import logging
 import math
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -147,6 +148,11 @@ class Lane:
         self.sinks: set[Any] = set()
         self.dropped = 0
         """Frames admitted and never delivered (the output callback raised, or a stop)."""
+        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frame`)
+        #: against the close's own count of them (``Engine.aclose``).
+        self.count_lock = threading.Lock()
+        self.closed_count: int | None = None
+        """The frames the close counted dropped (None: not closed yet)."""
         self.device_wait_s = 0.0
         self.callback_sink: Any = None  # the output callback's deliverer, when connected
         self.handed = 0
@@ -214,6 +220,29 @@ class Lane:
         if meter is None:
             meter = self.streams[stream] = Meter()
         return meter
+
+    def lost_frames(self, stream: Meter | None, n: int = 1) -> None:
+        """Input callbacks returned ``n`` frames after their stream was abandoned (a stop;
+        on a producer thread, or on the loop for frames left in a producer's channel).
+        They came in and are dropped; if the close has already counted the dropped frames
+        (and logged them), these are logged on their own."""
+        with self.count_lock:
+            self.meter.frames_in += n
+            if stream is not None:
+                stream.frames_in += n
+            self.dropped += n
+            late = self.closed_count is not None
+        if late:
+            log.info("dropped %d frame(s) input callbacks of model %d returned after the "
+                     "close", n, self.idx)
+
+    def count_at_close(self) -> int:
+        """On the loop, at the close: every frame admitted and not delivered is dropped;
+        the lane's dropped frames so far."""
+        with self.count_lock:
+            self.dropped += self.in_flight
+            self.closed_count = self.dropped
+            return self.dropped
 
     # -- pre- and post-processing: the one place they run ----------------------------------------
     def user_specs(self) -> tuple[PortSpec, ...] | None:

@@ -314,9 +314,7 @@ class StreamPool:
         lane = self.lane
         for s, item in (pair for run in self.channel.abort_items() for pair in run):
             if item is not END and not isinstance(item, _Failed):  # its unit is given below
-                lane.meter.frames_in += 1
-                s.meter.frames_in += 1
-                lane.dropped += 1
+                lane.lost_frames(s.meter)
         with self._lock:  # made by workers and not put: the channel is closed, so dropped
             for made in self._made.values():
                 if made:
@@ -500,7 +498,4 @@ class StreamPool:
 
     def _lost(self, s: _Stream) -> None:
         """On a worker: a frame made after the pool stopped listening (a stop)."""
-        lane = self.lane
-        lane.meter.frames_in += 1
-        s.meter.frames_in += 1
-        lane.dropped += 1
+        self.lane.lost_frames(s.meter)

@@ -73,7 +73,8 @@ class Baseline:
 class CloseLog(logging.Handler):
     """Collects what the engine logs on ``memryx.core`` (thread-safe)."""
 
-    PATTERN = re.compile(r"closed with (\d+) frame\(s\) in flight")
+    PATTERN = re.compile(r"closed with (\d+) frame\(s\) in flight|dropped (\d+) frame\(s\) "
+                         r"input callbacks of model \d+ returned after the close")
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -85,9 +86,10 @@ class CloseLog(logging.Handler):
             self.messages.append(record.getMessage())
 
     def dropped(self) -> list[int]:
-        """The count of every "closed with N frame(s) in flight" line so far."""
+        """The count of every "closed with N frame(s) in flight" line so far, and of every
+        line for frames input callbacks returned after that close."""
         with self._lock2:
-            return [int(m.group(1)) for msg in self.messages
+            return [int(m.group(1) or m.group(2)) for msg in self.messages
                     if (m := self.PATTERN.search(msg))]
 
     def clear(self) -> None:

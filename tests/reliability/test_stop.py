@@ -203,6 +203,50 @@ def test_stop_under_load_accounts_for_every_frame(dfps, device):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("kind", ["AsyncAccl", "MultiStreamAsyncAccl"])
+def test_a_frame_an_input_callback_returns_after_the_close_is_counted_once_and_logged(
+        identity_dfp, device, kind):
+    """Regression (2026-11-30, once in a run of test_stop_under_load_accounts_for_every_frame):
+    a frame an input callback returns after the close is counted on its thread, while
+    the close counts on the loop. The two counts raced (one increment could be lost), and
+    the close's log line, written before the frame came, could not hold it. Now both
+    counts are taken under one lock, and a frame that comes after the close is logged on
+    its own line."""
+    entered, release = threading.Event(), threading.Event()
+    made = [0]
+    got: list[int] = []
+
+    def source(*_: Any) -> np.ndarray:
+        made[0] += 1
+        if made[0] == 5:  # the 5th frame is still in the callback when the close comes
+            entered.set()
+            release.wait(10)
+        return np.zeros((1, 4), np.float32)
+
+    accl: Any = getattr(mx, kind)(identity_dfp, device=device)
+    with close_log() as log:
+        try:
+            if kind == "AsyncAccl":
+                accl.connect_output(lambda y: got.append(1))
+                accl.connect_input(source)
+            else:
+                accl.connect_streams(source, lambda s, y: got.append(1), 1)
+            assert entered.wait(10)
+            accl.stop()
+            assert sum(log.dropped()) == 4 - len(got)  # what the close saw
+            release.set()
+            assert settle(lambda: accl.statistics()["models"][0]["frames_in"] == 5, 10)
+            assert settle(lambda: len(log.dropped()) == 2, 10), log.messages
+            stats = accl.statistics()["models"][0]
+        finally:
+            release.set()
+            accl.close()
+    assert made[0] == 5 and stats["frames_out"] == len(got)
+    assert reported_dropped(stats) == 5 - len(got)
+    assert sum(log.dropped()) == 5 - len(got)
+    assert any("returned after the close" in m for m in log.messages)
+
+
 def test_frames_waiting_for_room_are_counted_at_stop(identity_dfp, device):
     """The same, made deterministic: the output callback blocks, the pipeline fills up (its
     frame budget all taken) and each of the 4 streams' feeders waits for room when stop()
