@@ -251,3 +251,32 @@ async def test_timed_mode_takes_one_frame_per_submit():
         assert dev.limits(0).batch == 1  # it computes every frame: no batches
     finally:
         await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_batched_releases_on_the_loops_timers_do_not_spin_the_loop():
+    # The loop's timers keep whole milliseconds (uvloop fires a shorter delay at once): a
+    # wake-up that came early and waited again for the rest of it spun the loop, one
+    # iteration after another until the job was due (about two wake-ups per frame at
+    # 18,000 fps, most of the loop thread's CPU). A wake-up releases what is due within
+    # half a millisecond instead: about one wake-up per loop timer tick, never far early.
+    fps, jobs = 20000.0, 100
+    dev = SimulatedDevice(mode="shapes")
+    await dev.open(identity(fps=fps, latency_ms=1), 0)
+    try:
+        batch = dev.limits(0).batch
+        assert batch > 1 and dev._waker is None  # batched, on the loop's own timers
+        x = [[np.zeros((1, 4), np.float32)]] * batch
+        futs = []
+        for _ in range(jobs):
+            futs.append(dev.submit(0, x))
+            await asyncio.sleep(batch / fps)  # a source as fast as the chip
+        out = await asyncio.wait_for(asyncio.gather(*futs), 20)
+        assert [len(o) for o in out] == [batch] * jobs
+        releases = dev._models[0].releases
+        assert releases is not None
+        assert releases.wakeups <= 2 * jobs, releases.wakeups  # spinning: thousands
+        err = dev.statistics()["models"][0]["release_error_ms"]
+        assert err["p1"] > -1.0, err  # never far early
+    finally:
+        await dev.aclose()
