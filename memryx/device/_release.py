@@ -105,6 +105,28 @@ class Pacer:
         self.last_release = max(entry + self.latency, self.last_release)
         return entry, self.last_release
 
+    def admit_many(self, now: float, n: int) -> list[tuple[float, float]]:
+        """``admit(now)`` for ``n`` frames arriving together (one call per batch: the same
+        schedule, without a method call per frame)."""
+        interval, slack, latency = self.interval, self.slack, self.latency
+        slot, last_entry, last_release = self.slot, self.last_entry, self.last_release
+        caught_up = 0
+        out = []
+        for _ in range(n):
+            slot += interval
+            if now > slot + slack:  # too far behind the schedule: restart it
+                slot = now
+            entry = now if now > slot else slot
+            if entry < last_entry + interval:
+                caught_up += 1
+            last_entry = entry
+            if entry + latency > last_release:
+                last_release = entry + latency
+            out.append((entry, last_release))
+        self.slot, self.last_entry, self.last_release = slot, last_entry, last_release
+        self.caught_up += caught_up
+        return out
+
 
 class PreciseWaker:
     """Calls back on ``loop`` at a ``time.monotonic`` time, precisely: one thread (started

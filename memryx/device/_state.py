@@ -83,8 +83,7 @@ class ModelState:
         """Entry and release times of ``n`` frames that reach the chip ``now``."""
         if self.pacer is None:
             return [(now, now)] * n
-        admit = self.pacer.admit
-        return [admit(now) for _ in range(n)]
+        return self.pacer.admit_many(now, n)
 
 
 def percentiles(samples: deque[float]) -> dict[str, float | None]:

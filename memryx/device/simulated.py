@@ -295,7 +295,9 @@ class SimulatedDevice:
         job = _Job(frames, fut, model.admit(now, len(frames)))
         model.frames_in += len(frames)
         if model.run is None:  # shapes modes
-            self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
+            ports = [(p.shape, p.dtype) for p in model.info.outputs]
+            zeros = np.zeros
+            self._release(model, job, [[zeros(shape, dtype) for shape, dtype in ports]
                                        for _ in frames])
             return fut
         if model.sampler is not None:
@@ -463,11 +465,10 @@ class SimulatedDevice:
         model.first_out = model.first_out or now
         model.last_out = now
         model.frames_out += len(outputs)
-        errors = model.release_errors if model.pacer is not None else None
-        for entry, due in job.times:
-            model.latencies.append(now - entry)
-            if errors is not None:
-                errors.append(now - due)
+        times = job.times
+        model.latencies.extend([now - entry for entry, _ in times])
+        if model.pacer is not None:
+            model.release_errors.extend([now - due for _, due in times])
         job.future.set_result(outputs)  # type: ignore[arg-type]
 
     def _behind(self, model: _Model) -> bool:

@@ -97,6 +97,21 @@ def test_the_pacer_never_runs_ahead_of_the_chip_and_bursts_at_most_the_slack(see
     assert len(entries) <= span / interval + burst + 1
 
 
+
+@pytest.mark.parametrize("seed", range(3))
+def test_admitting_a_batch_at_once_gives_the_same_schedule_as_frame_by_frame(seed):
+    # admit_many (one call per batch, the device's hot path) is admit, n times
+    rng = random.Random(seed)
+    one = _Pacer(interval=0.001, latency=0.003, slack=0.008)
+    many = _Pacer(interval=0.001, latency=0.003, slack=0.008)
+    t = 0.0
+    for _ in range(500):
+        t += rng.choice([0.0, 0.0005, 0.003, 0.02, 0.2])
+        n = rng.randint(1, 9)
+        assert many.admit_many(t, n) == [one.admit(t) for _ in range(n)]
+        assert (many.slot, many.last_entry, many.last_release, many.caught_up) == \
+            (one.slot, one.last_entry, one.last_release, one.caught_up)
+
 # -- the device: defaults, batched release, never ahead of the chip --------------------------------
 def test_the_modes_that_compute_little_get_deeper_default_queues():
     assert SimulatedDevice(mode="timed").queue_depth == DEFAULT_QUEUE_DEPTH == 4
