@@ -304,7 +304,7 @@ class SimulatedDevice:
             # every frame is answered when due; those given a slot are computed meanwhile
             # (per stream: a frame gets the outputs of its own stream's frames)
             tags = streams if streams is not None else [0] * len(frames)
-            plan = [(tag, *model.sampler.admit(tag)) for tag in tags]
+            plan = model.sampler.admit_many(tags)
             job.seqs = [(tag, seq) for tag, seq, _ in plan]
             todo = [(f, (tag, seq)) for f, (tag, seq, c) in zip(frames, plan, strict=True) if c]
             self._release(model, job, [None] * len(frames))
@@ -444,7 +444,8 @@ class SimulatedDevice:
                 _fail(job.future, model.error)
                 model.error = None
                 return
-            if not all(sampler.can_answer(t, q) for t, q in job.seqs):
+            answered = sampler.answer(job.seqs)
+            if answered is None:
                 model.parked.append((job, outputs, job.times[-1][1]))  # wait for a computation
                 for (t, q), frame in zip(job.seqs, job.frames, strict=True):
                     if not sampler.can_answer(t, q) and not sampler.running_for(t):
@@ -452,7 +453,7 @@ class SimulatedDevice:
                         sampler.start(t)
                         self._schedule(model, _Job([frame], job.future, [], seqs=[(t, q)]))
                 return
-            outputs = [sampler.outputs_for(t, q) for t, q in job.seqs]
+            outputs = answered
         now = self.clock.now()
         behind = now - release if release is not None else 0.0
         late = behind > LATE_TOLERANCE_S
