@@ -46,11 +46,8 @@ def _thread_group(name: str) -> str:
 class ThreadClock:
     """CPU time of every thread alive at a sample, by thread group."""
 
-    def __init__(self) -> None:
-        self.first: dict[int, tuple[str, float]] = {}
-        self.last: dict[int, tuple[str, float]] = {}
-
     def sample(self, into: dict[int, tuple[str, float]]) -> None:
+        switches = self.first_switches if into is self.first else self.last_switches
         for t in threading.enumerate():
             if t.ident is None:
                 continue
@@ -59,13 +56,31 @@ class ThreadClock:
             except (OSError, ProcessLookupError):
                 continue
             into[t.ident] = (_thread_group(t.name), cpu)
+            switches[t.ident] = _switches(t.native_id)
 
-    def per_group(self) -> dict[str, float]:
-        out: dict[str, float] = collections.defaultdict(float)
+    def __init__(self) -> None:
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.first_switches: dict[int, int] = {}
+        self.last_switches: dict[int, int] = {}
+
+    def per_group(self) -> dict[str, tuple[float, int]]:
+        """Thread group -> (CPU seconds, context switches) between the two samples."""
+        out: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
         for ident, (name, cpu) in self.last.items():
             start = self.first.get(ident, (name, 0.0))[1]
-            out[name] += cpu - start
-        return dict(out)
+            out[name][0] += cpu - start
+            out[name][1] += self.last_switches.get(ident, 0) - self.first_switches.get(ident, 0)
+        return {k: (v[0], int(v[1])) for k, v in out.items()}
+
+
+def _switches(native_id: int | None) -> int:
+    """Voluntary + involuntary context switches of a thread so far (Linux)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/status") as f:
+            return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    except OSError:
+        return 0
 
 
 def run_one(dfp: Any, mode: str, seconds: float, warmup: float, clock: ThreadClock | None,
@@ -188,8 +203,9 @@ def main() -> None:
         per = clock.per_group()
         print(f"\n== {mode}: {r['fps']:,.0f} fps ({r['fps'] / modeled:.3f}x), "
               f"process CPU {r['cpu_us']:.1f} us/frame, load {os.getloadavg()[0]:.2f}")
-        for name, cpu in sorted(per.items(), key=lambda kv: -kv[1]):
-            print(f"   {name:28s} {cpu / r['frames'] * 1e6:6.1f} us/frame")
+        for name, (cpu, sw) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            print(f"   {name:28s} {cpu / r['frames'] * 1e6:6.1f} us/frame "
+                  f"{sw / r['frames']:6.3f} context switches/frame")
         dev = r["stats"]["device"]["models"][0]
         print(f"   device: late {dev['late_frames']}, caught up {dev['caught_up_frames']}, "
               f"release error {dev['release_error_ms']}")
