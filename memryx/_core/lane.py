@@ -136,6 +136,44 @@ class Meter:
         }
 
 
+class _HandOverChain:
+    """The done-callback of the batch the collector waits for (:meth:`Lane._until_done`):
+    hands that batch, and each one after it as it resolves, to a plain output callback's
+    thread, and wakes the collector when one cannot go that way or nothing is left. An
+    object, not a closure: a closure that registers itself refers to itself, a reference
+    cycle that kept the lane and its device alive until a garbage collection."""
+
+    __slots__ = ("armed", "lane", "waiter")
+
+    def __init__(self, lane: Lane, waiter: asyncio.Future[None],
+                 fut: asyncio.Future[list[Frame]]) -> None:
+        self.lane = lane
+        self.waiter = waiter
+        self.armed = fut
+        """The future this callback waits on now."""
+
+    def __call__(self, resolved: asyncio.Future[list[Frame]]) -> None:
+        waiter, lane = self.waiter, self.lane
+        if waiter.done():
+            return
+        woken = False
+        try:
+            while lane._hand_over(resolved):
+                inflight = lane._inflight
+                if not inflight:
+                    break
+                resolved = inflight[0][1]
+                if not resolved.done():  # the next batch: handed over as it resolves
+                    self.armed = resolved
+                    resolved.add_done_callback(self)
+                    return
+            woken = True
+            waiter.set_result(None)
+        finally:  # the collector wakes whatever happened (it reports errors)
+            if not woken and not waiter.done() and self.armed.done():
+                waiter.set_result(None)
+
+
 class Lane:
     """The pipeline of one model (module docstring)."""
 
@@ -377,34 +415,13 @@ class Lane:
         ``async def`` callbacks, a fault, tracing) or nothing is left on the device (a
         task switch and a waiter per batch fewer, about one batch in six frames of a fast
         paced model)."""
-        waiter = self._loop.create_future()
-        armed = [fut]  # the future the callback waits on now
-
-        def done(resolved: asyncio.Future[list[Frame]]) -> None:
-            if waiter.done():
-                return
-            woken = False
-            try:
-                while self._hand_over(resolved):
-                    inflight = self._inflight
-                    if not inflight:
-                        break
-                    resolved = inflight[0][1]
-                    if not resolved.done():  # the next batch: handed over as it resolves
-                        armed[0] = resolved
-                        resolved.add_done_callback(done)
-                        return
-                woken = True
-                waiter.set_result(None)
-            finally:  # the collector wakes whatever happened (it reports errors)
-                if not woken and not waiter.done() and armed[0].done():
-                    waiter.set_result(None)
-
-        fut.add_done_callback(done)
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        chain = _HandOverChain(self, waiter, fut)
+        fut.add_done_callback(chain)
         try:
             await waiter
         finally:
-            armed[0].remove_done_callback(done)
+            chain.armed.remove_done_callback(chain)
 
     def _hand_over(self, fut: asyncio.Future[list[Frame]]) -> bool:
         """The oldest batch ``fut`` resolved: when all its frames go to a plain output
