@@ -10,7 +10,8 @@ the callbacks), the device's late frames, and for ``sampled`` the staleness of
 the outputs, for ``reuse`` the cache hits. ``fast`` (unpaced, every frame
 computed) is the reference measured in the same run: what this host computes.
 The paced modes that compute little run twice: with the device's default
-``queue_depth`` for them (16) and with the default of the other modes (4), which
+``queue_depth`` for them (16, or 4 ms of frames of a model faster than 4,000 fps) and
+with the default of the other modes (4), which
 was their default too before issue 17's pacing work.
 
 Goal (issue 17): in the chip-paced modes that cost the host little (``reuse``,
@@ -149,7 +150,8 @@ def run(quick: bool) -> dict[str, Any]:
              "\"host CPU\" is the process CPU time (all threads) per frame. \"fast\" is "
              "unpaced and computes every frame: what this host computes, the reference. "
              f"Rows \"queue_depth={SHALLOW}\" run the same mode with shallower device queues "
-             "(default 16 in these modes), i.e. a smaller frame budget and less catch-up.")
+             "(default 16 in these modes, or 4 ms of frames of a model faster than 4,000 fps), "
+             "i.e. a smaller frame budget and less catch-up.")
     return c.result(
         "modes", "Simulated-device modes: chip timing on this host", about,
         tables=[c.table("Delivered frames/s against the modeled MX3 rate",

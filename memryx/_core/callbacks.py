@@ -34,6 +34,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from numpy import ndarray
+
 from .._exceptions import CallbackSignatureError, UsageError
 from ..clock import clock_of
 from .aio import END, ChannelClosed
@@ -209,7 +211,8 @@ def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], met
         meter.input_s += done - t
         if item is None:
             return END
-        _not_awaited(item, role)
+        if type(item) is not ndarray:  # (an array is no awaitable: the common case, quickly)
+            _not_awaited(item, role)
         return ready(item, t, done)
 
     return produce, None
@@ -437,12 +440,12 @@ class CallbackOutput:
         stopping = self._stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
         tracer, model, now = self.lane.tracer, self.lane.idx, self.lane.now
+        started = now()  # each output's hand-over starts where the one before ended
         for item in batch:
             if stopping.is_set() or self.failed:
                 break  # stopped: no callback after stop() returns
             stream, outputs, _, _, k = item
             self.lane.handed += 1  # from here on the frame is the callback's
-            started = now()
             try:
                 res = finish(outputs)
                 if k >= 0:  # traced
@@ -456,32 +459,52 @@ class CallbackOutput:
                 self.failed = True
                 report.append((item, exc, started, now()))
                 break  # the callback raised: it is not called again
-            report.append((item, None, started, now()))
+            ended = now()
+            report.append((item, None, started, ended))
+            started = ended
         if len(report) < len(batch):
             report.append(((-1, [], 0.0, 0.0, -1), None, 0.0,
                            float(len(batch) - len(report))))
         return report
 
     def _batch_done(self, report: list[Any]) -> None:
-        """On the loop: account for a batch the output thread finished (one wake-up)."""
+        """On the loop: account for a batch the output thread finished (one wake-up): the
+        outputs delivered are counted per run of one stream, in order, the budget given
+        back once."""
         lane = self.lane
         model = lane.meter
         meters = lane.streams
         done = 0
+        run: list[float] = []  # latencies of the current run of outputs of one stream
+        run_stream, run_first, run_last, run_spent = -1, 0.0, 0.0, 0.0
+
+        def end_run() -> None:
+            meter = meters.get(run_stream) or lane.stream_meter(run_stream)
+            meter.delivered_many(run, run_first, run_last, run_spent)
+            model.delivered_many(run, run_first, run_last, run_spent)
+
         for item, error, started, finished in report:
-            if item[0] == -1:  # not called: dropped
-                self._drop(int(finished))
-                continue
-            if error is not None:
-                self._done_one(item, error, started, finished)
+            if item[0] == -1 or error is not None:
+                if run:
+                    end_run()
+                    run = []
+                if item[0] == -1:  # not called: dropped
+                    self._drop(int(finished))
+                else:
+                    self._done_one(item, error, started, finished)
                 continue
             stream, _, t0, ready, _ = item
-            meter = meters.get(stream) or lane.stream_meter(stream)
-            model.delivered(t0, ready)
-            meter.delivered(t0, ready)
-            meter.output_s += finished - started
-            model.output_s += finished - started
+            if stream != run_stream or not run:
+                if run:
+                    end_run()
+                    run = []
+                run_stream, run_first, run_spent = stream, ready, 0.0
+            run.append(ready - t0)
+            run_last = ready
+            run_spent += finished - started
             done += 1
+        if run:
+            end_run()
         if done:
             lane.budget.give(done)
             self._progress()

@@ -37,7 +37,7 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -226,12 +226,22 @@ def _pick_hash() -> tuple[str, Callable[[], Any]]:
 HASH, _hasher = _pick_hash()
 
 
+#: (dtype, shape) -> the bytes that stand for them in a frame's hash (few distinct ones).
+_HEADERS: dict[tuple[np.dtype[Any], tuple[int, ...]], bytes] = {}
+
+
 def frame_key(frame: Frame) -> bytes:
-    """A 128-bit hash of a frame's dtypes, shapes and bytes."""
+    """A 128-bit hash of a frame's dtypes, shapes and bytes (on the loop for every frame
+    of mode ``"reuse"``: the hash itself, not the Python around it, should be the cost)."""
     h = _hasher()
     for a in frame:
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).data.cast("B"))
+        head = _HEADERS.get((a.dtype, a.shape))
+        if head is None:
+            head = f"{a.dtype.str}{a.shape}".encode()
+            if len(_HEADERS) < 1024:
+                _HEADERS[(a.dtype, a.shape)] = head
+        h.update(head)
+        h.update(a if a.flags.c_contiguous else np.ascontiguousarray(a))
     return bytes(h.digest())
 
 
@@ -394,6 +404,26 @@ class Sampler:
             return seq, True
         return seq, False
 
+    def admit_many(self, streams: Sequence[int]) -> list[tuple[int, int, bool]]:
+        """``admit`` for the frames of one batch, in order: ``(stream, seq, computed)``
+        each (one call per batch on the device's hot path)."""
+        out: list[tuple[int, int, bool]] = []
+        slots = self.slots
+        last, st = None, None
+        for stream in streams:
+            if stream != last or st is None:
+                st, last = self._stream(stream), stream
+            seq = st.next_seq
+            st.next_seq += 1
+            st.unanswered += 1
+            if self.running < slots or not (st.running or st.done or st.floor):
+                self.running += 1
+                st.running += 1
+                out.append((stream, seq, True))
+            else:
+                out.append((stream, seq, False))
+        return out
+
     def start(self, stream: int) -> None:
         """A computation of one of ``stream``'s frames starts (``computed_one`` ends it)."""
         self.running += 1
@@ -428,7 +458,12 @@ class Sampler:
         st = self._streams.get(stream)
         if st is None:
             return None
-        for s in reversed(st.done):
+        done = st.done
+        if done:  # the newest finished one is at or before ``seq``: the common case
+            newest = next(reversed(done))
+            if newest <= seq:
+                return newest, done[newest]
+        for s in reversed(done):
             if s <= seq:
                 return s, st.done[s]
         if st.floor is not None and st.floor[0] <= seq:
@@ -459,6 +494,41 @@ class Sampler:
         st.staleness_sum += staleness
         self._histogram[bisect.bisect_left(STALENESS_BUCKETS, staleness)] += 1
         return _copy(source[1])
+
+    def answer(self, seqs: Sequence[tuple[int, int]]) -> list[Frame] | None:
+        """``outputs_for`` each ``(stream, seq)`` of one job when every one of them can be
+        answered (else None, nothing counted): one call per job on the device's hot path."""
+        source = self._source
+        sources = []
+        for stream, seq in seqs:
+            found = source(stream, seq)
+            if found is None:
+                return None
+            sources.append(found)
+        out: list[Frame] = []
+        streams, histogram, buckets = self._streams, self._histogram, STALENESS_BUCKETS
+        last, st = None, None
+        for (stream, seq), (s, outputs) in zip(seqs, sources, strict=True):
+            if stream != last or st is None:
+                st, last = streams[stream], stream
+            st.unanswered -= 1
+            staleness = seq - s
+            if staleness:
+                self.stale += 1
+                st.stale += 1
+                if staleness > self.max_staleness:
+                    self.max_staleness = staleness
+                if staleness > st.max_staleness:
+                    st.max_staleness = staleness
+                self._staleness_sum += staleness
+                st.staleness_sum += staleness
+                histogram[bisect.bisect_left(buckets, staleness)] += 1
+            else:
+                self.fresh += 1
+                st.fresh += 1
+                histogram[0] += 1
+            out.append([a.copy() for a in outputs])
+        return out
 
     def forget(self, stream: int, n: int = 1) -> None:
         """``n`` frames of ``stream`` will not be answered (failed or cancelled)."""

@@ -31,8 +31,8 @@ from typing import Any
 from .._core.threads import call_soon, start_thread
 from ..clock import Clock, ScheduledCall, Timer
 
-__all__ = ["EARLY_WAKE_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker", "Releases",
-           "paced_batch"]
+__all__ = ["EARLY_WAKE_S", "LOOP_TIMER_SLACK_S", "RELEASE_TICK_S", "Pacer", "PreciseWaker",
+           "Releases", "paced_batch"]
 
 #: The shortest time between two release wake-ups of a model on the real clock (frames
 #: due meanwhile are released together, at most this late).
@@ -40,6 +40,13 @@ RELEASE_TICK_S = 0.0003
 #: How much earlier than aimed a wake-up may come and still release what it was aimed
 #: at (the wake-ups are aimed early by what they are learnt to oversleep, see Releases).
 EARLY_WAKE_S = 0.0001
+#: How much earlier than its time a job may leave on the loop's own timers (a model
+#: faster than a frame a tick, released in batches). Those timers keep whole
+#: milliseconds: uvloop rounds a shorter delay to none, so waiting again for the rest of
+#: it would spin the loop (one iteration after another until the job is due, measured at
+#: about two loop wake-ups per frame at 18,000 fps: most of the loop thread's CPU); a
+#: wake-up releases what is due within half of that millisecond instead.
+LOOP_TIMER_SLACK_S = 0.0005
 #: The most a wake-up is aimed early (a host so loaded that it oversleeps more is late).
 MAX_LEAD_S = 0.002
 #: How much one wake-up moves the learnt lead (towards the median of the lateness).
@@ -97,6 +104,28 @@ class Pacer:
         self.last_entry = entry
         self.last_release = max(entry + self.latency, self.last_release)
         return entry, self.last_release
+
+    def admit_many(self, now: float, n: int) -> list[tuple[float, float]]:
+        """``admit(now)`` for ``n`` frames arriving together (one call per batch: the same
+        schedule, without a method call per frame)."""
+        interval, slack, latency = self.interval, self.slack, self.latency
+        slot, last_entry, last_release = self.slot, self.last_entry, self.last_release
+        caught_up = 0
+        out = []
+        for _ in range(n):
+            slot += interval
+            if now > slot + slack:  # too far behind the schedule: restart it
+                slot = now
+            entry = now if now > slot else slot
+            if entry < last_entry + interval:
+                caught_up += 1
+            last_entry = entry
+            if entry + latency > last_release:
+                last_release = entry + latency
+            out.append((entry, last_release))
+        self.slot, self.last_entry, self.last_release = slot, last_entry, last_release
+        self.caught_up += caught_up
+        return out
 
 
 class PreciseWaker:
@@ -187,7 +216,8 @@ class Releases:
     median of the observed lateness, tracked in steps of ``LEAD_STEP_S``, so that a
     loaded host's rare long oversleeps do not move it; at most ``MAX_LEAD_S``), so
     releases centre on their times; a wake-up that comes early releases the jobs due within
-    ``oversleep + EARLY_WAKE_S``, and waits again for later ones.
+    ``oversleep + EARLY_WAKE_S`` (on the loop's own timers, which keep whole milliseconds:
+    ``oversleep + LOOP_TIMER_SLACK_S``), and waits again for later ones.
     """
 
     def __init__(self, clock: Clock, resolve: Callable[[Any], None],
@@ -205,7 +235,9 @@ class Releases:
         # no least spacing where wake-ups are free (virtual time) or each frame has its own
         # (the waker serves models slower than a frame a tick: each frame at its own time)
         self.tick = 0.0 if clock.virtual or waker is not None else RELEASE_TICK_S
-        self.early = 0.0 if clock.virtual else EARLY_WAKE_S
+        self.early = 0.0 if clock.virtual else (
+            EARLY_WAKE_S if waker is not None else LOOP_TIMER_SLACK_S)
+        self.wakeups = 0
 
     def __len__(self) -> int:
         return len(self.due)
@@ -231,6 +263,7 @@ class Releases:
 
     def _wake(self) -> None:
         self.timer = None
+        self.wakeups += 1
         due = self.due
         if not due or self.closed:
             return

@@ -47,6 +47,8 @@ class ModelState:
     run: Runner | None
     pacer: Pacer | None
     in_chip: int
+    queue_depth: int = 4
+    """Frames buffered on the way in and out (the device's ``queue_depth``, per model)."""
     cache: ReuseCache | None = None
     sampler: Sampler | None = None
     jobs: deque[Job] = field(default_factory=deque)
@@ -83,8 +85,7 @@ class ModelState:
         """Entry and release times of ``n`` frames that reach the chip ``now``."""
         if self.pacer is None:
             return [(now, now)] * n
-        admit = self.pacer.admit
-        return [admit(now) for _ in range(n)]
+        return self.pacer.admit_many(now, n)
 
 
 def percentiles(samples: deque[float]) -> dict[str, float | None]:
@@ -115,7 +116,7 @@ def model_statistics(m: ModelState) -> dict[str, Any]:
         "release_error_ms": errors(m.release_errors) if m.pacer else None,
         "modeled_fps": m.modeled.get("fps"),
         "modeled_latency_ms": m.modeled.get("latency_ms"),
-        "in_chip": m.in_chip,
+        "in_chip": m.in_chip, "queue_depth": m.queue_depth,
         "caught_up_frames": m.pacer.caught_up if m.pacer is not None else 0,
         "queued": sum(len(j.frames) for j in m.jobs),
         "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,

@@ -56,7 +56,8 @@ the mode that would keep chip timing.
 The device keeps no queues: the core's frame budget bounds what is in flight,
 from :meth:`SimulatedDevice.limits` (``queue_depth`` frames on the way in and
 as many on the way out, plus the frames inside the modeled chip; ``queue_depth``
-is 16 by default in the modes that compute little, 4 in the others).
+is 4 by default, and in the modes that compute little 16, or 4 ms of frames of a
+model faster than 4,000 fps, at most 96).
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ CHEAP_MODES = ("reuse", "sampled", "shapes")
 #: Frames each model buffers on the way in and out, by default (see ``queue_depth``).
 DEFAULT_QUEUE_DEPTH = 4
 CHEAP_QUEUE_DEPTH = 16
+#: ... and in those modes at least this long a host stall's worth of a fast model's frames
+#: (16 frames of a model at 18,000 fps ride out less than a millisecond; a thread of a busy
+#: host waits longer than that for a core), up to ``MAX_CHEAP_QUEUE_DEPTH`` frames.
+CHEAP_QUEUE_S = 0.004
+MAX_CHEAP_QUEUE_DEPTH = 96
 #: What to suggest when a host is too slow for the modeled rate in a mode.
 KEEPS_TIMING = {
     "timed": ("reuse", "mode='reuse' (each distinct frame computed once: for looped or "
@@ -147,9 +153,11 @@ class SimulatedDevice:
             in ``"sampled"`` mode: the frames computed at once, default 1).
         queue_depth: frames each model buffers on the way in, and outputs on the way
             out; with the frames inside the modeled chip they make the frame budget.
-            Default: 16 in the modes that compute little (:data:`CHEAP_MODES`), whose
-            thread hops and host stalls a deeper budget rides out, else 4 (a frame's
-            latency with a source faster than the chip is about a budget of frames).
+            Default: in the modes that compute little (:data:`CHEAP_MODES`), whose
+            thread hops and host stalls a deeper budget rides out, 16, or for a model
+            faster than 4,000 fps its frames of ``CHEAP_QUEUE_S`` (4 ms; at most 96);
+            else 4 (a frame's latency with a source faster than the chip is about a
+            budget of frames). ``statistics()`` gives each model's.
         backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
             ``$MEMRYX_SIM_BACKEND``, else onnxruntime).
         cache_size: ``"reuse"`` mode: distinct frames whose outputs are kept (default 1024).
@@ -196,6 +204,7 @@ class SimulatedDevice:
             self.concurrency = concurrency or max(1, os.cpu_count() or 1)
         self.queue_depth = queue_depth or (
             CHEAP_QUEUE_DEPTH if mode in CHEAP_MODES else DEFAULT_QUEUE_DEPTH)
+        self._depth_given = queue_depth is not None
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -228,6 +237,7 @@ class SimulatedDevice:
             pacer = None
             modeled: dict[str, Any] = {}
             in_chip = self.concurrency
+            depth = self.queue_depth
             if self.paced:
                 modeled = modeled_perf(info, dfp.num_chips)
                 fps, latency_s = float(modeled["fps"]), float(modeled["latency_ms"]) / 1000
@@ -235,12 +245,14 @@ class SimulatedDevice:
                         and latency_s >= 0):
                     raise DfpError(f"model {info.index} ({info.name!r}): modeled fps {fps!r} "
                                    f"and latency {latency_s * 1000!r} ms cannot be simulated")
+                depth = self._depth_of(fps)
                 # frames up to the device's input queue behind the schedule catch up
-                pacer = Pacer(1.0 / fps, latency_s, slack=self.queue_depth / fps)
+                pacer = Pacer(1.0 / fps, latency_s, slack=depth / fps)
                 # frames the modeled pipeline holds at full rate, plus the one entering
                 in_chip = max(1, min(1 << 20, math.ceil(latency_s * fps))) + 1
             model = _Model(
                 info=info, run=run, pacer=pacer, in_chip=in_chip, modeled=modeled,
+                queue_depth=depth,
                 cache=ReuseCache(self.cache_size) if self.mode == "reuse" else None,
                 sampler=Sampler(self.concurrency) if self.mode == "sampled" else None)
             if pacer is not None:
@@ -248,7 +260,7 @@ class SimulatedDevice:
                 # the waker's thread wakes it precisely; a faster one's frames leave in
                 # batches anyway, on the loop's cheaper (millisecond) timers
                 precise = (not self.clock.virtual
-                           and paced_batch(pacer.interval, self.queue_depth) == 1)
+                           and paced_batch(pacer.interval, depth) == 1)
                 if precise and self._waker is None:
                     self._waker = PreciseWaker(self._loop)
                 model.releases = Releases(self.clock, functools.partial(self._due, model),
@@ -256,6 +268,12 @@ class SimulatedDevice:
             self._models.append(model)
         log.debug("simulated device opened %d model(s) in %s mode (%s)", len(runners),
                   self.mode, self.backend or "nothing computed")
+
+    def _depth_of(self, fps: float) -> int:
+        """The queue depth of a paced model modeled at ``fps`` (``queue_depth``)."""
+        if self._depth_given or self.mode not in CHEAP_MODES:
+            return self.queue_depth
+        return max(self.queue_depth, min(MAX_CHEAP_QUEUE_DEPTH, math.ceil(CHEAP_QUEUE_S * fps)))
 
     def _on_task_error(self, exc: BaseException) -> None:
         if self._fault is None:
@@ -284,9 +302,9 @@ class SimulatedDevice:
             # compute, not the runtime's per-frame cost, bounds it (one frame per submit)
             batch = 1
         else:
-            batch = paced_batch(m.pacer.interval, self.queue_depth)
-        return Limits(in_queue=self.queue_depth, in_chip=m.in_chip,
-                      out_queue=self.queue_depth, batch=batch)
+            batch = paced_batch(m.pacer.interval, m.queue_depth)
+        return Limits(in_queue=m.queue_depth, in_chip=m.in_chip,
+                      out_queue=m.queue_depth, batch=batch)
 
     def submit(self, model_idx: int, frames: list[Frame],
                streams: Sequence[int] | None = None,
@@ -309,14 +327,16 @@ class SimulatedDevice:
         job = _Job(frames, fut, model.admit(arrived, len(frames)))
         model.frames_in += len(frames)
         if model.run is None:  # shapes modes
-            self._release(model, job, [[np.zeros(p.shape, p.dtype) for p in model.info.outputs]
+            ports = [(p.shape, p.dtype) for p in model.info.outputs]
+            zeros = np.zeros
+            self._release(model, job, [[zeros(shape, dtype) for shape, dtype in ports]
                                        for _ in frames])
             return fut
         if model.sampler is not None:
             # every frame is answered when due; those given a slot are computed meanwhile
             # (per stream: a frame gets the outputs of its own stream's frames)
             tags = streams if streams is not None else [0] * len(frames)
-            plan = [(tag, *model.sampler.admit(tag)) for tag in tags]
+            plan = model.sampler.admit_many(tags)
             job.seqs = [(tag, seq) for tag, seq, _ in plan]
             todo = [(f, (tag, seq)) for f, (tag, seq, c) in zip(frames, plan, strict=True) if c]
             self._release(model, job, [None] * len(frames))
@@ -456,7 +476,8 @@ class SimulatedDevice:
                 _fail(job.future, model.error)
                 model.error = None
                 return
-            if not all(sampler.can_answer(t, q) for t, q in job.seqs):
+            answered = sampler.answer(job.seqs)
+            if answered is None:
                 model.parked.append((job, outputs, job.times[-1][1]))  # wait for a computation
                 for (t, q), frame in zip(job.seqs, job.frames, strict=True):
                     if not sampler.can_answer(t, q) and not sampler.running_for(t):
@@ -464,7 +485,7 @@ class SimulatedDevice:
                         sampler.start(t)
                         self._schedule(model, _Job([frame], job.future, [], seqs=[(t, q)]))
                 return
-            outputs = [sampler.outputs_for(t, q) for t, q in job.seqs]
+            outputs = answered
         now = self.clock.now()
         behind = now - release if release is not None else 0.0
         late = behind > LATE_TOLERANCE_S
@@ -477,11 +498,10 @@ class SimulatedDevice:
         model.first_out = model.first_out or now
         model.last_out = now
         model.frames_out += len(outputs)
-        errors = model.release_errors if model.pacer is not None else None
-        for entry, due in job.times:
-            model.latencies.append(now - entry)
-            if errors is not None:
-                errors.append(now - due)
+        times = job.times
+        model.latencies.extend([now - entry for entry, _ in times])
+        if model.pacer is not None:
+            model.release_errors.extend([now - due for _, due in times])
         job.future.set_result(outputs)  # type: ignore[arg-type]
 
     def _behind(self, model: _Model) -> bool:

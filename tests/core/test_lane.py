@@ -269,3 +269,63 @@ async def test_a_failed_batch_is_not_handed_over(identity_dfp):
     await loop_turns()
     assert sink.got == [] and [str(f) for f in faults] == ["chip on fire"]
     await tasks.aclose()
+
+
+class HandOver:
+    """A plain output callback's deliverer: takes batches on the loop (deliver_now)."""
+
+    hands_over_now = True
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def deliver_now(self, items: list[Any]) -> None:
+        self.batches.append([(key, int(outs[0][0, 0])) for key, outs, _, _, _ in items])
+
+    async def deliver(self, items: list[Any]) -> None:
+        self.deliver_now(items)
+
+
+async def test_batches_for_a_plain_output_callback_are_handed_over_without_waking_the_collector(
+        identity_dfp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each batch that resolves is handed over from its future's own callback, which then
+    # waits on the next batch itself: the collector sleeps through them (it used to wake,
+    # and wait anew, once per batch). A batch that cannot be handed over that way (a
+    # request's) wakes it; the order stays the submission order.
+    waits = [0]
+    original = Lane._until_done
+
+    async def counted(self: Lane, fut: Any) -> None:
+        waits[0] += 1
+        await original(self, fut)
+
+    monkeypatch.setattr(Lane, "_until_done", counted)
+    lane, device, tasks, faults = await make(identity_dfp, batch=1)
+    out = HandOver()
+    lane.set_callback_sink(out)
+    requests = Collect()
+    try:
+        for i in range(4):
+            assert lane.budget.take_nowait(1) == 1
+            lane.put((None, 0, 0.0), frame(i))
+        await loop_turns(3)
+        assert len(device.submits) == 4
+        for i in range(4):  # resolved one by one, each after the loop has run
+            device.answer(i)
+            await loop_turns(3)
+        assert out.batches == [[(0, 0)], [(0, 10)], [(0, 20)], [(0, 30)]]
+        assert waits[0] == 1  # one wait for all four batches
+        lane.budget.give(4)
+        lane.put((None, 0, 0.0), frame(4))
+        assert lane.budget.take_nowait(2) == 2
+        lane.put((requests, 7, 0.0), frame(5))  # a request's frame: the collector delivers it
+        lane.put((None, 0, 0.0), frame(6))
+        await loop_turns(3)
+        for i in (6, 5, 4):  # resolved out of order: delivered in order all the same
+            device.answer(i)
+        await loop_turns(6)
+        assert out.batches[4:] == [[(0, 40)], [(0, 60)]]
+        assert requests.got == [(7, 50)]
+        assert not faults
+    finally:
+        await tasks.aclose()

@@ -277,6 +277,39 @@ def test_sampler_unit_each_stream_gets_its_own_outputs_and_its_own_staleness():
     assert stats["streams"][9]["frames"] == 1 and stats["streams"][7]["frames"] == 3
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_sampler_batch_calls_number_answer_and_count_as_the_frame_by_frame_ones(seed):
+    # admit_many / answer (one call per job, the device's hot path) against admit /
+    # can_answer / outputs_for frame by frame, over random jobs of several streams
+    import random
+
+    rng = random.Random(seed)
+    one, many = Sampler(slots=1), Sampler(slots=1)
+    pending: list[tuple[int, int, bool]] = []  # admitted, not answered: (stream, seq, computed)
+    for _ in range(300):
+        streams = [rng.choice([0, 0, 0, 5, 9]) for _ in range(rng.randint(1, 6))]
+        plan = many.admit_many(streams)
+        assert plan == [(t, *one.admit(t)) for t in streams]
+        pending.extend(plan)
+        for t, q, computed in list(pending):  # some computations finish
+            if computed and rng.random() < 0.5:
+                out = None if rng.random() < 0.05 else [np.full(2, 100 * t + q, np.float32)]
+                one.computed_one(t, q, out)
+                many.computed_one(t, q, out)
+                pending[pending.index((t, q, True))] = (t, q, False)
+        job = [(t, q) for t, q, _ in pending[:rng.randint(1, 4)]]
+        got = many.answer(job)
+        if all(one.can_answer(t, q) for t, q in job):
+            want = [one.outputs_for(t, q) for t, q in job]
+            assert got is not None
+            assert [g[0].tolist() for g in got] == [w[0].tolist() for w in want]
+            assert all(g[0].flags.writeable for g in got)  # the receiver's own copies
+            done = set(job)
+            pending = [p for p in pending if (p[0], p[1]) not in done]
+        else:
+            assert got is None  # nothing counted
+        assert many.statistics() == one.statistics()
+
 def test_sampler_unit_forgets_idle_streams_beyond_its_bound(monkeypatch):
     monkeypatch.setattr(Sampler, "MAX_STREAMS", 4)
     s = Sampler(slots=1)

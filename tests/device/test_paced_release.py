@@ -97,6 +97,22 @@ def test_the_pacer_never_runs_ahead_of_the_chip_and_bursts_at_most_the_slack(see
     assert len(entries) <= span / interval + burst + 1
 
 
+
+@pytest.mark.parametrize("seed", range(3))
+def test_admitting_a_batch_at_once_gives_the_same_schedule_as_frame_by_frame(seed):
+    # admit_many (one call per batch, the device's hot path) is admit, n times
+    rng = random.Random(seed)
+    one = _Pacer(interval=0.001, latency=0.003, slack=0.008)
+    many = _Pacer(interval=0.001, latency=0.003, slack=0.008)
+    t = 0.0
+    for _ in range(500):
+        t += rng.choice([0.0, 0.0005, 0.003, 0.02, 0.2])
+        n = rng.randint(1, 9)
+        assert many.admit_many(t, n) == [one.admit(t) for _ in range(n)]
+        assert (many.slot, many.last_entry, many.last_release, many.caught_up) == \
+            (one.slot, one.last_entry, one.last_release, one.caught_up)
+
+
 # -- the device: defaults, batched release, never ahead of the chip --------------------------------
 def test_the_modes_that_compute_little_get_deeper_default_queues():
     assert SimulatedDevice(mode="timed").queue_depth == DEFAULT_QUEUE_DEPTH == 4
@@ -107,6 +123,38 @@ def test_the_modes_that_compute_little_get_deeper_default_queues():
     with pytest.raises(ValueError, match="queue_depth must be an int >= 1, got 0"):
         SimulatedDevice(mode="shapes", queue_depth=0)
 
+
+@pytest.mark.asyncio
+async def test_a_fast_model_in_the_modes_that_compute_little_buffers_4_ms_of_frames():
+    # 16 frames of a model at 20,000 fps ride out 0.8 ms of host stall: less than a busy
+    # host's thread waits for a core. By default those modes buffer 4 ms of such a
+    # model's frames each way (at most 96); a slower model keeps 16, an explicit
+    # queue_depth is kept as given, and timed keeps 4.
+    from memryx.device.simulated import CHEAP_QUEUE_S, MAX_CHEAP_QUEUE_DEPTH
+
+    async def depth(fps: float, **options: object) -> tuple[int, int, float]:
+        dev = SimulatedDevice(**options)  # type: ignore[arg-type]
+        await dev.open(identity(fps=fps, latency_ms=0.5), 0)
+        try:
+            limits = dev.limits(0)
+            assert limits.in_queue == limits.out_queue
+            stats = dev.statistics()["models"][0]
+            assert stats["queue_depth"] == limits.in_queue
+            pacer = dev._models[0].pacer
+            return limits.in_queue, limits.batch, pacer.slack if pacer else 0.0
+        finally:
+            await dev.aclose()
+
+    for mode in ("reuse", "sampled", "shapes"):
+        q, batch, slack = await depth(20000, mode=mode)
+        assert q == round(CHEAP_QUEUE_S * 20000) == 80
+        assert slack == pytest.approx(80 / 20000)  # the catch-up follows the queue
+        assert batch == 7  # the release tick's frames, as before
+        assert (await depth(1000, mode=mode))[0] == CHEAP_QUEUE_DEPTH
+        assert (await depth(1e6, mode=mode))[0] == MAX_CHEAP_QUEUE_DEPTH
+        assert (await depth(20000, mode=mode, queue_depth=16))[0] == 16
+    assert (await depth(20000, mode="timed"))[0] == DEFAULT_QUEUE_DEPTH
+    assert (await depth(20000, mode="shapes-unpaced"))[0] == DEFAULT_QUEUE_DEPTH  # unpaced
 
 def test_the_timed_frame_budget_is_unchanged():
     dfp = identity(fps=500, latency_ms=2)

@@ -251,3 +251,80 @@ async def test_timed_mode_takes_one_frame_per_submit():
         assert dev.limits(0).batch == 1  # it computes every frame: no batches
     finally:
         await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_batched_releases_on_the_loops_timers_do_not_spin_the_loop():
+    # The loop's timers keep whole milliseconds (uvloop fires a shorter delay at once): a
+    # wake-up that came early and waited again for the rest of it spun the loop, one
+    # iteration after another until the job was due (about two wake-ups per frame at
+    # 18,000 fps, most of the loop thread's CPU). A wake-up releases what is due within
+    # half a millisecond instead: about one wake-up per loop timer tick, never far early.
+    fps, jobs = 20000.0, 100
+    dev = SimulatedDevice(mode="shapes")
+    await dev.open(identity(fps=fps, latency_ms=1), 0)
+    try:
+        batch = dev.limits(0).batch
+        assert batch > 1 and dev._waker is None  # batched, on the loop's own timers
+        x = [[np.zeros((1, 4), np.float32)]] * batch
+        futs = []
+        for _ in range(jobs):
+            futs.append(dev.submit(0, x))
+            await asyncio.sleep(batch / fps)  # a source as fast as the chip
+        out = await asyncio.wait_for(asyncio.gather(*futs), 20)
+        assert [len(o) for o in out] == [batch] * jobs
+        releases = dev._models[0].releases
+        assert releases is not None
+        assert releases.wakeups <= 2 * jobs, releases.wakeups  # spinning: thousands
+        err = dev.statistics()["models"][0]["release_error_ms"]
+        assert err["p1"] > -1.0, err  # never far early
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize("mode", ["shapes", "reuse", "sampled"])
+def test_batched_paced_modes_count_every_output_of_every_stream_once(mode):
+    # The output thread's reports are counted per run of one stream (Meter.delivered_many):
+    # with several streams interleaved in each batch, each stream's counters and latency
+    # samples, and the model's, are exact; output callback errors still count where they
+    # happen. A source as fast as the runtime takes frames, several frames a tick.
+    dfp = identity(fps=40000, latency_ms=0.5)
+    n_streams, per_stream = 4, 300
+    sent = [0] * n_streams
+    got: dict[int, list[float]] = {s: [] for s in range(n_streams)}
+
+    def source(s: int) -> np.ndarray | None:
+        sent[s] += 1
+        k = sent[s]
+        return np.full((1, 4), s * 1000 + k % 7, np.float32) if k <= per_stream else None
+
+    accl = mx.MultiStreamAsyncAccl(dfp, mode=mode)
+    try:
+        accl.connect_streams(source, lambda s, o: got[s].append(float(o[0, 0])), n_streams)
+        accl.wait()
+        stats = accl.statistics()
+    finally:
+        accl.close()
+    model = stats["models"][0]
+    assert model["frames_in"] == model["frames_out"] == n_streams * per_stream
+    assert model["dropped"] == 0 and model["in_flight"] == 0
+    for s in range(n_streams):
+        st = model["streams"][s]
+        assert st["frames_in"] == st["frames_out"] == len(got[s]) == per_stream
+        assert st["latency_ms"]["p50"] is not None and st["latency_ms"]["p50"] >= 0
+        if mode != "sampled":  # in order, its own frame's outputs (zeros in shapes)
+            want = [0.0] * per_stream if mode == "shapes" else \
+                [s * 1000 + k % 7 for k in range(1, per_stream + 1)]
+            assert got[s] == want
+    dev = stats["device"]["models"][0]
+    assert dev["frames_in"] == dev["frames_out"] == n_streams * per_stream
+    if mode == "sampled":
+        sampled = dev["sampled"]
+        assert sampled["fresh"] + sampled["stale"] == n_streams * per_stream
+        assert sum(sampled["staleness_histogram"].values()) == n_streams * per_stream
+        assert all(sampled["streams"][s]["frames"] == per_stream for s in range(n_streams))
+        mean = sampled["staleness_mean"]
+        per = [sampled["streams"][s] for s in range(n_streams)]
+        assert mean == pytest.approx(sum(p["staleness_mean"] * p["frames"] for p in per)
+                                     / (n_streams * per_stream))
+        assert sampled["staleness_max"] == max(p["staleness_max"] for p in per)
