@@ -36,8 +36,8 @@ WHY = HERE / "why.md"
 
 
 def available() -> list[str]:
-    # the report's benchmarks define run(quick); the others (bench_formats, bench_hostile)
-    # are scripts of their own, run by hand, with their own output
+    # the report's benchmarks define run(quick); the others (bench_formats) are scripts of
+    # their own, run by hand, with their own output
     found = {p.stem[len("bench_"):] for p in HERE.glob("bench_*.py")
              if "\ndef run(" in p.read_text()}
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
