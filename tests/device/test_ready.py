@@ -30,21 +30,44 @@ def identity(fps: float, latency_ms: float) -> mx.Dfp:
 X = [[np.zeros((1, 4), np.float32)]]
 
 
+async def released_after(dev: Any, clock: VirtualClock, handed_over_s: float,
+                         latency_ms: float) -> float:
+    """Open ``dev`` on a 100 fps model, submit one frame ``handed_over_s`` after it was
+    ready, and return how long after ready its outputs were released."""
+    await dev.open(identity(fps=100, latency_ms=latency_ms), 0)
+    try:
+        t0 = clock.now()
+        await clock.sleep(handed_over_s)
+        await asyncio.wait_for(asyncio.shield(dev.submit(0, X, ready=t0)), 10)
+        return clock.now() - t0
+    finally:
+        await dev.aclose()
+
+
 @pytest.mark.asyncio
 async def test_a_frame_ready_before_submit_is_released_latency_after_it_was_ready():
     clock = VirtualClock()
     dev = SimulatedDevice(mode="shapes", clock=clock)
-    await dev.open(identity(fps=100, latency_ms=20), 0)
-    try:
-        t0 = clock.now()
-        await clock.sleep(0.005)  # the hand-over took 5 ms
-        fut = dev.submit(0, X, ready=t0)
-        await asyncio.wait_for(asyncio.shield(fut), 10)
-        assert clock.now() - t0 == pytest.approx(0.020, abs=1e-9)
-        lat = dev.statistics()["models"][0]["device_latency_ms"]
-        assert lat["p50"] == pytest.approx(20.0, abs=1e-6)  # counted from ready, too
-    finally:
-        await dev.aclose()
+    assert await released_after(dev, clock, 0.005, 20) == pytest.approx(0.020, abs=1e-9)
+    lat = dev.statistics()["models"][0]["device_latency_ms"]
+    assert lat["p50"] == pytest.approx(20.0, abs=1e-6)  # counted from ready, too
+
+
+@pytest.mark.asyncio
+async def test_a_frame_whose_hand_over_outlasted_its_latency_is_released_at_once_and_late():
+    clock = VirtualClock()
+    dev = SimulatedDevice(mode="shapes", clock=clock)
+    # a host stall of 50 ms between ready and submit: released at once, not at 52 ms
+    assert await released_after(dev, clock, 0.050, 2) == pytest.approx(0.050, abs=1e-9)
+    assert dev.statistics()["models"][0]["late_frames"] == 1  # the host made it late
+
+
+@pytest.mark.asyncio
+async def test_the_fault_wrapper_passes_ready_through():
+    clock = VirtualClock()
+    dev = FaultyDevice(SimulatedDevice(mode="shapes", clock=clock), Faults())
+    assert dev.takes_ready
+    assert await released_after(dev, clock, 0.005, 20) == pytest.approx(0.020, abs=1e-9)
 
 
 @pytest.mark.asyncio
@@ -78,40 +101,6 @@ async def test_a_ready_time_that_is_not_finite_is_refused(bad: float):
             dev.submit(0, X, ready=bad)
         fut = dev.submit(0, X, ready=None)  # the device still takes frames
         await asyncio.wait_for(asyncio.shield(fut), 10)
-    finally:
-        await dev.aclose()
-
-
-@pytest.mark.asyncio
-async def test_a_frame_whose_hand_over_outlasted_its_latency_is_released_at_once_and_late():
-    clock = VirtualClock()
-    dev = SimulatedDevice(mode="shapes", clock=clock)
-    await dev.open(identity(fps=100, latency_ms=2), 0)
-    try:
-        t0 = clock.now()
-        await clock.sleep(0.050)  # a host stall of 50 ms between ready and submit
-        fut = dev.submit(0, X, ready=t0)
-        await asyncio.wait_for(asyncio.shield(fut), 10)
-        assert clock.now() - t0 == pytest.approx(0.050, abs=1e-9)  # not 52 ms
-        stats = dev.statistics()["models"][0]
-        assert stats["late_frames"] == 1  # the host made it late: counted
-    finally:
-        await dev.aclose()
-
-
-@pytest.mark.asyncio
-async def test_the_fault_wrapper_passes_ready_through():
-    clock = VirtualClock()
-    inner = SimulatedDevice(mode="shapes", clock=clock)
-    dev = FaultyDevice(inner, Faults())
-    assert dev.takes_ready
-    await dev.open(identity(fps=100, latency_ms=20), 0)
-    try:
-        t0 = clock.now()
-        await clock.sleep(0.005)
-        fut = dev.submit(0, X, ready=t0)
-        await asyncio.wait_for(asyncio.shield(fut), 10)
-        assert clock.now() - t0 == pytest.approx(0.020, abs=1e-9)
     finally:
         await dev.aclose()
 
