@@ -197,7 +197,7 @@ class Lane:
         self.sinks: set[Any] = set()
         self.dropped = 0
         """Frames admitted and never delivered (the output callback raised, or a stop)."""
-        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frame`)
+        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frames`)
         #: against the close's own count of them (``Engine.aclose``).
         self.count_lock = threading.Lock()
         self.closed_count: int | None = None
