@@ -61,9 +61,20 @@ def test_sampled_mode_over_several_device_ids_answers_each_stream_with_its_own_o
     dfp = mx.NeuralCompiler(models=testing.identity_model((1, 4)), fps=1000000,
                             latency_ms=0.01).run()  # faster than this host: frames are sampled
     streams, frames = 4, 150
+    got, wrong = _tagged_streams(
+        mx.MultiStreamAsyncAccl(dfp, device_ids=[0, 1], device="sim:sampled"), streams, frames)
+    assert got == [frames] * streams
+    assert wrong == []
+
+
+def _tagged_streams(accl: Any, streams: int, frames: int
+                    ) -> tuple[list[int], list[tuple[int, float]]]:
+    """Run ``streams`` streams of ``frames`` frames through ``accl`` (closed after), stream
+    s sending frames of value 100*s: outputs per stream, and each output of another
+    stream's value (identity model: an output is the frame it was computed from)."""
     sent = [0] * streams
-    wrong: list[tuple[int, float]] = []
     got = [0] * streams
+    wrong: list[tuple[int, float]] = []
 
     def source(s: int) -> Any:
         if sent[s] >= frames:
@@ -77,14 +88,12 @@ def test_sampled_mode_over_several_device_ids_answers_each_stream_with_its_own_o
         if value != 100.0 * s:
             wrong.append((s, value))
 
-    accl = mx.MultiStreamAsyncAccl(dfp, device_ids=[0, 1], device="sim:sampled")
     try:
         accl.connect_streams(source, sink, streams)
         accl.wait()
     finally:
         accl.close()
-    assert got == [frames] * streams
-    assert wrong == []
+    return got, wrong
 
 
 @pytest.mark.timeout(60)
@@ -129,28 +138,9 @@ def test_sampled_mode_over_a_device_server_answers_each_stream_with_its_own_outp
     dfp = mx.NeuralCompiler(models=testing.identity_model((1, 4)), fps=1000000,
                             latency_ms=0.01).run()
     srv = ServerProcess(tmp_path, "--mode", "sampled")
-    streams, frames = 4, 100
-    sent = [0] * streams
-    wrong: list[tuple[int, float]] = []
-
-    def source(s: int) -> Any:
-        if sent[s] >= frames:
-            return None
-        sent[s] += 1
-        return np.full((1, 4), 100.0 * s, np.float32)
-
-    def sink(s: int, y: Any) -> None:
-        value = float(np.asarray(y).ravel()[0])
-        if value != 100.0 * s:
-            wrong.append((s, value))
-
     try:
-        accl = mx.MultiStreamAsyncAccl(dfp, device=f"unix:{srv.path}")
-        try:
-            accl.connect_streams(source, sink, streams)
-            accl.wait()
-        finally:
-            accl.close()
+        _, wrong = _tagged_streams(mx.MultiStreamAsyncAccl(dfp, device=f"unix:{srv.path}"),
+                                   4, 100)
     finally:
         srv.stop()
     assert wrong == []
