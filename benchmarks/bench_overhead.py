@@ -8,6 +8,10 @@ queues are as deep as the runtime's frame budget for this model (read from
 ``statistics()``), so neither side buffers more than the other; a shallow
 reference (``maxsize=4``) is shown for information. Both run the very same input
 and output callbacks, in the same process, interleaved repetition by repetition.
+
+The unpaced modes' default device queues are 16 frames each way (like the vendor
+scheduler's input queue; 4 until 2026-11-30): for information, the runtime with
+``queue_depth=4`` is shown beside a reference as deep as that smaller budget.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 SHAPE = (1, 16)
 #: The informational shallow reference's queue depth.
 SHALLOW_QUEUE_DEPTH = 4
+#: The device queue depth of the informational shallow-budget rows (the former default).
+SHALLOW_DEVICE_QUEUE = 4
 #: Frames/s of the paced (camera-like) source of the latency table.
 PACED_RATE = 100.0
 
@@ -43,11 +49,11 @@ def _input(frame: np.ndarray, duration: float, stamps: c.Stamps, rate: float | N
     return c.paced_feeder(frame, rate, duration, stamps)
 
 
-def frame_budget(dfp: Any) -> int:
+def frame_budget(dfp: Any, **options: Any) -> int:
     """The runtime's in-flight bound for model 0 in ``mode="fast"`` (from statistics())."""
     from memryx import SyncAccl
 
-    with SyncAccl(dfp, mode="fast") as accl:
+    with SyncAccl(dfp, mode="fast", **options) as accl:
         return int(accl.statistics()["models"][0]["frame_budget"])
 
 
@@ -121,6 +127,7 @@ def run(quick: bool) -> dict[str, Any]:
     session = _session(testing.model_bytes(model))
     frame = np.zeros(SHAPE, np.float32)
     depth = frame_budget(dfp)
+    small = frame_budget(dfp, queue_depth=SHALLOW_DEVICE_QUEUE)
 
     variants: dict[str, Any] = {
         f"reference: 3 threads + queue.Queue(maxsize={depth}), the frame budget":
@@ -133,6 +140,11 @@ def run(quick: bool) -> dict[str, Any]:
             lambda: run_async_accl(dfp, frame, duration, concurrency=1),
         "AsyncAccl, async def callbacks on the app loop":
             lambda: run_async_callbacks(dfp, frame, duration),
+        f"reference, maxsize={small} (information: the budget below)":
+            lambda: run_reference(session, frame, duration, small),
+        f"AsyncAccl, plain callbacks, queue_depth={SHALLOW_DEVICE_QUEUE} (information: "
+        f"budget {small})":
+            lambda: run_async_accl(dfp, frame, duration, queue_depth=SHALLOW_DEVICE_QUEUE),
     }
     paced = {
         "reference: 3 threads + queue.Queue":
@@ -197,7 +209,9 @@ def run(quick: bool) -> dict[str, Any]:
         f"`queue.Queue(maxsize={depth})`, as deep as the runtime's frame budget for this model "
         f"(`statistics()[\"models\"][0][\"frame_budget\"]`), the middle thread running the "
         f"same ONNX model with onnxruntime; a shallow `maxsize={SHALLOW_QUEUE_DEPTH}` reference "
-        f"for information. Frames/s in steady state "
+        f"for information, and the runtime with `queue_depth={SHALLOW_DEVICE_QUEUE}` (a frame "
+        f"budget of {small}, the unpaced modes' default until 2026-11-30) beside a reference "
+        f"that deep. Frames/s in steady state "
         f"(first {warmup:g} s dropped), median of {reps} interleaved repetitions; latency from "
         f"the input callback's return to the output callback's call.",
         tables=[c.table("", ["variant", "frames/s", "vs reference", "CPU us per frame",
@@ -210,7 +224,8 @@ def run(quick: bool) -> dict[str, Any]:
         notes=["\"CPU us per frame\": CPU time of the whole process (all threads) per frame in "
                "steady state; on this 2-core machine 500 us/frame of CPU caps any runtime at "
                "4,000 frames/s."],
-        raw={"fps": fps, "sync_fps": sync_fps, "cpu_us_per_frame": cpu, "frame_budget": depth},
+        raw={"fps": fps, "sync_fps": sync_fps, "cpu_us_per_frame": cpu, "frame_budget": depth,
+             "shallow_frame_budget": small},
     )
 
 

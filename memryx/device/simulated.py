@@ -107,9 +107,16 @@ MODES = ("timed", "reuse", "sampled", "shapes", "fast", "shapes-unpaced")
 PACED_MODES = ("timed", "reuse", "sampled", "shapes")
 #: The paced modes that compute little: meant to keep chip timing on any host.
 CHEAP_MODES = ("reuse", "sampled", "shapes")
-#: Frames each model buffers on the way in and out, by default (see ``queue_depth``).
+#: Frames each model buffers on the way in and out, by default (see ``queue_depth``): in
+#: ``timed`` mode, where a frame's latency behind a faster source is about a budget of
+#: modeled frame times, ...
 DEFAULT_QUEUE_DEPTH = 4
+#: ... in the modes that compute little, and in the unpaced modes (16, the vendor
+#: scheduler's default input queue): there a batch rides out more thread hand-offs and
+#: host stalls, and a frame of a fast model costs less of a thread wake-up.
 CHEAP_QUEUE_DEPTH = 16
+#: The modes that run as fast as the host (no modeled timing).
+UNPACED_MODES = ("fast", "shapes-unpaced")
 #: ... and in those modes at least this long a host stall's worth of a fast model's frames
 #: (16 frames of a model at 18,000 fps ride out less than a millisecond; a thread of a busy
 #: host waits longer than that for a core), up to ``MAX_CHEAP_QUEUE_DEPTH`` frames.
@@ -156,8 +163,10 @@ class SimulatedDevice:
             Default: in the modes that compute little (:data:`CHEAP_MODES`), whose
             thread hops and host stalls a deeper budget rides out, 16, or for a model
             faster than 4,000 fps its frames of ``CHEAP_QUEUE_S`` (4 ms; at most 96);
-            else 4 (a frame's latency with a source faster than the chip is about a
-            budget of frames). ``statistics()`` gives each model's.
+            in the unpaced modes (``"fast"``, ``"shapes-unpaced"``: throughput, no
+            modeled timing) 16, like the vendor scheduler's input queue; in
+            ``"timed"`` 4 (a frame's latency with a source faster than the chip is
+            about a budget of frames). ``statistics()`` gives each model's.
         backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
             ``$MEMRYX_SIM_BACKEND``, else onnxruntime).
         cache_size: ``"reuse"`` mode: distinct frames whose outputs are kept (default 1024).
@@ -203,7 +212,8 @@ class SimulatedDevice:
         else:
             self.concurrency = concurrency or max(1, os.cpu_count() or 1)
         self.queue_depth = queue_depth or (
-            CHEAP_QUEUE_DEPTH if mode in CHEAP_MODES else DEFAULT_QUEUE_DEPTH)
+            CHEAP_QUEUE_DEPTH if mode in CHEAP_MODES or mode in UNPACED_MODES
+            else DEFAULT_QUEUE_DEPTH)
         self._depth_given = queue_depth is not None
         self._models: list[_Model] = []
         self._tasks: TaskSet | None = None

@@ -115,9 +115,10 @@ def test_admitting_a_batch_at_once_gives_the_same_schedule_as_frame_by_frame(see
 
 # -- the device: defaults, batched release, never ahead of the chip --------------------------------
 def test_the_modes_that_compute_little_get_deeper_default_queues():
+    # and so do the unpaced ones (throughput, no modeled latency to keep): a batch of a
+    # fast model then carries more frames per thread wake-up
     assert SimulatedDevice(mode="timed").queue_depth == DEFAULT_QUEUE_DEPTH == 4
-    assert SimulatedDevice(mode="fast").queue_depth == DEFAULT_QUEUE_DEPTH
-    for mode in ("reuse", "sampled", "shapes"):
+    for mode in ("reuse", "sampled", "shapes", "fast", "shapes-unpaced"):
         assert SimulatedDevice(mode=mode).queue_depth == CHEAP_QUEUE_DEPTH == 16
     assert SimulatedDevice(mode="shapes", queue_depth=3).queue_depth == 3
     with pytest.raises(ValueError, match="queue_depth must be an int >= 1, got 0"):
@@ -154,7 +155,8 @@ async def test_a_fast_model_in_the_modes_that_compute_little_buffers_4_ms_of_fra
         assert (await depth(1e6, mode=mode))[0] == MAX_CHEAP_QUEUE_DEPTH
         assert (await depth(20000, mode=mode, queue_depth=16))[0] == 16
     assert (await depth(20000, mode="timed"))[0] == DEFAULT_QUEUE_DEPTH
-    assert (await depth(20000, mode="shapes-unpaced"))[0] == DEFAULT_QUEUE_DEPTH  # unpaced
+    for mode in ("fast", "shapes-unpaced"):  # unpaced: no modeled rate to scale by
+        assert (await depth(20000, mode=mode))[0] == CHEAP_QUEUE_DEPTH
 
 def test_the_timed_frame_budget_is_unchanged():
     dfp = identity(fps=500, latency_ms=2)
