@@ -96,7 +96,7 @@ from ._state import fail as _fail
 from .base import Limits
 
 if TYPE_CHECKING:
-    from ..dfp import Dfp
+    from ..dfp import Dfp, ModelInfo
 
 __all__ = ["CHEAP_MODES", "MODES", "PACED_MODES", "SimulatedDevice"]
 
@@ -117,6 +117,11 @@ DEFAULT_QUEUE_DEPTH = 4
 CHEAP_QUEUE_DEPTH = 16
 #: The modes that run as fast as the host (no modeled timing).
 UNPACED_MODES = ("fast", "shapes-unpaced")
+#: In the unpaced modes a model's default queue holds at most this many bytes of input
+#: frames (but at least ``DEFAULT_QUEUE_DEPTH`` frames): the depth pays for small frames,
+#: whose thread hand-offs cost more than their work, and would only hold memory for big
+#: ones (16 frames of 4K float32 are 1.6 GB).
+UNPACED_QUEUE_BYTES = 4 << 20
 #: ... and in those modes at least this long a host stall's worth of a fast model's frames
 #: (16 frames of a model at 18,000 fps ride out less than a millisecond; a thread of a busy
 #: host waits longer than that for a core), up to ``MAX_CHEAP_QUEUE_DEPTH`` frames.
@@ -164,7 +169,8 @@ class SimulatedDevice:
             thread hops and host stalls a deeper budget rides out, 16, or for a model
             faster than 4,000 fps its frames of ``CHEAP_QUEUE_S`` (4 ms; at most 96);
             in the unpaced modes (``"fast"``, ``"shapes-unpaced"``: throughput, no
-            modeled timing) 16, like the vendor scheduler's input queue; in
+            modeled timing) 16, like the vendor scheduler's input queue, or as many
+            frames as fit in ``UNPACED_QUEUE_BYTES`` (4 MiB; at least 4); in
             ``"timed"`` 4 (a frame's latency with a source faster than the chip is
             about a budget of frames). ``statistics()`` gives each model's.
         backend: what computes the graphs, ``"onnxruntime"`` or ``"openvino"`` (default:
@@ -247,7 +253,7 @@ class SimulatedDevice:
             pacer = None
             modeled: dict[str, Any] = {}
             in_chip = self.concurrency
-            depth = self.queue_depth
+            depth = self._unpaced_depth(info) if self.mode in UNPACED_MODES else self.queue_depth
             if self.paced:
                 modeled = modeled_perf(info, dfp.num_chips)
                 fps, latency_s = float(modeled["fps"]), float(modeled["latency_ms"]) / 1000
@@ -284,6 +290,14 @@ class SimulatedDevice:
         if self._depth_given or self.mode not in CHEAP_MODES:
             return self.queue_depth
         return max(self.queue_depth, min(MAX_CHEAP_QUEUE_DEPTH, math.ceil(CHEAP_QUEUE_S * fps)))
+
+    def _unpaced_depth(self, info: ModelInfo) -> int:
+        """The queue depth of a model in an unpaced mode (``UNPACED_QUEUE_BYTES``)."""
+        if self._depth_given:
+            return self.queue_depth
+        frame = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in info.inputs)
+        fits = UNPACED_QUEUE_BYTES // max(1, frame)
+        return max(DEFAULT_QUEUE_DEPTH, min(self.queue_depth, fits))
 
     def _on_task_error(self, exc: BaseException) -> None:
         if self._fault is None:

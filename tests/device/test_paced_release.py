@@ -158,6 +158,29 @@ async def test_a_fast_model_in_the_modes_that_compute_little_buffers_4_ms_of_fra
     for mode in ("fast", "shapes-unpaced"):  # unpaced: no modeled rate to scale by
         assert (await depth(20000, mode=mode))[0] == CHEAP_QUEUE_DEPTH
 
+@pytest.mark.asyncio
+async def test_the_unpaced_modes_queue_at_most_4_mib_of_big_frames():
+    # 16 frames each way pay for small frames; big ones get as many as fit in
+    # UNPACED_QUEUE_BYTES, never fewer than timed mode's 4 (4K float32 frames in
+    # flight would otherwise hold gigabytes)
+    from memryx.device.simulated import UNPACED_QUEUE_BYTES
+
+    async def depth(shape: tuple[int, ...], **options: object) -> int:
+        dev = SimulatedDevice(mode="fast", **options)  # type: ignore[arg-type]
+        await dev.open(identity(fps=1000, latency_ms=1, shape=shape), 0)
+        try:
+            assert dev.limits(0).in_queue == dev.statistics()["models"][0]["queue_depth"]
+            return dev.limits(0).in_queue
+        finally:
+            await dev.aclose()
+
+    assert UNPACED_QUEUE_BYTES == 4 << 20
+    assert await depth((1, 16)) == CHEAP_QUEUE_DEPTH
+    assert await depth((1, 3, 224, 224)) == 6  # 602,112 bytes: 6 fit in 4 MiB
+    assert await depth((1, 3, 1024, 1024)) == DEFAULT_QUEUE_DEPTH  # 12 MiB: the floor
+    assert await depth((1, 3, 1024, 1024), queue_depth=9) == 9  # as given
+
+
 def test_the_timed_frame_budget_is_unchanged():
     dfp = identity(fps=500, latency_ms=2)
     with mx.SyncAccl(dfp) as accl:  # the latency goal (bench_latency) is about this budget
