@@ -37,16 +37,16 @@ import math
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 from numpy.typing import NDArray
 
 from .._trace import Tracer
 from ..clock import clock_of
 from .aio import Budget, TaskSet
+from .lane_trace import LaneTracing
+from .meter import Meter
 from .processing import PortSpec, Processor, as_array_list, conform
 from .runner import run_sync
 
@@ -65,9 +65,6 @@ Frame = list[Array]
 MAX_FRAME_BUDGET = 256
 #: The stream of request frames whose receiver cannot be weakly referenced.
 SHARED_REQUEST_STREAM = -(1 << 62)
-#: Latency samples kept per model and per stream for percentiles.
-LATENCY_SAMPLES = 4096
-
 
 def frame_budget(limits: Limits) -> int:
     """THE in-flight bound of one model: frames between admission and delivery."""
@@ -90,52 +87,6 @@ Traced = tuple[int, int, float]
 #: An output for the output callback: (stream, outputs, admission time, ready time,
 #: frame number when traced else -1).
 Out = tuple[int, Frame, float, float, int]
-
-
-@dataclass
-class Meter:
-    """Counters of one model or one stream."""
-
-    frames_in: int = 0
-    frames_out: int = 0
-    first_out: float = 0.0
-    last_out: float = 0.0
-    input_s: float = 0.0
-    """Time spent getting frames from the input callback."""
-    output_s: float = 0.0
-    """Time spent handing outputs over (output callback, post-processing)."""
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-
-    def delivered(self, t0: float, ready: float) -> None:
-        self.frames_out += 1
-        self.latencies.append(ready - t0)
-        self.first_out = self.first_out or ready
-        self.last_out = ready
-
-    def delivered_many(self, latencies: list[float], first: float, last: float,
-                       spent: float) -> None:
-        """``delivered`` for several outputs at once (``latencies``: each one's, in order;
-        ``first`` and ``last``: the first's and the last's ready times), with ``spent``
-        seconds of handing them over."""
-        self.frames_out += len(latencies)
-        self.latencies.extend(latencies)
-        self.first_out = self.first_out or first
-        self.last_out = last
-        self.output_s += spent
-
-    def summary(self) -> dict[str, Any]:
-        span = self.last_out - self.first_out
-        lat = np.asarray(self.latencies) * 1000.0
-        return {
-            "frames_in": self.frames_in, "frames_out": self.frames_out,
-            "fps": (self.frames_out - 1) / span if span > 0 else 0.0,
-            "latency_ms": {
-                "p50": float(np.percentile(lat, 50)) if lat.size else None,
-                "p99": float(np.percentile(lat, 99)) if lat.size else None,
-                "mean": float(lat.mean()) if lat.size else None,
-            },
-            "input_callback_s": self.input_s, "output_callback_s": self.output_s,
-        }
 
 
 class _HandOverChain:
@@ -176,8 +127,8 @@ class _HandOverChain:
                 waiter.set_result(None)
 
 
-class Lane:
-    """The pipeline of one model (module docstring)."""
+class Lane(LaneTracing):
+    """The pipeline of one model (module docstring); its tracing is in :mod:`.lane_trace`."""
 
     def __init__(self, model: ModelInfo, device: Device, limits: Limits,
                  on_fault: Callable[[BaseException], None]) -> None:
@@ -554,71 +505,6 @@ class Lane:
                 self.tracer.frame(0, self.idx, "post-processing", started, self.now(),
                                   numbers[n])
         return results
-
-    # -- tracing (only called when the tracer is on) ---------------------------------------------
-    def trace_clock(self) -> float:
-        """Now, if tracing is on, else 0.0 (a request frame's pre-processing starts)."""
-        return self.now() if self.tracer.on else 0.0
-
-    def trace_pre(self, t0: float, t1: float) -> None:
-        """A request frame about to be put was pre-processed from t0 to t1."""
-        if self.tracer.on:
-            self.tracer.frame(0, self.idx, "pre-processing", t0, t1, self.meter.frames_in)
-
-    def prepare_traced(self, items: Sequence[Any]) -> list[Frame]:
-        """``prepare`` request frames that are put next, in order, recording each one's
-        pre-processing."""
-        out: list[Frame] = []
-        base = self.meter.frames_in
-        for j, data in enumerate(items):
-            t0 = self.now()
-            out.append(self.prepare(data))
-            self.tracer.frame(0, self.idx, "pre-processing", t0, self.now(), base + j)
-        return out
-
-    def _trace_put(self, tags: Iterable[Tag], stream: Meter | None) -> None:
-        """Frames queued: number them (per stream; request frames on stream 0, per model)."""
-        now = self.now()
-        base = stream.frames_in if stream is not None else self.meter.frames_in
-        traced = self._traced
-        for i, (sink, key, _) in enumerate(tags):
-            traced.append((key if sink is None else 0, base + i, now))
-
-    def _trace_submit(self, fut: asyncio.Future[list[Frame]], traced: list[Traced], n: int,
-                      start: int, end: int) -> None:
-        """Frames ``start:end`` of ``n`` flushed went to the device (``traced`` is the tail)."""
-        offset = n - len(traced)
-        batch = traced[max(0, start - offset):max(0, end - offset)]
-        if not batch:
-            return
-        tracer, model, now = self.tracer, self.idx, self.now()
-        for stream, k, queued in batch:
-            tracer.frame(stream, model, "queued", queued, now, k)
-        resolved_at: list[float] = []
-        self._traced_flight.append((fut, batch, now, resolved_at))
-
-        def resolved(_fut: asyncio.Future[list[Frame]]) -> None:
-            # the collector may have taken the outputs first (its wake-up ran before this
-            # callback): then its time is the end of both the device stage and busy interval
-            if not resolved_at:
-                resolved_at.append(self.now())
-            if tracer.on:
-                tracer.busy(model, now, resolved_at[0])
-
-        fut.add_done_callback(resolved)
-
-    def _trace_device(self, ready: float) -> list[Traced]:
-        """The collector took a traced batch's outputs at ``ready``: record its device stage,
-        from submit to the future's resolution (``ready`` if its callback has not run yet)."""
-        _, batch, submitted, resolved_at = self._traced_flight.popleft()
-        if not resolved_at:  # its done-callback has not run yet: it will use this time too
-            resolved_at.append(ready)
-        done = resolved_at[0]
-        tracer, model = self.tracer, self.idx
-        if tracer.on:
-            for stream, k, _ in batch:
-                tracer.frame(stream, model, "device", submitted, done, k)
-        return batch
 
     def drop_queued(self) -> int:
         """At a stop: forget frames not yet handed over (their units are not given back)."""
