@@ -439,13 +439,15 @@ class CallbackOutput:
         report: list[tuple[Out, BaseException | None, float, float]] = []
         stopping = self._stopping
         fn, with_idx, finish = self.fn, self.with_stream_idx, self.lane.finish
-        tracer, model, now = self.lane.tracer, self.lane.idx, self.lane.now
+        lane = self.lane
+        tracer, model, now, count_lock = lane.tracer, lane.idx, lane.now, lane.count_lock
         started = now()  # each output's hand-over starts where the one before ended
         for item in batch:
-            if stopping.is_set() or self.failed:
-                break  # stopped: no callback after stop() returns
+            with count_lock:  # a close counts the frames in flight under it: counted once
+                if stopping.is_set() or self.failed:
+                    break  # stopped: no callback after stop() returns
+                lane.handed += 1  # from here on the frame is the callback's
             stream, outputs, _, _, k = item
-            self.lane.handed += 1  # from here on the frame is the callback's
             try:
                 res = finish(outputs)
                 if k >= 0:  # traced
