@@ -37,15 +37,18 @@ Messages
 kind                    sender  payload
 ======================  ======  =================================================
 HELLO                   client  JSON ``{"protocol": 1, "client": str, "pid": int,
-                                "scheduler": {...}}`` (scheduler optional)
+                                "scheduler": {...}, "stream_tags": bool}``
+                                (scheduler and stream_tags optional)
 WELCOME                 server  JSON ``{"protocol": 1, "server": str, "max_payload": int,
-                                "idle_timeout": float, "scheduler": {...}}``
-                                (idle_timeout and scheduler optional)
+                                "idle_timeout": float, "scheduler": {...},
+                                "stream_tags": bool}`` (all but the first three
+                                optional)
 OPEN                    client  32-byte sha256 of the DFP bytes, u32 group_id
 NEED_DFP                server  empty: the server has no cached copy of that DFP
 DFP                     client  the DFP bytes (their sha256 must equal OPEN's)
 OPENED                  server  JSON ``{"models": [{"capacity": int}, ...]}``
-FRAME (model, seq)      client  a tensor pack (:func:`pack_arrays`)
+FRAME (model, seq)      client  a tensor pack (:func:`pack_arrays`); with stream tags
+                                (see *Stream tags*) an i64 stream first
 OUTPUT (model, seq)     server  a tensor pack; seq echoes the frame's
 STATS (seq)             client  empty; seq is a request id
 STATS_REPLY (seq)       server  JSON object; seq echoes the request's
@@ -82,6 +85,24 @@ server's own options, and WELCOME still reports them. The fields were added
 without a version bump: a peer ignores JSON fields it does not know, so a
 server that predates them simply applies its own options and sends no
 ``scheduler`` back (the client then knows its options were not applied).
+
+Stream tags
+-----------
+
+A device that works per input stream (the simulated device's ``sampled`` mode
+answers a frame with its own stream's newest outputs) must know each frame's
+stream. A client that sends them says ``"stream_tags": true`` in HELLO; a server
+that takes them answers ``"stream_tags": true`` in WELCOME (only when asked: a
+WELCOME that agrees to tags nobody asked for is a protocol error). From then on
+every FRAME payload of that connection starts with the frame's stream, a
+little-endian signed 64-bit integer (``"<q"``: a callback stream's index, or a
+negative number per request receiver), and the tensor pack follows it (its
+8-byte padding still counts from the start of the payload). A tagged FRAME
+shorter than those 8 bytes is a protocol error. Like the scheduler options this
+was added without a version bump: a server that predates it ignores the field
+and answers without it, so the client sends untagged frames (then all frames of
+a connection are one stream to the server, as before); a client that predates
+it never asks, and a new server reads its frames untagged.
 
 JSON payloads are UTF-8, decode to an object, nest at most
 :data:`MAX_JSON_DEPTH` containers deep and contain no NaN / Infinity. Header
@@ -208,6 +229,9 @@ _U32_MAX: Final = 0xFFFFFFFF
 _HASH_SIZE: Final = 32
 _OPEN = struct.Struct("<32sI")
 _COUNT = struct.Struct("<H")
+_STREAM = struct.Struct("<q")
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
 # numpy refuses shapes whose non-zero dims multiply past intp, even when one dim is 0.
 _MAX_SHAPE_BYTES: Final = 1 << 48
 
@@ -315,6 +339,8 @@ class Hello:
     pid: int
     scheduler: Mapping[str, Any] | None = None
     """The scheduler options asked for (see *Scheduler options*), or None: the server's."""
+    stream_tags: bool = False
+    """The client tags each FRAME with its stream, if the server agrees (*Stream tags*)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +358,8 @@ class Welcome:
     scheduler: Mapping[str, Any] | None = None
     """The scheduler options the server applies to this client (None: a server that
     predates per-client options)."""
+    stream_tags: bool = False
+    """The server reads FRAMEs tagged with their stream (only when HELLO asked)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,12 +402,14 @@ class Frame:
     """Client → server: one frame (the arrays of all input ports) for ``model``.
 
     Received arrays are writable views into a buffer that belongs to this event
-    alone (no copy). Compared by identity: arrays have no plain ``==``.
+    alone (no copy). Compared by identity: arrays have no plain ``==``. ``stream``
+    travels only on a connection with stream tags (received untagged: 0).
     """
 
     model: int
     seq: int
     arrays: Sequence[NDArray[Any]]
+    stream: int = 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -462,11 +492,14 @@ def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _pack(arrays: Sequence[NDArray[Any]]) -> tuple[list[bytes | memoryview], int]:
+def _pack(arrays: Sequence[NDArray[Any]], prefix: bytes = b""
+          ) -> tuple[list[bytes | memoryview], int]:
+    """The pieces of a tensor pack after ``prefix`` (8 bytes or none: the padding counts
+    from the start of the payload), and their length."""
     if len(arrays) > MAX_ARRAYS:
         _fail(f"tensor pack: {len(arrays)} arrays, at most {MAX_ARRAYS} allowed")
     pieces: list[bytes | memoryview] = []
-    head = bytearray(_COUNT.pack(len(arrays)))
+    head = bytearray(prefix + _COUNT.pack(len(arrays)))
     offset = len(head)
     for i, array in enumerate(arrays):
         if not isinstance(array, np.ndarray):
@@ -683,19 +716,22 @@ def _models(raw: Any) -> tuple[OpenedModel, ...]:
 
 
 # -- decoding one message ---------------------------------------------------------------------
-def _decode(kind: Kind, model: int, seq: int, payload: bytearray) -> Event:
+def _decode(kind: Kind, model: int, seq: int, payload: bytearray, tagged: bool = False
+            ) -> Event:
     if kind is Kind.HELLO:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
         return Hello(_str(obj.get("client"), "HELLO.client"), _int(obj.get("pid"), "HELLO.pid"),
-                     _optional_object(obj.get("scheduler"), "HELLO.scheduler"))
+                     _optional_object(obj.get("scheduler"), "HELLO.scheduler"),
+                     _bool(obj.get("stream_tags", False), "HELLO.stream_tags"))
     if kind is Kind.WELCOME:
         obj = _decode_json(payload, kind)
         _protocol_field(obj, kind)
         return Welcome(_str(obj.get("server"), "WELCOME.server"),
                        _int(obj.get("max_payload"), "WELCOME.max_payload", 1, MAX_MESSAGE),
                        _seconds(obj.get("idle_timeout", 0.0), "WELCOME.idle_timeout"),
-                       _optional_object(obj.get("scheduler"), "WELCOME.scheduler"))
+                       _optional_object(obj.get("scheduler"), "WELCOME.scheduler"),
+                       _bool(obj.get("stream_tags", False), "WELCOME.stream_tags"))
     if kind is Kind.OPEN:
         dfp_hash, group_id = _OPEN.unpack(payload)
         return Open(dfp_hash, group_id)
@@ -706,7 +742,15 @@ def _decode(kind: Kind, model: int, seq: int, payload: bytearray) -> Event:
     if kind is Kind.OPENED:
         return Opened(_models(_decode_json(payload, kind).get("models")))
     if kind is Kind.FRAME:
-        return Frame(model, seq, tuple(_unpack(memoryview(payload), copy=False, writable=True)))
+        if not tagged:
+            return Frame(model, seq, tuple(_unpack(memoryview(payload), copy=False,
+                                                   writable=True)))
+        if len(payload) < _STREAM.size:
+            _fail(f"FRAME payload truncated: {len(payload)} bytes, its stream tag alone "
+                  f"needs {_STREAM.size}")
+        (stream,) = _STREAM.unpack_from(payload)
+        return Frame(model, seq, tuple(_unpack(memoryview(payload)[_STREAM.size:], copy=False,
+                                               writable=True)), stream)
     if kind is Kind.OUTPUT:
         return Output(model, seq, tuple(_unpack(memoryview(payload), copy=False, writable=True)))
     if kind is Kind.STATS:
@@ -758,6 +802,8 @@ class Connection:
         self._dfp_hash: bytes | None = None
         self._models: tuple[OpenedModel, ...] = ()
         self._pending_stats: set[int] = set()
+        self._tags_asked = False
+        self._stream_tags = False
         # receive side: a partial header, or a parsed header and the payload so far
         self._head = bytearray()
         self._header: tuple[Kind, int, int, int] | None = None
@@ -794,6 +840,11 @@ class Connection:
     def models(self) -> tuple[OpenedModel, ...]:
         """The models of the opened DFP (empty until OPENED)."""
         return self._models
+
+    @property
+    def stream_tags(self) -> bool:
+        """FRAMEs carry their stream (HELLO asked for it and WELCOME agreed)."""
+        return self._stream_tags
 
     @property
     def send_limit(self) -> int:
@@ -919,7 +970,7 @@ class Connection:
         self._chunking = None
         payload = self._payload
         self._payload = bytearray()  # the event's arrays keep the old buffer
-        event = _decode(kind, model, seq, payload)
+        event = _decode(kind, model, seq, payload, self._stream_tags)
         self._check(self._peer, kind, model, seq, event)
         self._commit(self._peer, kind, event)
         return event
@@ -992,6 +1043,8 @@ class Connection:
                                      "pid": _int(event.pid, "HELLO.pid")}
             if event.scheduler is not None:
                 hello["scheduler"] = dict(_object(event.scheduler, "HELLO.scheduler"))
+            if event.stream_tags:
+                hello["stream_tags"] = _bool(event.stream_tags, "HELLO.stream_tags")
             pieces.append(_encode_json(hello, kind))
         elif isinstance(event, Welcome):
             limit = _int(event.max_payload, "WELCOME.max_payload", 1, self.max_payload)
@@ -1002,6 +1055,8 @@ class Connection:
                 welcome["idle_timeout"] = _seconds(event.idle_timeout, "WELCOME.idle_timeout")
             if event.scheduler is not None:
                 welcome["scheduler"] = dict(_object(event.scheduler, "WELCOME.scheduler"))
+            if event.stream_tags:
+                welcome["stream_tags"] = _bool(event.stream_tags, "WELCOME.stream_tags")
             pieces.append(_encode_json(welcome, kind))
         elif isinstance(event, Open):
             if not isinstance(event.dfp_hash, bytes) or len(event.dfp_hash) != _HASH_SIZE:
@@ -1018,7 +1073,10 @@ class Connection:
         elif isinstance(event, (Frame, Output)):
             model = _int(event.model, f"{kind.name}.model")
             seq = _int(event.seq, f"{kind.name}.seq")
-            pieces, length = _pack(event.arrays)
+            prefix = b""
+            if isinstance(event, Frame) and self._stream_tags:
+                prefix = _STREAM.pack(_int(event.stream, "FRAME.stream", _I64_MIN, _I64_MAX))
+            pieces, length = _pack(event.arrays, prefix)
             return model, seq, pieces, length
         elif isinstance(event, (Stats, StatsReply)):
             seq = _int(event.seq, f"{kind.name}.seq")
@@ -1090,6 +1148,9 @@ class Connection:
         elif kind is Kind.BYE:
             if not self._close_seen:
                 _fail(f"{name} before CLOSE: BYE answers the client's CLOSE")
+        elif (kind is Kind.WELCOME and isinstance(event, Welcome) and event.stream_tags
+              and not self._tags_asked):
+            _fail(f"{name} agrees to stream tags that HELLO did not ask for")
         elif (kind is Kind.DFP and isinstance(event, DfpData) and sender is self._peer
               and dfp_digest(event.data) != self._dfp_hash):
             # checked on receipt only: the sender named the hash it computed itself
@@ -1099,8 +1160,10 @@ class Connection:
     def _commit(self, sender: Role, kind: Kind, event: Event) -> None:
         if isinstance(event, Hello):
             self._state = State.AWAIT_WELCOME
+            self._tags_asked = event.stream_tags
         elif isinstance(event, Welcome):
             self._state = State.IDLE
+            self._stream_tags = event.stream_tags
             if self.role is Role.CLIENT:
                 self._peer_max_payload = event.max_payload
         elif isinstance(event, Open):
