@@ -250,7 +250,8 @@ class Session(asyncio.Protocol):
                 log.info("client %s schedules %s", self.peer, self.schedule.wire())
             self._send(p.Welcome(f"memryx-server {__version__}", self.limits.max_message_bytes,
                                  idle_timeout=self.limits.idle_timeout,
-                                 scheduler=self.schedule.wire()))
+                                 scheduler=self.schedule.wire(),
+                                 stream_tags=event.stream_tags))  # taken when asked for
         elif isinstance(event, p.Open):
             self.opened = True
             self._pending_open = event
@@ -292,7 +293,8 @@ class Session(asyncio.Protocol):
                 "must read outputs before it sends more")
         arrays = list(event.arrays)
         nbytes = sum(a.nbytes for a in arrays)
-        slot.frames[0].send_nowait((event.seq, arrays, nbytes))  # room: unanswered < capacity
+        # room: unanswered < capacity
+        slot.frames[0].send_nowait((event.seq, arrays, nbytes, event.stream))
         slot.arrived.set()
         slot.unanswered += 1
         slot.frames_in += 1

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["TURN_ENDS", "Item", "Slot"]
 
 Array = NDArray[Any]
-Item = tuple[int, list[Array], int]  # seq, arrays, bytes
+Item = tuple[int, list[Array], int, int]  # seq, arrays, bytes, the client's stream tag
 #: Why a turn on the chip ended: its frame or time limit while another slot waited, no
 #: frame left, a client not reading its outputs, or a limit reached with nobody waiting.
 TURN_ENDS = ("frame_limit", "time_limit", "empty", "unread", "renewed")
@@ -152,8 +152,11 @@ class Slot:
                 # the chip holds all it may of ours: the oldest leaves in a frame time
                 self.left_chip.clear()
                 await self.left_chip.wait()
-            seq, arrays, nbytes = item
-            self.in_flight.append((seq, device.submit(self.model_idx, [arrays])))
+            seq, arrays, nbytes, stream = item
+            # Each session has a device of its own: the streams of different clients
+            # never meet in one device (two clients' stream 0 are two streams).
+            self.in_flight.append((seq, device.submit(self.model_idx, [arrays],
+                                                      streams=(stream,))))
             self._entered()
             self.drained.clear()
             self.has_work.set()

@@ -9,7 +9,7 @@ a non-blocking fd owned by this object and driven by the event loop
 is full); frame data goes out as memoryviews of the arrays, without copies.
 
 Data path: ``submit`` numbers each frame (a sequence number per connection),
-writes the frames, and keeps one future per batch; each OUTPUT event is matched
+writes the frames (each tagged with its stream when the server takes stream tags), and keeps one future per batch; each OUTPUT event is matched
 by its sequence number to the oldest outstanding frame of its model, and a
 batch's future resolves when its last output arrived.
 
@@ -35,7 +35,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -99,6 +99,9 @@ class FdDevice:
     """
 
     name = "fd"
+    #: Frames carry their stream to the server (the protocol's stream tags), for its
+    #: per-stream modes; a server that predates them gets them untagged (one stream).
+    takes_streams = True
 
     def __init__(self, address: str | os.PathLike[str], *, timeout: float | None = None,
                  token: str | None = None, tls: ssl.SSLContext | None = None,
@@ -150,13 +153,18 @@ class FdDevice:
         try:
             if self.address.scheme != "unix":
                 await self._write_raw(preamble(self._token))
-            await self._write(p.Hello(f"memryx {__version__}", os.getpid(), self._asked))
+            await self._write(p.Hello(f"memryx {__version__}", os.getpid(), self._asked,
+                                      stream_tags=True))
             welcome = await self._reply(p.Welcome, "connecting")
             self.schedule = dict(welcome.scheduler) if welcome.scheduler is not None else None
             if self._asked and self.schedule is None:
                 log.warning("the device server at %s does not take per-client scheduler "
                             "options (an older server): its own apply, not %s",
                             self.address, self._asked)
+            if not welcome.stream_tags:
+                log.info("the device server at %s does not take stream tags (an older "
+                         "server): all frames of this connection are one stream to it",
+                         self.address)
             self._watchdog.keepalive_every = welcome.idle_timeout / 3
             data = dfp.to_bytes()
             await self._write(p.Open(p.dfp_digest(data), group_id))  # the one hash of this open
@@ -362,8 +370,8 @@ class FdDevice:
         return Limits(in_queue=self._capacity[model_idx], in_chip=0, out_queue=0,
                       batch=self._capacity[model_idx])
 
-    def submit(self, model_idx: int, frames: list[list[Array]]
-               ) -> asyncio.Future[list[list[Array]]]:
+    def submit(self, model_idx: int, frames: list[list[Array]],
+               streams: Sequence[int] | None = None) -> asyncio.Future[list[list[Array]]]:
         assert self._loop is not None
         batch = _Batch(self._loop.create_future(), len(frames))
         if self._closed:
@@ -374,10 +382,12 @@ class FdDevice:
             return batch.future
         events = []
         sent = self._sent[model_idx]
-        for frame in frames:
+        if streams is not None and len(streams) != len(frames):
+            raise ValueError(f"{len(streams)} stream tags for {len(frames)} frames")
+        for i, frame in enumerate(frames):
             seq = self._seq = (self._seq + 1) & 0xFFFFFFFF
             sent.append((seq, batch))
-            events.append(p.Frame(model_idx, seq, frame))
+            events.append(p.Frame(model_idx, seq, frame, streams[i] if streams else 0))
         self.frames_in += len(frames)
         self._pending_writes.extend(events)
         if self._writer is None or self._writer.done():

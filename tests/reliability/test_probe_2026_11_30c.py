@@ -123,13 +123,6 @@ async def test_several_device_ids_count_the_modeled_latency_from_ready() -> None
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the device server's simulated device is never told a frame's stream (FdDevice "
-    "does not take streams, the protocol's frames carry none, _slot.Slot._turn submits "
-    "without them), so in sampled mode every stream of a client is one stream and a "
-    "camera gets another camera's outputs (450 of 600 here). Fix: a stream tag per frame "
-    "in the protocol's frame message, FdDevice.takes_streams, and Slot._turn passing it "
-    "to device.submit(streams=...)"))
 def test_sampled_mode_over_a_device_server_answers_each_stream_with_its_own_outputs(
         tmp_path: Any) -> None:
     from memryx import testing
