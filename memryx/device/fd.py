@@ -9,9 +9,10 @@ a non-blocking fd owned by this object and driven by the event loop
 is full); frame data goes out as memoryviews of the arrays, without copies.
 
 Data path: ``submit`` numbers each frame (a sequence number per connection),
-writes the frames (each tagged with its stream when the server takes stream tags), and keeps one future per batch; each OUTPUT event is matched
-by its sequence number to the oldest outstanding frame of its model, and a
-batch's future resolves when its last output arrived.
+writes the frames (each tagged with its stream when the server takes stream
+tags), and keeps one future per batch; each OUTPUT event is matched by its
+sequence number to the oldest outstanding frame of its model, and a batch's
+future resolves when its last output arrived.
 
 Faults: when the server dies, closes the connection or sends garbage, the
 future of every batch in flight fails with :class:`DeviceError` at once,
