@@ -220,32 +220,25 @@ def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job]) -> None:
                         continue
                     pool.idle.remove(inbox)  # no job can be handed to it any more
                 return
-            if not _run_job(pool.loop, context, fn, args, fut):
-                return  # the loop is closed: nobody awaits anything from this pool
-            del context, fn, args, fut
+            result: Any = None
+            error: BaseException | None = None
+            if not fut.cancelled():  # else abandoned before it started: skipped (a racy
+                try:                 # read, then harmless)
+                    result = context.run(fn, *args)
+                except BaseException as exc:  # every outcome goes to the awaiting coroutine
+                    error = exc
             idle_since = time.monotonic()
-            with _pools_lock:
+            with _pools_lock:  # idle before the caller hears back: its next call reuses it
                 pool.idle.append(inbox)
+            try:
+                call_soon(pool.loop, _settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody awaits anything from it
+                with _pools_lock, contextlib.suppress(ValueError):
+                    pool.idle.remove(inbox)
+                return
+            del context, fn, args, fut, result, error
     finally:
         _retire(pool)
-
-
-def _run_job(loop: asyncio.AbstractEventLoop, context: contextvars.Context,
-             fn: Callable[..., Any], args: tuple[Any, ...], fut: asyncio.Future[Any]) -> bool:
-    """Run one job and hand its outcome to ``fut`` on ``loop``; False if ``loop`` is closed."""
-    if fut.cancelled():  # abandoned before it started: skip it (a racy read, then harmless)
-        return not loop.is_closed()
-    result: Any = None
-    error: BaseException | None = None
-    try:
-        result = context.run(fn, *args)
-    except BaseException as exc:  # every outcome goes to the awaiting coroutine
-        error = exc
-    try:
-        call_soon(loop, _settle, fut, result, error)
-    except RuntimeError:  # the loop is closed
-        return False
-    return True
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
