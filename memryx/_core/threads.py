@@ -58,6 +58,7 @@ __all__ = [
     "call_in_loop",
     "call_soon",
     "check_not_on_loop",
+    "end_workers",
     "in_user_code",
     "loop_future",
     "loop_running",
@@ -164,7 +165,7 @@ class _Pool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.idle: list[queue.SimpleQueue[_Job]] = []  # inboxes of idle workers, newest last
+        self.idle: list[queue.SimpleQueue[_Job | None]] = []  # inboxes of idle workers, newest last
         self.threads = 0
 
 
@@ -183,7 +184,7 @@ def _hand_over(loop: asyncio.AbstractEventLoop, job: _Job) -> None:
             pool.idle.pop().put(job)
             return
         pool.threads += 1
-    inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+    inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
     inbox.put(job)
     try:
         start_thread(f"memryx-worker-{next(_worker_names)}", _serve, pool, inbox)
@@ -200,7 +201,7 @@ def _retire(pool: _Pool) -> None:
             del _pools[pool.loop]
 
 
-def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job]) -> None:
+def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job | None]) -> None:
     """A worker thread of :func:`run_sync`: runs the jobs put in its inbox, one at a time.
 
     It ends once idle for :data:`WORKER_IDLE_S`, or within :data:`WORKER_POLL_S` of its
@@ -211,7 +212,7 @@ def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job]) -> None:
     try:
         while True:
             try:
-                context, fn, args, fut = inbox.get(timeout=WORKER_POLL_S)
+                job = inbox.get(timeout=WORKER_POLL_S)
             except queue.Empty:
                 with _pools_lock:
                     if not inbox.empty():  # handed a job just now
@@ -220,6 +221,9 @@ def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job]) -> None:
                         continue
                     pool.idle.remove(inbox)  # no job can be handed to it any more
                 return
+            if job is None:  # its loop has closed (see end_workers)
+                return
+            context, fn, args, fut = job
             result: Any = None
             error: BaseException | None = None
             if not fut.cancelled():  # else abandoned before it started: skipped (a racy
@@ -236,9 +240,21 @@ def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job]) -> None:
                 with _pools_lock, contextlib.suppress(ValueError):
                     pool.idle.remove(inbox)
                 return
-            del context, fn, args, fut, result, error
+            del job, context, fn, args, fut, result, error
     finally:
         _retire(pool)
+
+
+def end_workers(loop: asyncio.AbstractEventLoop) -> None:
+    """End the idle worker threads of ``loop``, which has closed, at once (rather than
+    at their next look, within :data:`WORKER_POLL_S`); busy ones end when they finish."""
+    with _pools_lock:
+        pool = _pools.get(loop)
+        if pool is None:
+            return
+        inboxes, pool.idle = pool.idle, []
+    for inbox in inboxes:
+        inbox.put(None)
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -326,6 +342,8 @@ class Runner:
                 if not ready.done():
                     ready.set_exception(exc)
                 log.debug("runner %s ended with %r", self.name, exc)
+            if ready.done() and not ready.exception():
+                end_workers(ready.result()[1])  # a runner's workers end with it
 
         # A daemon thread: a runner never keeps a process alive; accelerators left
         # open are stopped by the exit hook of memryx._lifecycle before finalization.
