@@ -137,9 +137,12 @@ def in_memryx_call(name: str, thread: threading.Thread | None = None) -> bool:
                for filename, function in stack(thread or threading.main_thread()))
 
 
-#: Worker threads an event loop owns (its default executor, anyio's pool): they outlive
-#: an accelerator closed on that loop, idle, until the loop closes.
-_LOOP_WORKERS = re.compile(r"^(asyncio_\d+|uvloop_\d+|AnyIO worker thread)$")
+#: Worker threads an event loop owns (its default executor, anyio's pool, memryx's
+#: ``run_sync`` pool): they outlive an accelerator closed on that loop, idle, until the
+#: loop closes.
+_LOOP_WORKERS = re.compile(r"^(asyncio_\d+|uvloop_\d+|AnyIO worker thread|memryx-worker-\d+)$")
+#: The one frame of memryx on an idle ``run_sync`` worker's stack: its wait for a job.
+_IDLE_WORKER_FRAME = (os.path.join(_MEMRYX_DIR, "_core", "threads.py"), "_serve")
 
 
 async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> bool:
@@ -151,7 +154,8 @@ async def quiescent(before: set[threading.Thread], seconds: float = 10.0) -> boo
 
     def idle(thread: threading.Thread) -> bool:
         return bool(_LOOP_WORKERS.match(thread.name)) and not any(
-            filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) for filename, _ in stack(thread))
+            filename.startswith((_MEMRYX_DIR, _TESTS_DIR)) and frame != _IDLE_WORKER_FRAME
+            for frame in stack(thread) for filename, _ in [frame])
 
     def check() -> bool:
         if any(task is not me and not task.done() for task in asyncio.all_tasks()):

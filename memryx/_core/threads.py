@@ -17,7 +17,8 @@ wake-ups), the facades (:mod:`memryx.accl`, the pytest plugin, the clock).
 * :func:`loop_future` / :func:`await_future` - a future completed on another
   thread, made awaitable on this loop.
 * :func:`run_sync` runs a blocking function (an onnxruntime session setup, a
-  blocking pre/post-processing step) on a worker thread and awaits it without
+  blocking pre/post-processing step) on a worker thread of the running loop's own
+  pool (daemons that end when idle or when the loop closes) and awaits it without
   blocking the loop. If the awaiting task is cancelled, the worker is abandoned
   (unless told otherwise): the call returns at once and whatever the function
   returns later is dropped.
@@ -34,14 +35,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import logging
+import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 from anyio.from_thread import BlockingPortal
 
 from .. import _lifecycle as lifecycle
@@ -55,6 +58,7 @@ __all__ = [
     "call_in_loop",
     "call_soon",
     "check_not_on_loop",
+    "end_workers",
     "in_user_code",
     "loop_future",
     "loop_running",
@@ -148,14 +152,150 @@ def loop_future(fut: concurrent.futures.Future[T]) -> asyncio.Future[T]:
     return asyncio.wrap_future(fut)
 
 
-async def run_sync(fn: Callable[..., T], *args: Any,
-                   limiter: anyio.CapacityLimiter | None = None,
-                   abandon_on_cancel: bool = True) -> T:
-    """Run ``fn(*args)`` on a worker thread; cancelling abandons the thread (with
-    ``abandon_on_cancel=False``, as ``anyio.to_thread.run_sync`` by default, an anyio
-    cancel scope's cancellation waits until ``fn`` has returned)."""
-    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel,
-                                          limiter=limiter)
+#: How long an idle worker thread of :func:`run_sync` waits for more work before it ends.
+WORKER_IDLE_S = 10.0
+#: How often an idle worker thread looks whether its event loop has closed (seconds).
+WORKER_POLL_S = 0.1
+
+_Job = tuple[contextvars.Context, Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class _Pool:
+    """The worker threads of one event loop (state guarded by ``_pools_lock``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: list[queue.SimpleQueue[_Job | None]] = []  # inboxes of idle workers, newest last
+        self.threads = 0
+
+
+_pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
+_pools_lock = threading.Lock()
+_worker_names = itertools.count()
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+    """Give ``job`` to an idle worker thread of ``loop``, or to a new one."""
+    with _pools_lock:
+        pool = _pools.get(loop)
+        if pool is None:
+            pool = _pools[loop] = _Pool(loop)
+        if pool.idle:
+            pool.idle.pop().put(job)
+            return
+        pool.threads += 1
+    inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    inbox.put(job)
+    try:
+        start_thread(f"memryx-worker-{next(_worker_names)}", _serve, pool, inbox)
+    except BaseException:
+        _retire(pool)
+        raise
+
+
+def _retire(pool: _Pool) -> None:
+    """Count a worker thread of ``pool`` out (under ``_pools_lock``)."""
+    with _pools_lock:
+        pool.threads -= 1
+        if not pool.threads and _pools.get(pool.loop) is pool:
+            del _pools[pool.loop]
+
+
+def _serve(pool: _Pool, inbox: queue.SimpleQueue[_Job | None]) -> None:
+    """A worker thread of :func:`run_sync`: runs the jobs put in its inbox, one at a time.
+
+    It ends once idle for :data:`WORKER_IDLE_S`, or within :data:`WORKER_POLL_S` of its
+    loop being closed: its life is bound to the loop, never to a task (anyio's workers
+    outlived a loop closed while a task that started one was pending, and being
+    non-daemon, held the interpreter's exit)."""
+    idle_since = time.monotonic()
+    try:
+        while True:
+            try:
+                job = inbox.get(timeout=WORKER_POLL_S)
+            except queue.Empty:
+                with _pools_lock:
+                    if not inbox.empty():  # handed a job just now
+                        continue
+                    if not pool.loop.is_closed() and time.monotonic() - idle_since < WORKER_IDLE_S:
+                        continue
+                    pool.idle.remove(inbox)  # no job can be handed to it any more
+                return
+            if job is None:  # its loop has closed (see end_workers)
+                return
+            context, fn, args, fut = job
+            result: Any = None
+            error: BaseException | None = None
+            if not fut.cancelled():  # else abandoned before it started: skipped (a racy
+                try:                 # read, then harmless)
+                    result = context.run(fn, *args)
+                except BaseException as exc:  # every outcome goes to the awaiting coroutine
+                    error = exc
+            idle_since = time.monotonic()
+            with _pools_lock:  # idle before the caller hears back: its next call reuses it
+                pool.idle.append(inbox)
+            try:
+                call_soon(pool.loop, _settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody awaits anything from it
+                with _pools_lock, contextlib.suppress(ValueError):
+                    pool.idle.remove(inbox)
+                return
+            del job, context, fn, args, fut, result, error
+    finally:
+        _retire(pool)
+
+
+def end_workers(loop: asyncio.AbstractEventLoop) -> None:
+    """End the idle worker threads of ``loop``, which has closed, at once (rather than
+    at their next look, within :data:`WORKER_POLL_S`); busy ones end when they finish."""
+    with _pools_lock:
+        pool = _pools.get(loop)
+        if pool is None:
+            return
+        inboxes, pool.idle = pool.idle, []
+    for inbox in inboxes:
+        inbox.put(None)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # abandoned: the outcome is dropped
+        return
+    if isinstance(error, StopIteration):  # a future cannot carry it
+        wrapped = RuntimeError("the function raised StopIteration")
+        wrapped.__cause__ = error
+        error = wrapped
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+async def run_sync(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = True) -> T:
+    """Run ``fn(*args)`` on a worker thread of the running loop, in a copy of the caller's
+    context, and await its outcome. Cancelled, the call returns at once and ``fn`` is
+    abandoned (it finishes on its thread, its outcome is dropped); with
+    ``abandon_on_cancel=False`` the cancellation waits until ``fn`` has returned.
+
+    The loop's worker threads are daemons that end when idle or when the loop closes (a
+    user's never-returning function keeps neither the loop's close nor the exit waiting).
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+    _hand_over(loop, (contextvars.copy_context(), fn, args, fut))
+    if abandon_on_cancel:
+        return await fut
+    interrupted: BaseException | None = None
+    with anyio.CancelScope(shield=True):  # anyio's own cancellation waits too, without a spin
+        while not fut.done():
+            try:
+                await asyncio.wait((fut,))
+            except asyncio.CancelledError as exc:
+                interrupted = exc  # a native one: remembered, raised once fn has returned
+    if interrupted is not None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: dropped without a "never retrieved" warning
+        raise interrupted
+    return fut.result()
 
 
 #: How often a blocking call wakes to let a pending Ctrl-C be handled (seconds).
@@ -202,6 +342,8 @@ class Runner:
                 if not ready.done():
                     ready.set_exception(exc)
                 log.debug("runner %s ended with %r", self.name, exc)
+            if ready.done() and not ready.exception():
+                end_workers(ready.result()[1])  # a runner's workers end with it
 
         # A daemon thread: a runner never keeps a process alive; accelerators left
         # open are stopped by the exit hook of memryx._lifecycle before finalization.

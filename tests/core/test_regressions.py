@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import uvloop
 
 import memryx as mx
 from memryx import testing
+from memryx._core.threads import run_sync
 from memryx.device import SimulatedDevice
 from tests.conftest import asettle, settle, threads_ended
 
@@ -298,6 +300,38 @@ def test_a_collected_accelerator_of_an_ended_loop_is_quiet(identity_dfp, caplog)
         gc.collect()
         assert made[0]() is None, "the dropped accelerator was not collected"
     assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_worker_thread_started_as_the_loop_ends_ends_with_the_loop(loop_kind, caplog):
+    """(regression) ``run_sync`` used anyio's worker threads, each bound to a "root task":
+    a call made in the loop's last turn, after ``run_until_complete``'s coroutine was done
+    (a device's compute task, frames still flowing), started a thread bound to the
+    calling task instead, which never ended once the loop closed with it pending; being
+    non-daemon, it also held the interpreter's exit. Seen once in a full run as "AnyIO
+    worker thread" left behind. The coroutine ends a few turns after the call, for each
+    of the turns that used to leak, on both loops."""
+    caplog.set_level(logging.CRITICAL, logger="asyncio")  # the late task is left pending
+    new_loop = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    for turns in range(8):
+        before = set(threading.enumerate())
+
+        async def late() -> None:
+            await run_sync(time.sleep, 0)
+
+        async def main(turns: int = turns) -> None:
+            asyncio.get_running_loop().create_task(late())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+
+        loop = new_loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        assert threads_ended(before, 3), f"a worker outlived the loop ({turns} turns)"
+        del loop
+        gc.collect()
 
 
 # -- Dfp.write with concurrent writers -------------------------------------------------------------

@@ -4,6 +4,7 @@ threads and crosses between them."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from typing import Any
 
@@ -127,3 +128,64 @@ def test_ctrl_c_while_the_portal_hands_over_a_call_is_a_short_traceback(
     finally:
         monkeypatch.undo()
         runner.close(10)
+
+
+@pytest.mark.asyncio
+async def test_run_sync_gives_back_results_and_every_exception_in_the_callers_context() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    var.set("caller's")
+    assert await run_sync(lambda a, b: (a + b, var.get()), 1, 2) == (3, "caller's")
+
+    def raising(exc: BaseException) -> None:
+        raise exc
+
+    with pytest.raises(KeyError):
+        await run_sync(raising, KeyError("k"))
+    with pytest.raises(SystemExit):  # a BaseException reaches the caller too
+        await run_sync(raising, SystemExit(3))
+    with pytest.raises(RuntimeError, match="StopIteration"):  # a future cannot carry it
+        await run_sync(raising, StopIteration())
+    names = {await run_sync(lambda: threading.current_thread().name) for _ in range(3)}
+    assert len(names) == 1, "an idle worker is reused"
+
+
+@pytest.mark.asyncio
+async def test_run_sync_not_abandoned_waits_for_the_function_on_a_plain_cancel() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def blocking() -> str:
+        entered.set()
+        release.wait(10)
+        return "done"
+
+    task = asyncio.create_task(run_sync(blocking, abandon_on_cancel=False))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=0.3)
+    assert not done, "the cancellation did not wait for the function"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+
+
+def test_run_sync_workers_are_daemons_that_end_with_their_loop() -> None:
+    """A worker left running a never-returning function keeps neither the loop's close
+    nor the process waiting; an idle one ends as soon as its loop is closed."""
+    release = threading.Event()
+    seen: list[threading.Thread] = []
+
+    async def main() -> None:
+        await run_sync(lambda: seen.append(threading.current_thread()))
+        with anyio.move_on_after(0.05):
+            await run_sync(release.wait, 10)  # abandoned, still running
+
+    try:
+        with asyncio.Runner() as runner:
+            runner.run(main())
+        assert len(seen) == 1 and seen[0].daemon
+        assert seen[0].is_alive()
+    finally:
+        release.set()
+    seen[0].join(5)
+    assert not seen[0].is_alive()
