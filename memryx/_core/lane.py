@@ -209,7 +209,8 @@ class Lane(LaneTracing):
 
     @property
     def on_device_count(self) -> int:
-        return sum(len(tags) for tags, _ in self._inflight)
+        # a C-level copy first: statistics() may read this on another thread than the loop's
+        return sum(len(tags) for tags, _ in tuple(self._inflight))
 
     @property
     def n_outputs(self) -> int | None:

@@ -1,0 +1,64 @@
+"""Attacks on the unpaced queues, the output thread's count and the close (a hostile
+user's view): each test is a defect found that way, or a guarantee that held."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import memryx as mx
+
+X = np.zeros((1, 4), np.float32)
+
+
+def _yield_inside_memryx_loops(frame: Any, event: str, arg: Any) -> Any:
+    """A trace function: at every step of a generator expression of memryx, give the GIL
+    away for a moment, as a thread switch there would (the loop thread then runs)."""
+    if "memryx" not in frame.f_code.co_filename:
+        return None
+    if event == "line" and frame.f_code.co_name == "<genexpr>":
+        time.sleep(0.0002)
+    return _yield_inside_memryx_loops
+
+
+def _statistics_switching(accl: Any) -> dict[str, Any]:
+    before = sys.gettrace()
+    sys.settrace(_yield_inside_memryx_loops)
+    try:
+        return accl.statistics()  # type: ignore[no-any-return]
+    finally:
+        sys.settrace(before)
+
+
+@pytest.mark.timeout(60)
+def test_statistics_read_from_another_thread_while_frames_flow_never_raises(
+        identity_dfp: Any) -> None:
+    # statistics() is read by the program's own thread (a progress line) while the loop
+    # thread moves frames: its sums walked the loop's deques (the lane's batches on the
+    # device, the simulated device's jobs) in Python and raised "deque mutated during
+    # iteration" when a thread switch let the loop change them meanwhile
+    accl = mx.MultiStreamAsyncAccl(identity_dfp, device="sim:fast")
+    errors: list[BaseException] = []
+    reads = 0
+    try:
+        accl.connect_streams(lambda i: X, lambda i, y: None, 8)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                stats = _statistics_switching(accl)
+            except Exception as exc:  # what a reader would see
+                errors.append(exc)
+                break
+            reads += 1
+            assert stats["models"][0]["in_flight"] >= 0
+    finally:
+        accl.close()
+    assert not errors, errors
+    assert reads > 5
+    model = accl.statistics()["models"][0]
+    assert model["frames_in"] == model["frames_out"] + model["dropped"]
+    assert model["in_flight"] == 0
