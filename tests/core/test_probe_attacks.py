@@ -4,6 +4,7 @@ user's view): each test is a defect found that way, or a guarantee that held."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any
 
@@ -62,3 +63,40 @@ def test_statistics_read_from_another_thread_while_frames_flow_never_raises(
     model = accl.statistics()["models"][0]
     assert model["frames_in"] == model["frames_out"] + model["dropped"]
     assert model["in_flight"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("closer", ["another thread", "the output callback"])
+def test_outputs_a_plain_callback_got_before_a_close_count_as_frames_out(
+        identity_dfp: Any, closer: str) -> None:
+    # The output thread reports a batch of outputs (up to 64) to the loop once the whole
+    # batch is called back; a close in the middle of a batch (a slow callback, or the
+    # callback closing the accelerator itself) lost that report: the outputs the callback
+    # got were in no frames_out, and frames_in != frames_out + dropped after the close
+    accl = mx.AsyncAccl(identity_dfp, device="sim:fast")
+    calls = 0
+    called = threading.Event()
+
+    def output(y: np.ndarray) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            called.set()
+            if closer == "the output callback":
+                accl.close()
+        time.sleep(0.02)
+
+    accl.connect_input(lambda: X)
+    accl.connect_output(output)
+    assert called.wait(20)
+    if closer == "another thread":
+        accl.close()
+    else:
+        accl.wait()  # returns once the callback's close stopped the pipeline
+        accl.close()
+    model = accl.statistics()["models"][0]
+    assert calls >= 5
+    assert model["frames_out"] == calls, (model, calls)
+    assert model["frames_in"] == model["frames_out"] + model["dropped"], model
+    assert model["in_flight"] == 0
+    assert sum(s["frames_out"] for s in model["streams"].values()) == calls
