@@ -397,7 +397,10 @@ class CallbackOutput:
                     self._drop(len(items) - n)
                     return
                 stream, outputs, t0, ready, k = item
-                lane.handed += 1
+                lane.handed += 1  # delivered from here on: counted now, as a close
+                meter = meters.get(stream) or lane.stream_meter(stream)  # during the
+                model.delivered(t0, ready)  # callback's awaits cancels what follows
+                meter.delivered(t0, ready)
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
@@ -421,9 +424,6 @@ class CallbackOutput:
                 now = lane.now()
                 spent = now - started
                 started = now
-                meter = meters.get(stream) or lane.stream_meter(stream)
-                model.delivered(t0, ready)
-                meter.delivered(t0, ready)
                 meter.output_s += spent
                 model.output_s += spent
                 done += 1
@@ -506,16 +506,14 @@ class CallbackOutput:
 
     def _done_one(self, item: Out, error: BaseException | None,
                   started: float, finished: float) -> None:
-        stream, _, t0, ready, _ = item
+        """An output the async callback got (counted delivered as it was handed over)
+        is done, ``error`` what the callback raised."""
+        stream = item[0]
         lane = self.lane
-        meter = lane.stream_meter(stream)
-        lane.meter.delivered(t0, ready)
-        meter.output_s += finished - started
+        lane.stream_meter(stream).output_s += finished - started
         lane.meter.output_s += finished - started
         lane.budget.give(1)
-        if error is None:
-            meter.delivered(t0, ready)
-        else:
+        if error is not None:
             self._fail(stream, error)
         self._progress()
 

@@ -3,6 +3,7 @@ user's view): each test is a defect found that way, or a guarantee that held."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -99,4 +100,30 @@ def test_outputs_a_plain_callback_got_before_a_close_count_as_frames_out(
     assert model["frames_out"] == calls, (model, calls)
     assert model["frames_in"] == model["frames_out"] + model["dropped"], model
     assert model["in_flight"] == 0
+    assert sum(s["frames_out"] for s in model["streams"].values()) == calls
+
+
+@pytest.mark.timeout(60)
+def test_outputs_an_async_callback_got_before_a_close_count_as_frames_out(
+        identity_dfp: Any) -> None:
+    # the same for an async output callback: it was counted delivered when it returned,
+    # and a close while it awaited cancelled it before it was counted
+    accl = mx.AsyncAccl(identity_dfp, device="sim:fast")
+    calls = 0
+    called = threading.Event()
+
+    async def output(y: np.ndarray) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            called.set()
+        await asyncio.sleep(0.02)
+
+    accl.connect_input(lambda: X)
+    accl.connect_output(output)
+    assert called.wait(20)
+    accl.close()
+    model = accl.statistics()["models"][0]
+    assert model["frames_out"] == calls, (model, calls)
+    assert model["frames_in"] == model["frames_out"] + model["dropped"], model
     assert sum(s["frames_out"] for s in model["streams"].values()) == calls
