@@ -127,3 +127,38 @@ def test_outputs_an_async_callback_got_before_a_close_count_as_frames_out(
     assert model["frames_out"] == calls, (model, calls)
     assert model["frames_in"] == model["frames_out"] + model["dropped"], model
     assert sum(s["frames_out"] for s in model["streams"].values()) == calls
+
+
+@pytest.mark.timeout(120)
+def test_each_model_of_a_dfp_gets_its_own_unpaced_depth_and_a_given_depth_is_kept() -> None:
+    # (held) the 4 MiB cap sums every input of a model with its dtype's size, per model,
+    # per device of a MultiDevice; queue_depth= as given wins; a bad one is refused
+    from memryx import testing
+    from memryx.device.simulated import UNPACED_QUEUE_BYTES
+
+    dfp = mx.NeuralCompiler(models=[
+        testing.identity_model((1, 16)),                       # tiny: 16
+        testing.identity_model((1, 3, 224, 224), np.float16),  # 301,056 B: 13 fit
+        testing.add_model((1, 3, 300, 300), np.float64),       # 2 x 2.16 MB: the floor, 4
+    ]).run()
+    assert UNPACED_QUEUE_BYTES // (3 * 224 * 224 * 2) == 13
+
+    def depths(**options: Any) -> tuple[list[int], list[list[int]]]:
+        with mx.SyncAccl(dfp, device="sim:fast", **options) as accl:
+            stats = accl.statistics()
+            device = stats["device"]
+            per = (device["devices"].values() if "devices" in device else [device])
+            return ([m["frame_budget"] for m in stats["models"]],
+                    [[m["queue_depth"] for m in d["models"]] for d in per])
+
+    in_chip = mx.device.SimulatedDevice(mode="fast").concurrency  # frames computing at once
+    budgets, queues = depths()
+    assert queues == [[16, 13, 4]]
+    assert budgets == [2 * q + in_chip for q in (16, 13, 4)]
+    budgets, queues = depths(device_ids=[0, 1])
+    assert queues == [[16, 13, 4]] * 2
+    assert budgets == [2 * (2 * q + in_chip) for q in (16, 13, 4)]
+    assert depths(queue_depth=3)[1] == [[3, 3, 3]]
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="queue_depth"):
+            depths(queue_depth=bad)
