@@ -148,8 +148,9 @@ class Lane(LaneTracing):
         self.sinks: set[Any] = set()
         self.dropped = 0
         """Frames admitted and never delivered (the output callback raised, or a stop)."""
-        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frames`)
-        #: against the close's own count of them (``Engine.aclose``).
+        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frames`),
+        #: and the frames the output thread hands to a plain callback (``handed``, the
+        #: meters' delivered frames), against the close's own count (``Engine.aclose``).
         self.count_lock = threading.Lock()
         self.closed_count: int | None = None
         """The frames the close counted dropped (None: not closed yet)."""
