@@ -397,7 +397,10 @@ class CallbackOutput:
                     self._drop(len(items) - n)
                     return
                 stream, outputs, t0, ready, k = item
-                lane.handed += 1
+                lane.handed += 1  # delivered from here on: counted now, as a close
+                meter = meters.get(stream) or lane.stream_meter(stream)  # during the
+                model.delivered(t0, ready)  # callback's awaits cancels what follows
+                meter.delivered(t0, ready)
                 try:
                     res = (await run_sync(finish, outputs)) if blocks else finish(outputs)
                     if k >= 0:  # traced
@@ -421,9 +424,6 @@ class CallbackOutput:
                 now = lane.now()
                 spent = now - started
                 started = now
-                meter = meters.get(stream) or lane.stream_meter(stream)
-                model.delivered(t0, ready)
-                meter.delivered(t0, ready)
                 meter.output_s += spent
                 model.output_s += spent
                 done += 1
@@ -443,11 +443,15 @@ class CallbackOutput:
         tracer, model, now, count_lock = lane.tracer, lane.idx, lane.now, lane.count_lock
         started = now()  # each output's hand-over starts where the one before ended
         for item in batch:
+            stream, outputs, t0, ready, k = item
             with count_lock:  # a close counts the frames in flight under it: counted once
                 if stopping.is_set() or self.failed:
                     break  # stopped: no callback after stop() returns
-                lane.handed += 1  # from here on the frame is the callback's
-            stream, outputs, _, _, k = item
+                lane.handed += 1  # from here on the frame is the callback's: delivered
+                # (counted now, not in the loop's report of the batch: a close in the
+                # middle of the batch may leave no loop to take it)
+                lane.meter.delivered(t0, ready)
+                (lane.streams.get(stream) or lane.stream_meter(stream)).delivered(t0, ready)
             try:
                 res = finish(outputs)
                 if k >= 0:  # traced
@@ -464,72 +468,64 @@ class CallbackOutput:
             ended = now()
             report.append((item, None, started, ended))
             started = ended
+        if report:
+            with count_lock:
+                self._count_spent(report)
         if len(report) < len(batch):
             report.append(((-1, [], 0.0, 0.0, -1), None, 0.0,
                            float(len(batch) - len(report))))
         return report
 
-    def _batch_done(self, report: list[Any]) -> None:
-        """On the loop: account for a batch the output thread finished (one wake-up): the
-        outputs delivered are counted per run of one stream, in order, the budget given
-        back once."""
+    def _count_spent(self, report: list[Any]) -> None:
+        """On the output thread, under the count lock: the time the callbacks of
+        ``report`` took, per stream (their frames were counted as they were handed)."""
         lane = self.lane
-        model = lane.meter
         meters = lane.streams
+        spent = 0.0
+        for item, _error, started, finished in report:
+            meter = meters.get(item[0]) or lane.stream_meter(item[0])
+            meter.output_s += finished - started
+            spent += finished - started
+        lane.meter.output_s += spent
+
+    def _batch_done(self, report: list[Any]) -> None:
+        """On the loop: a batch the output thread finished (one wake-up, counted by the
+        thread): the budget is given back once, a callback's error recorded."""
         done = 0
-        run: list[float] = []  # latencies of the current run of outputs of one stream
-        run_stream, run_first, run_last, run_spent = -1, 0.0, 0.0, 0.0
-
-        def end_run() -> None:
-            meter = meters.get(run_stream) or lane.stream_meter(run_stream)
-            meter.delivered_many(run, run_first, run_last, run_spent)
-            model.delivered_many(run, run_first, run_last, run_spent)
-
-        for item, error, started, finished in report:
-            if item[0] == -1 or error is not None:
-                if run:
-                    end_run()
-                    run = []
-                if item[0] == -1:  # not called: dropped
-                    self._drop(int(finished))
-                else:
-                    self._done_one(item, error, started, finished)
-                continue
-            stream, _, t0, ready, _ = item
-            if stream != run_stream or not run:
-                if run:
-                    end_run()
-                    run = []
-                run_stream, run_first, run_spent = stream, ready, 0.0
-            run.append(ready - t0)
-            run_last = ready
-            run_spent += finished - started
-            done += 1
-        if run:
-            end_run()
+        for item, error, _started, finished in report:
+            if item[0] == -1:  # not called: dropped
+                self._drop(int(finished))
+            elif error is not None:
+                self.lane.budget.give(1)
+                self._fail(item[0], error)
+            else:
+                done += 1
         if done:
-            lane.budget.give(done)
-            self._progress()
+            self.lane.budget.give(done)
+        self._progress()
 
     def _done_one(self, item: Out, error: BaseException | None,
                   started: float, finished: float) -> None:
-        stream, _, t0, ready, _ = item
+        """An output the async callback got (counted delivered as it was handed over)
+        is done, ``error`` what the callback raised."""
+        stream = item[0]
         lane = self.lane
-        meter = lane.stream_meter(stream)
-        lane.meter.delivered(t0, ready)
-        meter.output_s += finished - started
+        lane.stream_meter(stream).output_s += finished - started
         lane.meter.output_s += finished - started
         lane.budget.give(1)
-        if error is None:
-            meter.delivered(t0, ready)
-        else:
-            where = self.role + (f", stream {stream}" if self.with_stream_idx else "")
-            self.failed = True
-            engine = self._engine()
-            if engine is not None:
-                engine.record(error, where)
-                engine.stop_feeding(lane)
+        if error is not None:
+            self._fail(stream, error)
         self._progress()
+
+    def _fail(self, stream: int, error: BaseException) -> None:
+        """The output callback raised ``error`` for a frame of ``stream``: it is not
+        called again; ``wait()`` raises it."""
+        where = self.role + (f", stream {stream}" if self.with_stream_idx else "")
+        self.failed = True
+        engine = self._engine()
+        if engine is not None:
+            engine.record(error, where)
+            engine.stop_feeding(self.lane)
 
     def _drop(self, n: int) -> None:
         # Once the accelerator closes, its close owns the fate of every frame not delivered:

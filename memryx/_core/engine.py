@@ -514,7 +514,7 @@ class Engine:
                 "streams": {s: m.summary() for s, m in sorted(lane.streams.items())},
             })
             if lane.streams:  # the input callbacks run per stream: the model's is their sum
-                entry["input_callback_s"] = sum(m.input_s for m in lane.streams.values())
+                entry["input_callback_s"] = sum(m.input_s for m in tuple(lane.streams.values()))
             models.append(entry)
         return {"elapsed_s": elapsed, "models": models, "device": self.device.statistics()}
 

@@ -148,8 +148,9 @@ class Lane(LaneTracing):
         self.sinks: set[Any] = set()
         self.dropped = 0
         """Frames admitted and never delivered (the output callback raised, or a stop)."""
-        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frames`)
-        #: against the close's own count of them (``Engine.aclose``).
+        #: Guards the counts a producer thread changes after a stop (:meth:`lost_frames`),
+        #: and the frames the output thread hands to a plain callback (``handed``, the
+        #: meters' delivered frames), against the close's own count (``Engine.aclose``).
         self.count_lock = threading.Lock()
         self.closed_count: int | None = None
         """The frames the close counted dropped (None: not closed yet)."""
@@ -209,7 +210,8 @@ class Lane(LaneTracing):
 
     @property
     def on_device_count(self) -> int:
-        return sum(len(tags) for tags, _ in self._inflight)
+        # a C-level copy first: statistics() may read this on another thread than the loop's
+        return sum(len(tags) for tags, _ in tuple(self._inflight))
 
     @property
     def n_outputs(self) -> int | None:

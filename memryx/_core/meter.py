@@ -34,17 +34,6 @@ class Meter:
         self.first_out = self.first_out or ready
         self.last_out = ready
 
-    def delivered_many(self, latencies: list[float], first: float, last: float,
-                       spent: float) -> None:
-        """``delivered`` for several outputs at once (``latencies``: each one's, in order;
-        ``first`` and ``last``: the first's and the last's ready times), with ``spent``
-        seconds of handing them over."""
-        self.frames_out += len(latencies)
-        self.latencies.extend(latencies)
-        self.first_out = self.first_out or first
-        self.last_out = last
-        self.output_s += spent
-
     def summary(self) -> dict[str, Any]:
         span = self.last_out - self.first_out
         lat = np.asarray(self.latencies) * 1000.0

@@ -118,7 +118,7 @@ def model_statistics(m: ModelState) -> dict[str, Any]:
         "modeled_latency_ms": m.modeled.get("latency_ms"),
         "in_chip": m.in_chip, "queue_depth": m.queue_depth,
         "caught_up_frames": m.pacer.caught_up if m.pacer is not None else 0,
-        "queued": sum(len(j.frames) for j in m.jobs),
+        "queued": sum(len(j.frames) for j in tuple(m.jobs)),  # read off the loop too
         "compute_ms_per_frame": m.frame_cost * 1000 if m.costed else None,
     }
     if m.cache is not None:

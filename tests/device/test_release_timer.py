@@ -284,7 +284,7 @@ async def test_batched_releases_on_the_loops_timers_do_not_spin_the_loop():
 
 @pytest.mark.parametrize("mode", ["shapes", "reuse", "sampled"])
 def test_batched_paced_modes_count_every_output_of_every_stream_once(mode):
-    # The output thread's reports are counted per run of one stream (Meter.delivered_many):
+    # The output thread counts each output as it hands it over, in the stream's meter:
     # with several streams interleaved in each batch, each stream's counters and latency
     # samples, and the model's, are exact; output callback errors still count where they
     # happen. A source as fast as the runtime takes frames, several frames a tick.
