@@ -170,7 +170,8 @@ async def feed(engine: Engine, lane: Lane, fn: Callable[..., Any], args: tuple[A
 
 
 def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], meter: Meter,
-                  kind: CallbackKind, role: str) -> tuple[Callable[[], Any], Any]:
+                  kind: CallbackKind, role: str, stream: int | None = None
+                  ) -> tuple[Callable[[], Any], Any]:
     """``(produce, generator or None)``: ``produce()`` runs on a thread, calls the input
     callback once and returns the prepared frame, or :data:`END`.
 
@@ -182,7 +183,7 @@ def make_producer(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...], met
     prepare, tracer, now = lane.prepare, lane.tracer, lane.now
 
     def ready(item: Any, t: float, done: float) -> Any:
-        frame = prepare(item)
+        frame = prepare(item, stream)
         if tracer.on:
             return frame, done, now(), t
         return frame, done, done if lane.pre is None else now()
@@ -222,7 +223,7 @@ async def _feed_from_thread(engine: Engine, lane: Lane, fn: Callable[..., Any],
                             args: tuple[Any, ...], stream: int, meter: Meter, share: int,
                             kind: CallbackKind, role: str) -> None:
     tracer = lane.tracer
-    produce, gen = make_producer(lane, fn, args, meter, kind, role)
+    produce, gen = make_producer(lane, fn, args, meter, kind, role, stream)
 
     def lost() -> None:
         """On the thread: a frame returned after the stream was abandoned (a stop)."""
@@ -289,7 +290,8 @@ async def _feed_on_loop(lane: Lane, fn: Callable[..., Any], args: tuple[Any, ...
                     meter.input_s += done - t
                     if item is None:
                         return
-                    frame = (await run_sync(prepare, item)) if blocks else prepare(item)
+                    frame = (await run_sync(prepare, item, stream)) if blocks \
+                        else prepare(item, stream)
                     if tracer.on:
                         k = meter.frames_in
                         tracer.frame(stream, lane.idx, "input callback", t, done, k)

@@ -265,7 +265,7 @@ class Engine:
             role = f"the input callback of model {idx}" + (f", stream {stream}" if multi else "")
             meter = lane.stream_meter(stream)
             if pool is not None:
-                pool.add(stream, *make_producer(lane, fn, args, meter, kind, role), role)
+                pool.add(stream, *make_producer(lane, fn, args, meter, kind, role, stream), role)
                 continue
             tasks.append(self._feeders.spawn(feed(self, lane, fn, args, stream, share, role),
                                              f"feed-{idx}-{stream}"))

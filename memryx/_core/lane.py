@@ -180,6 +180,12 @@ class Lane(LaneTracing):
         self._takes_streams = bool(getattr(device, "takes_streams", False))
         # Devices that ``takes_ready`` get when the batch's last frame was ready (put_many).
         self._takes_ready = bool(getattr(device, "takes_ready", False))
+        # Devices with a ``frame_taker`` take checked frames themselves instead of the copy
+        # (most of a fast model's frames are never read again in the modes that compute
+        # little: see memryx.device._taking).
+        taker = getattr(device, "frame_taker", None)
+        self._take: Callable[[Frame, int | None], Frame] | None = \
+            taker(self.idx) if taker is not None else None
         self._ready = -math.inf
         self._request_streams: weakref.WeakKeyDictionary[Any, int] = \
             weakref.WeakKeyDictionary()
@@ -257,17 +263,25 @@ class Lane(LaneTracing):
         if specs is not None:
             conform(data, specs, copy=False)
 
-    def prepare(self, data: Any) -> Frame:
-        """A user frame -> device-ready private arrays (pre-processing, checks, copies)."""
+    def prepare(self, data: Any, stream: int | None = None) -> Frame:
+        """A user frame -> device-ready arrays (pre-processing, checks, and private copies,
+        or what the device's ``frame_taker`` keeps instead; ``stream``: the frame's
+        callback stream, None if not known yet)."""
+        take = self._take
         if self.pre is None:
-            return conform(data, self.specs)
+            if take is None:
+                return conform(data, self.specs)
+            return take(conform(data, self.specs, copy=False), stream)
         specs = self.pre.input_specs
         if specs is not None:
             arrays = conform(data, specs, copy=False)
         else:
             arrays = as_array_list(data, len(self.specs), self.idx, "frame") \
                 if not hasattr(data, "shape") else [data]
-        return conform(self.pre(arrays), self.specs, "pre-processing output")
+        if take is None:
+            return conform(self.pre(arrays), self.specs, "pre-processing output")
+        return take(conform(self.pre(arrays), self.specs, "pre-processing output",
+                            copy=False), stream)
 
     @property
     def prepare_blocks(self) -> bool:

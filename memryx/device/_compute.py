@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._exceptions import DfpError, UsageError
+from ._taking import Answered, Keyed
 
 if TYPE_CHECKING:
     from ..dfp import ModelInfo
@@ -273,21 +274,45 @@ class ReuseCache:
 
     def compute(self, run: Runner, frames: list[Frame]) -> list[Frame]:
         """Outputs of ``frames``; each distinct frame computed once while it is cached.
-        The arrays returned are the caller's (copies of the cached ones)."""
-        return [self._one(run, frame_key(f), f) for f in frames]
+        The arrays returned are the caller's (copies of the cached ones). Frames the
+        device took (:mod:`._taking`) come with their outputs or their hash."""
+        out = []
+        for f in frames:
+            if type(f) is Answered:
+                out.append(f.outputs)
+            else:
+                out.append(self._one(run, f.key if type(f) is Keyed else frame_key(f), f))
+        return out
+
+    def lookup(self, key: bytes) -> Frame | None:
+        """A copy of the outputs cached for ``key`` (counted as a hit), or None (nothing
+        counted)."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return _copy(found)
 
     def cached(self, frames: list[Frame]) -> list[Frame] | None:
-        """Outputs of ``frames`` when every one of them is cached (counted as hits), else
-        None (nothing counted): a lookup cheap enough for the event loop."""
-        keys = [frame_key(f) for f in frames]
+        """Outputs of ``frames`` when every one of them is cached or was answered when it
+        was taken (counted as hits: once), else None (nothing counted): a lookup cheap
+        enough for the event loop."""
+        if all(type(f) is Answered for f in frames):  # the common case: nothing to do
+            return [f.outputs for f in frames]  # type: ignore[attr-defined]
+        keys = [None if type(f) is Answered else f.key if type(f) is Keyed else frame_key(f)
+                for f in frames]
         with self._lock:
-            found = [self._entries.get(k) for k in keys]
-            if any(f is None for f in found):
+            found = [None if k is None else self._entries.get(k) for k in keys]
+            if any(e is None and k is not None for e, k in zip(found, keys, strict=True)):
                 return None
             for k in keys:
-                self._entries.move_to_end(k)
-            self.hits += len(keys)
-        return [_copy(f) for f in found if f is not None]
+                if k is not None:
+                    self._entries.move_to_end(k)
+            self.hits += sum(k is not None for k in keys)
+        return [f.outputs if e is None else _copy(e)  # type: ignore[attr-defined]
+                for f, e in zip(frames, found, strict=True)]
 
     def _one(self, run: Runner, key: bytes, frame: Frame) -> Frame:
         while True:
@@ -404,19 +429,33 @@ class Sampler:
             return seq, True
         return seq, False
 
-    def admit_many(self, streams: Sequence[int]) -> list[tuple[int, int, bool]]:
+    def may_compute(self, stream: int) -> bool:
+        """Whether a frame of ``stream`` taken now may be computed (a slot is free, or the
+        stream has nothing computed or running). Read off the loop, without a lock (single
+        reads of the loop's state): a stale answer errs on the side of True, as long as
+        the stream is known, since its computed outputs only grow."""
+        if self.running < self.slots:
+            return True
+        st = self._streams.get(stream)
+        return st is None or not (st.running or st.done or st.floor)
+
+    def admit_many(self, streams: Sequence[int], takeable: Sequence[bool] | None = None
+                   ) -> list[tuple[int, int, bool]]:
         """``admit`` for the frames of one batch, in order: ``(stream, seq, computed)``
-        each (one call per batch on the device's hot path)."""
+        each (one call per batch on the device's hot path). ``takeable[i]`` False: frame
+        ``i`` is computed only if its stream has nothing else to answer it with (the
+        device did not keep a copy of it, see :mod:`._taking`)."""
         out: list[tuple[int, int, bool]] = []
         slots = self.slots
         last, st = None, None
-        for stream in streams:
+        for i, stream in enumerate(streams):
             if stream != last or st is None:
                 st, last = self._stream(stream), stream
             seq = st.next_seq
             st.next_seq += 1
             st.unanswered += 1
-            if self.running < slots or not (st.running or st.done or st.floor):
+            if ((self.running < slots and (takeable is None or takeable[i]))
+                    or not (st.running or st.done or st.floor)):
                 self.running += 1
                 st.running += 1
                 out.append((stream, seq, True))

@@ -21,6 +21,14 @@ without it. Likewise a device whose class sets ``takes_ready = True`` is told wh
 the batch's last frame was ready on the host (``ready=``, on the device's clock):
 the simulated device counts its modeled latency from then, so the core's own
 hand-over is inside it (:meth:`memryx._core.lane.Lane.put_many`).
+
+The core copies each frame it accepts (the app may reuse its arrays once its
+callback returns). A device with a ``frame_taker(model_idx)`` method takes the
+frames of that model itself: the method returns None (the core copies) or a
+function ``take(frame, stream)`` that the core calls on the thread that produced the
+frame, right after its checks, with the app's own arrays (``stream``: the callback
+stream, None when not known there); what it returns is what ``submit`` gets. The
+simulated device copies only the frames it may read later (:mod:`._taking`).
 """
 
 from __future__ import annotations

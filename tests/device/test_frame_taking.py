@@ -1,0 +1,340 @@
+"""The simulated device takes its frames itself in the modes that compute little (copies
+only of the frames it may read later, memryx.device._taking), and computes mode
+"sampled"'s frames on background threads at a lower priority (memryx.device._background)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import memryx as mx
+from memryx import testing
+from memryx.device import SimulatedDevice
+from memryx.device._background import BACKGROUND_NICE, BackgroundCompute
+from memryx.device._compute import Sampler
+from memryx.device._taking import Answered, Borrowed, Keyed
+
+SHAPE = (1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def cnn() -> mx.Dfp:
+    return mx.NeuralCompiler(models=testing.mobilenet_like(), fps=5000, latency_ms=1).run()
+
+
+def contents(n: int, distinct: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    pool = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(distinct)]
+    return [pool[i % distinct] for i in range(n)]
+
+
+def exact(dfp: mx.Dfp, xs: list[np.ndarray]) -> list[np.ndarray]:
+    with mx.SyncAccl(dfp, mode="fast") as accl:
+        return [np.asarray(o) for o in accl.run(xs)]
+
+
+def run_with_one_buffer(dfp: mx.Dfp, xs: list[np.ndarray], mode: str) -> tuple[
+        list[np.ndarray], dict[str, object]]:
+    """An app that captures every frame into the same array (the next call overwrites
+    what the last one returned, while that frame is still in flight)."""
+    buf = np.empty(SHAPE, np.float32)
+    sent = [0]
+    got: list[np.ndarray] = []
+
+    def source() -> np.ndarray | None:
+        if sent[0] == len(xs):
+            return None
+        buf[...] = xs[sent[0]]
+        sent[0] += 1
+        return buf
+
+    accl = mx.AsyncAccl(dfp, mode=mode)
+    try:
+        accl.connect_input(source)
+        accl.connect_output(lambda out: got.append(out.copy()))
+        accl.wait()
+        stats = accl.statistics()["device"]["models"][0]
+    finally:
+        accl.close()
+    return got, stats
+
+
+def source_index(out: np.ndarray, want: list[np.ndarray]) -> int:
+    matches = [j for j, w in enumerate(want) if np.allclose(out, w, rtol=1e-5, atol=1e-6)]
+    assert matches, "an output is no frame's real output"
+    return matches[-1]
+
+
+# -- what each mode keeps ------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_each_mode_copies_only_what_it_may_read_later(cnn):
+    x = contents(1, 1)[0]
+    for mode, kept in (("shapes", Borrowed), ("shapes-unpaced", Borrowed),
+                       ("timed", None), ("fast", None)):
+        dev = SimulatedDevice(mode=mode)
+        await dev.open(cnn, 0)
+        try:
+            take = dev.frame_taker(0)
+            if kept is None:
+                assert take is None  # every frame is computed: the core copies
+            else:
+                assert take is not None
+                frame = take([x], 0)
+                assert type(frame) is kept and frame[0] is x  # the app's own, not copied
+                out = await asyncio.wait_for(dev.submit(0, [frame]), 10)
+                assert out[0][0].shape == (1, 10)
+        finally:
+            await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_reuse_answers_cached_frames_when_taken_and_copies_only_misses(cnn):
+    x = contents(1, 1)[0]
+    want = (await asyncio.to_thread(exact, cnn, [x]))[0]
+    dev = SimulatedDevice(mode="reuse")
+    await dev.open(cnn, 0)
+    try:
+        take = dev.frame_taker(0)
+        assert take is not None
+        first = take([x], 0)
+        assert type(first) is Keyed and first[0] is not x  # a miss: a private copy
+        np.testing.assert_array_equal(first[0], x)
+        (out,) = await asyncio.wait_for(dev.submit(0, [first]), 10)
+        np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=1e-6)
+        second = take([x], 0)
+        assert type(second) is Answered and second[0] is x  # answered: never read again
+        x2 = x.copy()
+        second[0][...] = 0  # the app's array changes: the answer does not
+        (out2,) = await asyncio.wait_for(dev.submit(0, [second]), 10)
+        np.testing.assert_allclose(out2[0], want, rtol=1e-5, atol=1e-6)
+        out2[0][...] = -1  # and the receiver's outputs are its own
+        x[...] = x2
+        (out3,) = await asyncio.wait_for(dev.submit(0, [take([x], 0)]), 10)
+        np.testing.assert_allclose(out3[0], want, rtol=1e-5, atol=1e-6)
+        reuse = dev.statistics()["models"][0]["reuse"]
+        assert (reuse["hits"], reuse["misses"]) == (2, 1)  # each frame counted once
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_reuse_batches_of_answered_keyed_and_plain_frames_together(cnn):
+    xs = contents(3, 3)
+    want = (await asyncio.to_thread(exact, cnn, xs))
+    dev = SimulatedDevice(mode="reuse")
+    await dev.open(cnn, 0)
+    try:
+        take = dev.frame_taker(0)
+        assert take is not None
+        await asyncio.wait_for(dev.submit(0, [take([xs[0]], 0)]), 10)  # cached now
+        batch = [take([xs[0]], 0), take([xs[1]], 0), [xs[2].copy()]]  # answered, keyed, plain
+        assert [type(f) for f in batch] == [Answered, Keyed, list]
+        outs = await asyncio.wait_for(dev.submit(0, batch), 10)
+        for out, w in zip(outs, want, strict=True):
+            np.testing.assert_allclose(out[0], w, rtol=1e-5, atol=1e-6)
+        again = await asyncio.wait_for(dev.submit(0, [take([x], 0) for x in xs]), 10)
+        for out, w in zip(again, want, strict=True):
+            np.testing.assert_allclose(out[0], w, rtol=1e-5, atol=1e-6)
+        reuse = dev.statistics()["models"][0]["reuse"]
+        assert reuse["hits"] + reuse["misses"] == 7 and reuse["misses"] == 3
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize("mode", ["reuse", "sampled", "timed"])
+def test_an_app_that_reuses_one_buffer_gets_the_outputs_of_what_it_sent(cnn, mode):
+    xs = contents(120, distinct=6 if mode == "reuse" else 120)
+    want = exact(cnn, xs)
+    got, stats = run_with_one_buffer(cnn, xs, mode)
+    assert len(got) == len(xs)
+    if mode == "sampled":  # a real output of the frame itself or an earlier one, never later
+        staleness = [i - source_index(o, want[: i + 1]) for i, o in enumerate(got)]
+        assert min(staleness) >= 0
+        sampled = stats["sampled"]
+        assert isinstance(sampled, dict)
+        assert sampled["fresh"] + sampled["stale"] == len(xs)
+    else:
+        for o, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-6)
+    if mode == "reuse":
+        reuse = stats["reuse"]
+        assert isinstance(reuse, dict)
+        assert reuse["hits"] + reuse["misses"] == len(xs) and reuse["misses"] >= 6
+
+
+def test_reuse_counts_each_frame_once_on_every_input_path(cnn):
+    xs = contents(60, distinct=4)
+    want = exact(cnn, xs)
+    with mx.SyncAccl(cnn, mode="reuse") as accl:  # requests: the stream is not known
+        got = accl.run(xs)
+        reuse = accl.statistics()["device"]["models"][0]["reuse"]
+    for o, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-6)
+    assert reuse["hits"] + reuse["misses"] == 60 and reuse["misses"] == 4
+
+    async def main() -> dict[str, object]:
+        it = iter(xs)
+
+        async def source() -> np.ndarray | None:
+            return next(it, None)
+
+        outs: list[np.ndarray] = []
+
+        async def sink(o: np.ndarray) -> None:
+            outs.append(o)
+
+        async with mx.AsyncAccl(cnn, mode="reuse") as accl:
+            accl.connect_input(source)
+            accl.connect_output(sink)
+            await accl.await_done()
+            stats: dict[str, object] = accl.statistics()["device"]["models"][0]["reuse"]
+        assert len(outs) == 60
+        return stats
+
+    reuse = asyncio.run(main())
+    assert reuse["hits"] == 56 and reuse["misses"] == 4
+
+
+# -- sampled: which frames are copied -----------------------------------------------------
+def test_sampler_may_compute_a_frame_while_a_slot_is_free_or_its_stream_is_new():
+    s = Sampler(slots=1)
+    assert s.may_compute(0)
+    [(_, _, computed)] = s.admit_many([0], [True])
+    assert computed and not s.may_compute(0)  # slot busy, stream 0 has one running
+    assert s.may_compute(1)  # a new stream needs its own first outputs
+    s.computed_one(0, 0, [np.zeros(2)])
+    assert s.may_compute(0)
+    s.admit_many([0], [True])
+    assert not s.may_compute(0)
+
+
+def test_a_borrowed_frame_is_computed_only_when_its_stream_has_nothing_else():
+    s = Sampler(slots=1)
+    plan = s.admit_many([0, 0, 1], [False, False, False])
+    # stream 0's first frame must be computed (borrowed or not); its second has a
+    # computation running to answer it; stream 1 has nothing either
+    assert [c for _, _, c in plan] == [True, False, True]
+    s.computed_one(0, 0, [np.zeros(2)])
+    s.computed_one(1, 0, [np.zeros(2)])
+    assert [c for _, _, c in s.admit_many([0], [False])] == [False]  # slot free, not ours
+    assert [c for _, _, c in s.admit_many([0], [True])] == [True]
+
+
+@pytest.mark.asyncio
+async def test_a_borrowed_frame_that_must_be_computed_is_copied_on_the_loop(cnn):
+    x = contents(1, 1)[0]
+    want = (await asyncio.to_thread(exact, cnn, [x]))[0]
+    dev = SimulatedDevice(mode="sampled")
+    await dev.open(cnn, 0)
+    try:
+        fut = dev.submit(0, [Borrowed([x])], streams=[3])
+        x_then = x.copy()
+        x[...] = 0  # the app changes its array after the device copied it
+        (out,) = await asyncio.wait_for(fut, 10)
+        want_then = (await asyncio.to_thread(exact, cnn, [x_then]))[0]
+        np.testing.assert_allclose(out[0], want_then, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(want_then, want, rtol=1e-5, atol=1e-6)
+    finally:
+        await dev.aclose()
+
+
+# -- sampled: the background threads ------------------------------------------------------
+def test_sampled_computes_on_its_own_threads_at_a_lower_priority(cnn):
+    seen: set[str] = set()
+    xs = contents(200, distinct=200)
+
+    def sink(out: np.ndarray) -> None:
+        seen.update(t.name for t in threading.enumerate())
+
+    it = iter(xs)
+    accl = mx.AsyncAccl(cnn, mode="sampled")
+    try:
+        accl.connect_input(lambda: next(it, None))
+        accl.connect_output(sink)
+        accl.wait()
+        sampled = accl.statistics()["device"]["models"][0]["sampled"]
+    finally:
+        accl.close()
+    assert "memryx-sim-sampled-0-0" in seen
+    assert sampled["computed"] >= 1 and sampled["fresh"] + sampled["stale"] == 200
+    if sys.platform.startswith("linux"):
+        assert sampled["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE)
+    else:
+        assert sampled["nice"] is None
+
+
+@pytest.mark.asyncio
+async def test_background_compute_errors_and_close():
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def compute(job: int) -> object:
+        if job == 2:
+            raise SystemExit("raised on the thread")  # against the contract, all the same
+        return job * 10
+
+    bg: BackgroundCompute[int] = BackgroundCompute(
+        loop, "memryx-test-bg", compute, woken.set, lambda: False)
+    bg.submit(1)
+    bg.submit(2)
+    bg.submit(3)  # the thread lives on after a job that raised
+    await asyncio.wait_for(woken.wait(), 10)
+    done: list[tuple[int, object]] = []
+    for _ in range(1000):
+        done += bg.take()
+        if len(done) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert [job for job, _ in done] == [1, 2, 3]
+    assert done[0][1] == 10 and done[2][1] == 30
+    assert isinstance(done[1][1], SystemExit) and "raised on the thread" in str(done[1][1])
+    bg.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        bg.submit(4)
+
+
+@pytest.mark.asyncio
+async def test_a_finished_computation_waits_for_the_loop_only_while_it_looks_soon():
+    loop = asyncio.get_running_loop()
+    wakes = []
+    soon = [True]
+    bg: BackgroundCompute[int] = BackgroundCompute(
+        loop, "memryx-test-bg", lambda j: j, lambda: wakes.append(1), lambda: soon[0])
+    try:
+        bg.submit(1)
+        for _ in range(500):
+            if bg.finished:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not wakes  # the loop looks soon anyway: no wake-up
+        assert bg.take() == [(1, 1)]
+        soon[0] = False
+        bg.submit(2)
+        for _ in range(500):
+            if wakes:
+                break
+            await asyncio.sleep(0.01)
+        assert wakes == [1] and bg.take() == [(2, 2)]
+    finally:
+        bg.close()
+
+
+def test_background_threads_end_with_their_loop():
+    before = set(threading.enumerate())
+
+    async def main() -> None:
+        bg: BackgroundCompute[int] = BackgroundCompute(
+            asyncio.get_running_loop(), "memryx-test-bg", lambda j: j, lambda: None,
+            lambda: True)
+        bg.submit(1)
+        await asyncio.sleep(0.05)  # never closed
+
+    asyncio.run(main())
+    from tests.conftest import threads_ended
+    assert threads_ended(before)
