@@ -70,10 +70,12 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 QUIET_SCRIPT = """
 import numpy as np
 from memryx import NeuralCompiler, SyncAccl, testing
-# a modeled chip far faster than any host: frames sent together fall behind it
-dfp = NeuralCompiler(models=testing.mobilenet_like(), fps=1e6, latency_ms=0.01).run()
+# a modeled chip far faster than any host: frames sent together fall behind it (a model
+# whose computation, not the runtime's path, is what the host is slowest at)
+dfp = NeuralCompiler(models=testing.mobilenet_like(128, width=16), fps=1e6,
+                     latency_ms=0.01).run()
 with SyncAccl(dfp) as accl:
-    accl.run([np.zeros((1, 3, 64, 64), np.float32)] * 200)
+    accl.run([np.zeros((1, 3, 128, 128), np.float32)] * 200)
     print(accl.statistics()["device"]["models"][0]["late_frames"])
 """
 

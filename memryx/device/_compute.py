@@ -232,8 +232,9 @@ _HEADERS: dict[tuple[np.dtype[Any], tuple[int, ...]], bytes] = {}
 
 
 def frame_key(frame: Frame) -> bytes:
-    """A 128-bit hash of a frame's dtypes, shapes and bytes (on the loop for every frame
-    of mode ``"reuse"``: the hash itself, not the Python around it, should be the cost)."""
+    """A 128-bit hash of a frame's dtypes, shapes and bytes (for every frame of mode
+    ``"reuse"``, on the thread that produced it: the hash itself, not the Python around
+    it, should be the cost)."""
     h = _hasher()
     for a in frame:
         head = _HEADERS.get((a.dtype, a.shape))
