@@ -9,7 +9,8 @@ fresh those outputs are. So the computations must never be what makes outputs la
   first computation) at a lower OS scheduling priority (``nice`` raised by
   :data:`BACKGROUND_NICE`, on Linux): when the host has no spare core the runtime's and
   the app's threads run first and fewer frames are computed (staler outputs), not fewer
-  delivered;
+  delivered (onnxruntime computes on the calling thread; OpenVINO on a thread pool of
+  its own, which keeps its priority);
 * a thread takes the next frame to compute without the loop's help, and hands a finished
   one to the loop without waking it when the loop is sure to look soon anyway (a release
   wake-up is pending and no frame waits for a computation): at a fast model's rates the
