@@ -6,11 +6,12 @@ newest computed frame of its stream; which frames get computed is only a matter 
 fresh those outputs are. So the computations must never be what makes outputs late:
 
 * they run on threads of the device's own (``slots`` of them per model, started with the
-  first computation) at a lower OS scheduling priority (``nice`` raised by
-  :data:`BACKGROUND_NICE`, on Linux): when the host has no spare core the runtime's and
-  the app's threads run first and fewer frames are computed (staler outputs), not fewer
-  delivered (onnxruntime computes on the calling thread; OpenVINO on a thread pool of
-  its own, which keeps its priority);
+  first computation), at the process's priority. (A lower one, ``nice`` 19, was tried,
+  and measured on a 2-core host with two CPU-bound processes running, 2026-12-01: a
+  niced thread preempted while it
+  held the GIL held up the event loop with it, and releases were late by up to 18 ms
+  at the 99th percentile instead of under 3 ms; and it computed a thirtieth as many
+  frames.)
 * a thread takes the next frame to compute without the loop's help, and hands a finished
   one to the loop without waking it when the loop is sure to look soon anyway (a release
   wake-up is pending and no frame waits for a computation): at a fast model's rates the
@@ -24,9 +25,6 @@ each release wake-up) and from the wake-up.
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -34,31 +32,12 @@ from typing import Any, Generic, TypeVar
 
 from .._core.threads import call_soon, start_thread
 
-__all__ = ["BACKGROUND_NICE", "BackgroundCompute", "lower_priority"]
+__all__ = ["BackgroundCompute"]
 
-log = logging.getLogger("memryx.device.sim")
-
-#: How much lower than the process's own the background threads' priority is (``nice``).
-BACKGROUND_NICE = 19
 #: How often an idle background thread looks whether its loop has ended without telling it.
 IDLE_POLL_S = 0.25
 
 J = TypeVar("J")
-
-
-def lower_priority(by: int) -> int | None:
-    """Raise the calling thread's ``nice`` by ``by`` (at most to 19); its new nice value, or
-    None where threads have no priority of their own to change (not Linux, or refused)."""
-    if not sys.platform.startswith("linux"):  # elsewhere PRIO_PROCESS takes a process id
-        return None
-    try:
-        tid = threading.get_native_id()
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + by)
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
-        return nice
-    except (OSError, AttributeError) as exc:  # a sandbox may refuse it: run as we are
-        log.debug("background compute thread keeps its priority (%r)", exc)
-        return None
 
 
 class BackgroundCompute(Generic[J]):
@@ -90,8 +69,6 @@ class BackgroundCompute(Generic[J]):
         self._wake_pending = False
         self.jobs: deque[J] = deque() if jobs is None else jobs
         self.finished: deque[tuple[J, Any]] = deque()
-        #: The threads' nice value (None: unchanged, see :func:`lower_priority`).
-        self.nice: int | None = None
 
     def submit(self, job: J) -> None:
         """Queue ``job`` (on the loop); a thread takes it at once if one is free."""
@@ -137,9 +114,12 @@ class BackgroundCompute(Generic[J]):
                 finally:
                     self._idle -= 1
 
+    def _on_wake(self) -> None:
+        """On the loop: the wake-up a thread asked for."""
+        self._wake_pending = False  # (whatever it was for may have been taken meanwhile)
+        self._wake()
+
     def _run(self) -> None:
-        nice = lower_priority(BACKGROUND_NICE)
-        self.nice = nice if self.nice is None else self.nice
         while (job := self._next()) is not None:
             try:
                 result = self._compute(job)
@@ -152,6 +132,6 @@ class BackgroundCompute(Generic[J]):
                 continue
             self._wake_pending = True
             try:
-                call_soon(self._loop, self._wake)
+                call_soon(self._loop, self._on_wake)
             except RuntimeError:  # the loop is gone: nobody waits any more
                 return

@@ -280,27 +280,31 @@ class ReuseCache:
         out = []
         for f in frames:
             if type(f) is Answered:
+                with self._lock:
+                    self.hits += 1
                 out.append(f.outputs)
             else:
                 out.append(self._one(run, f.key if type(f) is Keyed else frame_key(f), f))
         return out
 
     def lookup(self, key: bytes) -> Frame | None:
-        """A copy of the outputs cached for ``key`` (counted as a hit), or None (nothing
-        counted)."""
+        """A copy of the outputs cached for ``key``, or None. Not counted: a frame taken
+        may never reach the device (refused, or dropped by a stop); the device counts the
+        hit when the frame reaches it (:meth:`compute`, :meth:`cached`)."""
         with self._lock:
             found = self._entries.get(key)
             if found is None:
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
         return _copy(found)
 
     def cached(self, frames: list[Frame]) -> list[Frame] | None:
         """Outputs of ``frames`` when every one of them is cached or was answered when it
-        was taken (counted as hits: once), else None (nothing counted): a lookup cheap
-        enough for the event loop."""
-        if all(type(f) is Answered for f in frames):  # the common case: nothing to do
+        was taken (counted as hits), else None (nothing counted): a lookup cheap enough
+        for the event loop."""
+        if all(type(f) is Answered for f in frames):  # the common case: nothing to look up
+            with self._lock:
+                self.hits += len(frames)
             return [f.outputs for f in frames]  # type: ignore[attr-defined]
         keys = [None if type(f) is Answered else f.key if type(f) is Keyed else frame_key(f)
                 for f in frames]
@@ -311,7 +315,7 @@ class ReuseCache:
             for k in keys:
                 if k is not None:
                     self._entries.move_to_end(k)
-            self.hits += sum(k is not None for k in keys)
+            self.hits += len(keys)
         return [f.outputs if e is None else _copy(e)  # type: ignore[attr-defined]
                 for f, e in zip(frames, found, strict=True)]
 
@@ -356,8 +360,10 @@ class _Stream:
     next_seq: int = 0
     running: int = 0
     """Computations of this stream's frames not finished yet."""
-    unanswered: int = 0
-    """Frames numbered and not answered yet."""
+    pending: set[int] = field(default_factory=set)
+    """Seqs of the frames numbered and not answered yet."""
+    borrowed: int = 0
+    """Frames taken without a copy (:meth:`Sampler.borrow`) and not numbered yet."""
     done: OrderedDict[int, Frame] = field(default_factory=OrderedDict)
     """seq -> outputs of the newest finished computations, seq ascending."""
     floor: tuple[int, Frame] | None = None
@@ -386,7 +392,16 @@ class Sampler:
     stream).
 
     The state of at most ``MAX_STREAMS`` streams is kept: the least recently used
-    stream with no frame in flight is forgotten (its next frame starts afresh).
+    stream with no frame in flight is forgotten (its next frame starts afresh). A
+    stream keeps the ``KEEP`` newest computed outputs, and besides them every one that
+    is the newest at or before a frame still to be answered, so every frame numbered
+    stays answerable once a frame at or before it was computed.
+
+    A frame may be *borrowed* (:meth:`borrow`, on the thread that produced it): the
+    device keeps no copy of it, so it must never be computed. Only a frame of a stream
+    with a computed output already, while every slot is busy, is borrowed; the stream
+    is not forgotten while a borrowed frame of it is on its way, so that output still
+    answers it when it is numbered.
     """
 
     KEEP = 64  # finished outputs kept per stream, to answer frames due out of step
@@ -404,16 +419,21 @@ class Sampler:
         self.max_staleness = 0
         self._staleness_sum = 0
         self._histogram = [0] * (len(STALENESS_BUCKETS) + 1)
+        # guards ``_Stream.borrowed`` and the forgetting of streams (borrow() runs on the
+        # threads that produce frames; everything else on the loop)
+        self._borrow_lock = threading.Lock()
 
     def _stream(self, stream: int) -> _Stream:
         st = self._streams.get(stream)
         if st is None:
             st = self._streams[stream] = _Stream()
             if len(self._streams) > self.MAX_STREAMS:
-                idle = next((k for k, v in self._streams.items()
-                             if not v.running and not v.unanswered and k != stream), None)
-                if idle is not None:
-                    del self._streams[idle]
+                with self._borrow_lock:
+                    idle = next((k for k, v in self._streams.items()
+                                 if not v.running and not v.pending and not v.borrowed
+                                 and k != stream), None)
+                    if idle is not None:
+                        del self._streams[idle]
         else:
             self._streams.move_to_end(stream)
         return st
@@ -424,28 +444,34 @@ class Sampler:
         st = self._stream(stream)
         seq = st.next_seq
         st.next_seq += 1
-        st.unanswered += 1
+        st.pending.add(seq)
         if self.running < self.slots or not (st.running or st.done or st.floor):
             self.start(stream)
             return seq, True
         return seq, False
 
-    def may_compute(self, stream: int) -> bool:
-        """Whether a frame of ``stream`` taken now may be computed (a slot is free, or the
-        stream has nothing computed or running). Read off the loop, without a lock (single
-        reads of the loop's state): a stale answer errs on the side of True, as long as
-        the stream is known, since its computed outputs only grow."""
+    def borrow(self, stream: int) -> bool:
+        """On the thread that produced a frame of ``stream``: True when the device may
+        keep no copy of it (its stream has a computed output, which will answer it, and
+        every slot is busy); the frame is then counted as borrowed until
+        :meth:`admit_many` numbers it, never computed. False: the device copies it. (The
+        slots are read without a lock: a stale read borrows a frame a free slot could
+        have computed, which only makes its output staler.)"""
         if self.running < self.slots:
+            return False
+        with self._borrow_lock:
+            st = self._streams.get(stream)
+            if st is None or not (st.done or st.floor):  # (these never empty again)
+                return False
+            st.borrowed += 1
             return True
-        st = self._streams.get(stream)
-        return st is None or not (st.running or st.done or st.floor)
 
     def admit_many(self, streams: Sequence[int], takeable: Sequence[bool] | None = None
                    ) -> list[tuple[int, int, bool]]:
         """``admit`` for the frames of one batch, in order: ``(stream, seq, computed)``
         each (one call per batch on the device's hot path). ``takeable[i]`` False: frame
-        ``i`` is computed only if its stream has nothing else to answer it with (the
-        device did not keep a copy of it, see :mod:`._taking`)."""
+        ``i`` was borrowed (:meth:`borrow`): never computed, its stream's computed output
+        answers it."""
         out: list[tuple[int, int, bool]] = []
         slots = self.slots
         last, st = None, None
@@ -454,9 +480,12 @@ class Sampler:
                 st, last = self._stream(stream), stream
             seq = st.next_seq
             st.next_seq += 1
-            st.unanswered += 1
-            if ((self.running < slots and (takeable is None or takeable[i]))
-                    or not (st.running or st.done or st.floor)):
+            st.pending.add(seq)
+            if takeable is not None and not takeable[i]:
+                with self._borrow_lock:
+                    st.borrowed -= 1
+                out.append((stream, seq, False))
+            elif self.running < slots or not (st.running or st.done or st.floor):
                 self.running += 1
                 st.running += 1
                 out.append((stream, seq, True))
@@ -483,11 +512,20 @@ class Sampler:
         if st is None:  # pragma: no cover - a stream with a running frame is never dropped
             return
         newest = next(reversed(st.done), -1)
-        st.done[seq] = _keep(outputs)  # not handed out: no copy needed to keep them
+        done = st.done
+        done[seq] = _keep(outputs)  # not handed out: no copy needed to keep them
         if seq < newest:  # finished out of order: keep them in seq order
-            st.done = OrderedDict(sorted(st.done.items()))
-        while len(st.done) > self.KEEP:
-            st.floor = st.done.popitem(last=False)
+            done = st.done = OrderedDict(sorted(done.items()))
+        if len(done) > self.KEEP:
+            # the oldest goes only if the next one answers every frame still to be answered
+            # that it would (the frames at or after the oldest frame pending)
+            low = min(st.pending, default=st.next_seq)
+            while len(done) > self.KEEP:
+                keys = iter(done)
+                next(keys)
+                if next(keys) > low:
+                    break
+                st.floor = done.popitem(last=False)
 
     def running_for(self, stream: int) -> int:
         """Computations of ``stream``'s frames still running."""
@@ -520,7 +558,7 @@ class Sampler:
         source = self._source(stream, seq)
         assert source is not None
         st = self._streams[stream]
-        st.unanswered -= 1
+        st.pending.discard(seq)
         staleness = seq - source[0]
         if staleness:
             self.stale += 1
@@ -551,7 +589,7 @@ class Sampler:
         for (stream, seq), (s, outputs) in zip(seqs, sources, strict=True):
             if stream != last or st is None:
                 st, last = streams[stream], stream
-            st.unanswered -= 1
+            st.pending.discard(seq)
             staleness = seq - s
             if staleness:
                 self.stale += 1
@@ -570,11 +608,11 @@ class Sampler:
             out.append([a.copy() for a in outputs])
         return out
 
-    def forget(self, stream: int, n: int = 1) -> None:
-        """``n`` frames of ``stream`` will not be answered (failed or cancelled)."""
+    def forget(self, stream: int, seq: int) -> None:
+        """Frame ``seq`` of ``stream`` will not be answered (failed or cancelled)."""
         st = self._streams.get(stream)
         if st is not None:
-            st.unanswered = max(0, st.unanswered - n)
+            st.pending.discard(seq)
 
     def statistics(self) -> dict[str, Any]:
         answered = self.fresh + self.stale

@@ -128,8 +128,6 @@ def model_statistics(m: ModelState) -> dict[str, Any]:
         entry["reuse"] = m.cache.statistics()
     if m.sampler is not None:
         entry["sampled"] = m.sampler.statistics()
-        # the background threads' nice value (None: unchanged, or computed on the loop)
-        entry["sampled"]["nice"] = m.background.nice if m.background is not None else None
     return entry
 
 

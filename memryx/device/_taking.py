@@ -18,15 +18,11 @@ after the core's checks:
   cached is answered here too (:class:`Answered`: copies of the cached outputs, the
   frame itself never read again); only a frame to be computed is copied
   (:class:`Keyed`, with its hash);
-* ``"sampled"``: a frame is copied when the sampler may compute it (a computation slot
-  is free, or its stream has nothing computed yet: read without a lock, so a frame may
-  be copied for nothing, never the other way round); the others are
-  :class:`Borrowed` and only ever answered with earlier outputs. Only a frame that must
-  be computed although it was borrowed (its stream's computations all failed, or the
-  stream was forgotten among more than ``Sampler.MAX_STREAMS``, meanwhile) is copied
-  later, on the loop: an app that refills one buffer may have put a later frame of the
-  stream in it by then, whose outputs that frame then gets (an approximation of the
-  kind the mode makes anyway; the frames in between are not lost).
+* ``"sampled"``: a frame is :class:`Borrowed` only when every computation slot is busy
+  and its stream has a computed output already (:meth:`Sampler.borrow
+  <._compute.Sampler.borrow>`): such a frame is never computed, and the sampler keeps
+  an output that answers it, and its stream, until it is answered. Every other frame
+  is copied (it may be computed).
 
 The modes that compute every frame (``"timed"``, ``"fast"``) take none: the core copies.
 """
@@ -102,10 +98,10 @@ def reuse_taker(cache: ReuseCache) -> Taker:
 
 
 def sampled_taker(sampler: Sampler) -> Taker:
-    may_compute = sampler.may_compute
+    borrow = sampler.borrow
 
     def take(frame: Frame, stream: int | None) -> Frame:
-        if stream is None or may_compute(stream):
-            return private(frame)
-        return Borrowed(frame)
+        if stream is not None and borrow(stream):
+            return Borrowed(frame)
+        return private(frame)
     return take

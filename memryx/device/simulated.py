@@ -94,7 +94,7 @@ from ._state import LATE_WINDOW, Frame, Slots, model_statistics
 from ._state import Job as _Job
 from ._state import ModelState as _Model
 from ._state import fail as _fail
-from ._taking import Borrowed, Taker, private, reuse_taker, sampled_taker, shapes_taker
+from ._taking import Borrowed, Taker, reuse_taker, sampled_taker, shapes_taker
 from .base import Limits
 
 if TYPE_CHECKING:
@@ -403,9 +403,8 @@ class SimulatedDevice:
             tags = streams if streams is not None else [0] * len(frames)
             plan = model.sampler.admit_many(tags, [type(f) is not Borrowed for f in frames])
             job.seqs = [(tag, seq) for tag, seq, _ in plan]
-            # (a borrowed frame computed all the same is its stream's only hope: copied now)
-            todo = [(private(f) if type(f) is Borrowed else f, (tag, seq))
-                    for f, (tag, seq, c) in zip(frames, plan, strict=True) if c]
+            # (a borrowed frame is never computed: its stream's computed outputs answer it)
+            todo = [(f, (tag, seq)) for f, (tag, seq, c) in zip(frames, plan, strict=True) if c]
             self._release(model, job, [None] * len(frames))
             if not todo:
                 return fut
@@ -512,8 +511,8 @@ class SimulatedDevice:
                        for t, q in parked[0].seqs):
                     keep.append(parked)
                     continue
-                for t, _ in parked[0].seqs:
-                    sampler.forget(t)
+                for t, q in parked[0].seqs:
+                    sampler.forget(t, q)
                 if not parked[0].future.done():
                     _fail(parked[0].future, outputs)
                     model.error = None  # it reached a receiver
@@ -550,8 +549,8 @@ class SimulatedDevice:
         sampler = model.sampler
         if job.future.done():
             if sampler is not None:
-                for t, _ in job.seqs:
-                    sampler.forget(t)
+                for t, q in job.seqs:
+                    sampler.forget(t, q)
             return
         if sampler is not None:
             if model.error is not None:  # a computation failed after its frame was answered
@@ -605,8 +604,8 @@ class SimulatedDevice:
         for parked in pending:  # answer every job that can be now; the others wait again
             job, outputs, release = parked
             if job.future.done():  # failed or cancelled meanwhile
-                for t, _ in job.seqs:
-                    sampler.forget(t)
+                for t, q in job.seqs:
+                    sampler.forget(t, q)
             elif all(sampler.can_answer(t, q) for t, q in job.seqs):
                 self._resolve(model, job, outputs, release if now > release else None)
             else:

@@ -5,9 +5,8 @@ only of the frames it may read later, memryx.device._taking), and computes mode
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import SimulatedDevice
-from memryx.device._background import BACKGROUND_NICE, BackgroundCompute
+from memryx.device._background import BackgroundCompute
 from memryx.device._compute import Sampler
 from memryx.device._taking import Answered, Borrowed, Keyed
 
@@ -201,50 +200,180 @@ def test_reuse_counts_each_frame_once_on_every_input_path(cnn):
 
 
 # -- sampled: which frames are copied -----------------------------------------------------
-def test_sampler_may_compute_a_frame_while_a_slot_is_free_or_its_stream_is_new():
+def test_a_frame_is_borrowed_only_while_the_slots_are_busy_and_its_stream_has_outputs():
     s = Sampler(slots=1)
-    assert s.may_compute(0)
+    assert not s.borrow(0)  # a slot is free: it may be computed
     [(_, _, computed)] = s.admit_many([0], [True])
-    assert computed and not s.may_compute(0)  # slot busy, stream 0 has one running
-    assert s.may_compute(1)  # a new stream needs its own first outputs
+    assert computed and not s.borrow(0)  # slot busy, but stream 0 has no output yet
+    assert not s.borrow(1)  # a new stream needs its own first outputs
     s.computed_one(0, 0, [np.zeros(2)])
-    assert s.may_compute(0)
-    s.admit_many([0], [True])
-    assert not s.may_compute(0)
+    assert not s.borrow(0)  # a slot is free again
+    s.admit_many([0], [True])  # slot busy again; stream 0 has an output
+    assert s.borrow(0)
+    [(_, seq, computed)] = s.admit_many([0], [False])  # numbered: never computed
+    assert not computed and s.can_answer(0, seq)
+    assert s._streams[0].borrowed == 0
 
 
-def test_a_borrowed_frame_is_computed_only_when_its_stream_has_nothing_else():
+def test_a_stream_with_a_borrowed_frame_on_its_way_is_not_forgotten():
     s = Sampler(slots=1)
-    plan = s.admit_many([0, 0, 1], [False, False, False])
-    # stream 0's first frame must be computed (borrowed or not); its second has a
-    # computation running to answer it; stream 1 has nothing either
-    assert [c for _, _, c in plan] == [True, False, True]
+    s.admit_many([0], [True])
     s.computed_one(0, 0, [np.zeros(2)])
-    s.computed_one(1, 0, [np.zeros(2)])
-    assert [c for _, _, c in s.admit_many([0], [False])] == [False]  # slot free, not ours
-    assert [c for _, _, c in s.admit_many([0], [True])] == [True]
+    s.outputs_for(0, 0)
+    s.admit_many([5], [True])  # the slot busy (stream 5's computation)
+    assert s.borrow(0)
+    for stream in range(100, 100 + Sampler.MAX_STREAMS + 10):  # more streams than kept
+        s.admit_many([stream], [True])
+    assert 0 in s._streams
+    [(_, seq, computed)] = s.admit_many([0], [False])
+    assert not computed and s.can_answer(0, seq)
+
+
+def test_outputs_a_pending_frame_needs_are_kept_past_keep():
+    s = Sampler(slots=2)
+    s.admit_many([0], [True])  # seq 0: computed and answered
+    s.computed_one(0, 0, [np.zeros(2)])
+    s.outputs_for(0, 0)
+    s.running = s.slots  # every slot busy from here: the next frame is not computed
+    [(_, waiting, computed)] = s.admit_many([0], [True])
+    assert not computed  # answered by seq 0's outputs when due
+    s.running = 0
+    for _ in range(Sampler.KEEP + 20):  # later frames computed and answered first
+        [(_, seq, computed)] = s.admit_many([0], [True])
+        assert computed
+        s.computed_one(0, seq, [np.full(2, seq)])
+        s.outputs_for(0, seq)
+    assert s.can_answer(0, waiting)  # seq 0's outputs were kept for it
+    np.testing.assert_array_equal(s.outputs_for(0, waiting)[0], np.zeros(2))
+    [(_, seq, _)] = s.admit_many([0], [True])
+    s.computed_one(0, seq, [np.full(2, seq)])
+    assert len(s._streams[0].done) <= Sampler.KEEP  # trimmed once nothing needs the rest
 
 
 @pytest.mark.asyncio
-async def test_a_borrowed_frame_that_must_be_computed_is_copied_on_the_loop(cnn):
-    x = contents(1, 1)[0]
-    want = (await asyncio.to_thread(exact, cnn, [x]))[0]
+async def test_a_borrowed_frame_gets_an_earlier_frames_outputs_whatever_its_buffer_holds(cnn):
+    """The app refills its one buffer while the borrowed frame waits: its answer is the
+    outputs of a frame computed before it, never those of what the buffer holds later."""
+    a, b, c = contents(3, 3)
+    want = await asyncio.to_thread(exact, cnn, [a, b, c])
     dev = SimulatedDevice(mode="sampled")
     await dev.open(cnn, 0)
     try:
-        fut = dev.submit(0, [Borrowed([x])], streams=[3])
-        x_then = x.copy()
-        x[...] = 0  # the app changes its array after the device copied it
+        take = dev.frame_taker(0)
+        assert take is not None
+        await asyncio.wait_for(dev.submit(0, [take([a.copy()], 0)], streams=[0]), 10)
+        model = dev._models[0]
+        model.sampler.running = model.sampler.slots  # (every slot busy)
+        buf = b.copy()
+        frame = take([buf], 0)
+        assert type(frame) is Borrowed
+        model.sampler.running = 0
+        fut = dev.submit(0, [frame], streams=[0])
+        buf[...] = c  # the app reuses its buffer
         (out,) = await asyncio.wait_for(fut, 10)
-        want_then = (await asyncio.to_thread(exact, cnn, [x_then]))[0]
-        np.testing.assert_allclose(out[0], want_then, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(want_then, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[0], want[0], rtol=1e-5, atol=1e-6)  # a's, stale 1
+        assert dev.statistics()["models"][0]["sampled"]["stale"] == 1
     finally:
         await dev.aclose()
 
 
+def test_many_streams_with_reused_buffers_never_get_another_streams_outputs(cnn):
+    """More streams than the sampler keeps, each refilling a buffer of its worker thread:
+    every output is its own stream's (each stream always sends the same content)."""
+    k, streams, per = 4, Sampler.MAX_STREAMS + 30, 3
+    xs = contents(k, k)
+    want = exact(cnn, xs)
+    local, lock = threading.local(), threading.Lock()
+    sent = [0] * streams
+    wrong: list[int] = []
+    count = [0]
+
+    def source(stream: int) -> np.ndarray | None:
+        with lock:
+            if sent[stream] == per:
+                return None
+            sent[stream] += 1
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty(SHAPE, np.float32)
+        buf[...] = xs[stream % k]
+        return buf
+
+    def sink(stream: int, out: np.ndarray) -> None:
+        count[0] += 1
+        if not np.allclose(out, want[stream % k], rtol=1e-5, atol=1e-6):
+            wrong.append(stream)
+
+    accl = mx.MultiStreamAsyncAccl(cnn, mode="sampled")
+    try:
+        accl.connect_streams(source, sink, streams)
+        accl.wait()
+    finally:
+        accl.close()
+    assert count[0] == streams * per and wrong == []
+
+
+def test_long_latency_sampled_with_two_slots_delivers_every_frame(cnn):
+    """Computed frames overtaking a waiting one by more than Sampler.KEEP used to leave
+    it unanswerable: the run stopped for good."""
+    dfp = mx.NeuralCompiler(models=testing.mobilenet_like(), fps=5000, latency_ms=100).run()
+    xs = contents(3000, distinct=16)
+    it = iter(xs)
+    got = [0]
+    accl = mx.AsyncAccl(dfp, device=SimulatedDevice(mode="sampled", concurrency=2))
+    try:
+        accl.connect_input(lambda: next(it, None))
+        accl.connect_output(lambda o: got.__setitem__(0, got[0] + 1))
+        accl.wait()  # (a hang: the test timeout)
+        sampled = accl.statistics()["device"]["models"][0]["sampled"]
+    finally:
+        accl.close()
+    assert got[0] == 3000 and sampled["fresh"] + sampled["stale"] == 3000
+
+
+# -- reuse: hits counted where frames arrive ----------------------------------------------
+def test_reuse_counts_no_hit_for_a_frame_refused_on_its_way(cnn):
+    x = contents(1, 1)[0]
+    with mx.SyncAccl(cnn, mode="reuse") as accl:
+        accl.send(x)
+        accl.receive()
+        sent = 1
+        for _ in range(300):
+            try:
+                accl.send(x, timeout=0)
+                sent += 1
+            except TimeoutError:
+                pass
+        for _ in range(sent - 1):
+            accl.receive()
+        model = accl.statistics()["device"]["models"][0]
+    assert model["frames_in"] == sent
+    assert (model["reuse"]["hits"], model["reuse"]["misses"]) == (sent - 1, 1)
+
+
+def test_reuse_counts_match_the_frames_that_reached_the_device_after_a_stop(cnn):
+    xs = contents(2, 2)
+    n = [0]
+
+    def source() -> np.ndarray:
+        n[0] += 1
+        time.sleep(0.0002)
+        return xs[n[0] % 2]
+
+    accl = mx.AsyncAccl(cnn, mode="reuse")
+    try:
+        accl.connect_input(source)
+        accl.connect_output(lambda o: None)
+        time.sleep(0.3)
+        accl.stop()
+        model = accl.statistics()["device"]["models"][0]
+    finally:
+        accl.close()
+    assert model["reuse"]["hits"] + model["reuse"]["misses"] == model["frames_in"] > 0
+
+
 # -- sampled: the background threads ------------------------------------------------------
-def test_sampled_computes_on_its_own_threads_at_a_lower_priority(cnn):
+def test_sampled_computes_on_threads_of_its_own(cnn):
     seen: set[str] = set()
     xs = contents(200, distinct=200)
 
@@ -262,10 +391,48 @@ def test_sampled_computes_on_its_own_threads_at_a_lower_priority(cnn):
         accl.close()
     assert "memryx-sim-sampled-0-0" in seen
     assert sampled["computed"] >= 1 and sampled["fresh"] + sampled["stale"] == 200
-    if sys.platform.startswith("linux"):
-        assert sampled["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE)
-    else:
-        assert sampled["nice"] is None
+
+
+@pytest.mark.asyncio
+async def test_a_wake_up_asked_for_a_result_taken_meanwhile_does_not_silence_the_next(cnn):
+    """The loop took a result between the thread's append and its wake-up request: the
+    wake-up still comes, and later results, finished after their frames were due, still
+    wake the loop (they used to wait for ever)."""
+    x = contents(1, 1)[0]
+    dev = SimulatedDevice(mode="sampled")
+    await dev.open(cnn, 0)
+    try:
+        model = dev._models[0]
+        bg = model.background
+        assert bg is not None
+        run = model.run
+        assert run is not None
+
+        def slow_run(frame: list[np.ndarray]) -> list[np.ndarray]:
+            time.sleep(0.05)  # computed after the frame is due (1 ms)
+            return run(frame)
+
+        model.run = slow_run
+        gate = threading.Event()
+        asked = threading.Event()
+
+        def held_looks() -> bool:  # the thread appended its result; the loop takes it now
+            asked.set()
+            gate.wait(10)
+            return False  # so the thread asks for a wake-up
+
+        bg._looks_soon = held_looks
+        first = dev.submit(0, [[x.copy()]], streams=[1])
+        assert await asyncio.to_thread(asked.wait, 10)
+        dev._harvest(model)  # the loop takes the result (as a submit would)
+        await asyncio.wait_for(first, 10)
+        bg._looks_soon = lambda: False
+        gate.set()
+        await asyncio.sleep(0.05)  # the wake-up the thread asked for runs: nothing to take
+        second = dev.submit(0, [[x.copy()]], streams=[2])  # a stream of its own: it waits
+        await asyncio.wait_for(second, 10)
+    finally:
+        await dev.aclose()
 
 
 @pytest.mark.asyncio
