@@ -152,7 +152,7 @@ class _Accelerator(CompatMixin):
         self._receivers: dict[int, ChannelSink] = {}
         self._close_lock = threading.RLock()
         self._stopping = False
-        self._binding: asyncio.Future[None] | None = None
+        self._binding: asyncio.Future[bool] | None = None
         register_for_exit(self)
         if not loop_running():
             self._start_sync()
@@ -188,12 +188,18 @@ class _Accelerator(CompatMixin):
         concurrent callers wait for the first one's binding."""
         loop = asyncio.get_running_loop()
         binding = self._binding
-        if binding is not None and binding.get_loop() is loop:
-            await asyncio.shield(binding)
-            return
+        while binding is not None and binding.get_loop() is loop:
+            if await asyncio.shield(binding):
+                return
+            # the caller that was binding was cancelled (not this one): bind here instead
+            binding = self._binding
         binding = self._binding = loop.create_future()
         try:
             await self._bind_now(loop)
+        except asyncio.CancelledError:
+            self._binding = None
+            binding.set_result(False)  # the other waiters try again themselves
+            raise
         except BaseException as exc:
             self._binding = None
             if self._stopping and isinstance(exc, Exception):  # closed while it was starting
@@ -201,7 +207,7 @@ class _Accelerator(CompatMixin):
             binding.set_exception(exc)
             binding.exception()  # retrieved: the other waiters see it, or nobody needs it
             raise exc from None
-        binding.set_result(None)
+        binding.set_result(True)
 
     async def _bind_now(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._state is _State.SYNC:

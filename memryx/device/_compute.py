@@ -365,13 +365,27 @@ class _Stream:
     borrowed: int = 0
     """Frames taken without a copy (:meth:`Sampler.borrow`) and not numbered yet."""
     done: OrderedDict[int, Frame] = field(default_factory=OrderedDict)
-    """seq -> outputs of the newest finished computations, seq ascending."""
-    floor: tuple[int, Frame] | None = None
-    """The newest finished one dropped from ``done``."""
+    """seq -> outputs of finished computations that may still answer a frame, ascending."""
     fresh: int = 0
     stale: int = 0
     max_staleness: int = 0
     staleness_sum: int = 0
+
+
+def _trim(st: _Stream) -> None:
+    """Drop the computed outputs of ``st`` that can answer no frame any more: the oldest
+    goes while the next one is at or before every frame still to be answered (later
+    frames get the newest, which is always kept)."""
+    done = st.done
+    if len(done) < 2:
+        return
+    low = min(st.pending, default=st.next_seq)
+    while len(done) > 1:
+        keys = iter(done)
+        next(keys)
+        if next(keys) > low:
+            return
+        done.popitem(last=False)
 
 
 #: Staleness histogram buckets: an output counts in the first bucket whose bound it does not
@@ -393,9 +407,10 @@ class Sampler:
 
     The state of at most ``MAX_STREAMS`` streams is kept: the least recently used
     stream with no frame in flight is forgotten (its next frame starts afresh). A
-    stream keeps the ``KEEP`` newest computed outputs, and besides them every one that
-    is the newest at or before a frame still to be answered, so every frame numbered
-    stays answerable once a frame at or before it was computed.
+    stream keeps its newest computed output, and besides it every one that is the
+    newest at or before a frame still to be answered, so every frame numbered stays
+    answerable once a frame at or before it was computed, and a stream with nothing in
+    flight keeps one output.
 
     A frame may be *borrowed* (:meth:`borrow`, on the thread that produced it): the
     device keeps no copy of it, so it must never be computed. Only a frame of a stream
@@ -404,7 +419,6 @@ class Sampler:
     answers it when it is numbered.
     """
 
-    KEEP = 64  # finished outputs kept per stream, to answer frames due out of step
     MAX_STREAMS = 1024
     REPORTED_STREAMS = 64  # streams listed one by one in statistics()
 
@@ -445,7 +459,7 @@ class Sampler:
         seq = st.next_seq
         st.next_seq += 1
         st.pending.add(seq)
-        if self.running < self.slots or not (st.running or st.done or st.floor):
+        if self.running < self.slots or not (st.running or st.done):
             self.start(stream)
             return seq, True
         return seq, False
@@ -461,7 +475,7 @@ class Sampler:
             return False
         with self._borrow_lock:
             st = self._streams.get(stream)
-            if st is None or not (st.done or st.floor):  # (these never empty again)
+            if st is None or not st.done:  # (never empty again: the newest is kept)
                 return False
             st.borrowed += 1
             return True
@@ -485,7 +499,7 @@ class Sampler:
                 with self._borrow_lock:
                     st.borrowed -= 1
                 out.append((stream, seq, False))
-            elif self.running < slots or not (st.running or st.done or st.floor):
+            elif self.running < slots or not (st.running or st.done):
                 self.running += 1
                 st.running += 1
                 out.append((stream, seq, True))
@@ -516,16 +530,7 @@ class Sampler:
         done[seq] = _keep(outputs)  # not handed out: no copy needed to keep them
         if seq < newest:  # finished out of order: keep them in seq order
             done = st.done = OrderedDict(sorted(done.items()))
-        if len(done) > self.KEEP:
-            # the oldest goes only if the next one answers every frame still to be answered
-            # that it would (the frames at or after the oldest frame pending)
-            low = min(st.pending, default=st.next_seq)
-            while len(done) > self.KEEP:
-                keys = iter(done)
-                next(keys)
-                if next(keys) > low:
-                    break
-                st.floor = done.popitem(last=False)
+        _trim(st)
 
     def running_for(self, stream: int) -> int:
         """Computations of ``stream``'s frames still running."""
@@ -544,8 +549,6 @@ class Sampler:
         for s in reversed(done):
             if s <= seq:
                 return s, st.done[s]
-        if st.floor is not None and st.floor[0] <= seq:
-            return st.floor
         return None
 
     def can_answer(self, stream: int, seq: int) -> bool:
@@ -559,6 +562,8 @@ class Sampler:
         assert source is not None
         st = self._streams[stream]
         st.pending.discard(seq)
+        if not st.pending:
+            _trim(st)
         staleness = seq - source[0]
         if staleness:
             self.stale += 1
@@ -606,6 +611,8 @@ class Sampler:
                 st.fresh += 1
                 histogram[0] += 1
             out.append([a.copy() for a in outputs])
+            if not st.pending:
+                _trim(st)
         return out
 
     def forget(self, stream: int, seq: int) -> None:
@@ -613,6 +620,8 @@ class Sampler:
         st = self._streams.get(stream)
         if st is not None:
             st.pending.discard(seq)
+            if not st.pending:
+                _trim(st)
 
     def statistics(self) -> dict[str, Any]:
         answered = self.fresh + self.stale

@@ -556,6 +556,8 @@ class SimulatedDevice:
             if model.error is not None:  # a computation failed after its frame was answered
                 _fail(job.future, model.error)
                 model.error = None
+                for t, q in job.seqs:
+                    sampler.forget(t, q)
                 return
             answered = sampler.answer(job.seqs)
             if answered is None:
