@@ -63,6 +63,22 @@ def run_with_one_buffer(dfp: mx.Dfp, xs: list[np.ndarray], mode: str) -> tuple[
     return got, stats
 
 
+def slowed(dev: SimulatedDevice, seconds: float, fails: float | None = None) -> None:
+    """Make model 0's computation take ``seconds`` (and raise for frames whose first
+    value exceeds ``fails``): finished after its frame is due."""
+    model = dev._models[0]
+    run = model.run
+    assert run is not None
+
+    def slow(frame: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(seconds)
+        if fails is not None and frame[0].flat[0] > fails:
+            raise ValueError("a frame this model fails on")
+        return run(frame)
+
+    model.run = slow
+
+
 def source_index(out: np.ndarray, want: list[np.ndarray]) -> int:
     matches = [j for j, w in enumerate(want) if np.allclose(out, w, rtol=1e-5, atol=1e-6)]
     assert matches, "an output is no frame's real output"
@@ -408,14 +424,7 @@ async def test_a_wake_up_asked_for_a_result_taken_meanwhile_does_not_silence_the
         model = dev._models[0]
         bg = model.background
         assert bg is not None
-        run = model.run
-        assert run is not None
-
-        def slow_run(frame: list[np.ndarray]) -> list[np.ndarray]:
-            time.sleep(0.05)  # computed after the frame is due (1 ms)
-            return run(frame)
-
-        model.run = slow_run
+        slowed(dev, 0.05)
         gate = threading.Event()
         asked = threading.Event()
 
@@ -521,16 +530,7 @@ async def test_a_failure_handed_to_a_later_frame_leaves_nothing_pending(cnn):
     await dev.open(cnn, 0)
     try:
         model = dev._models[0]
-        run = model.run
-        assert run is not None
-
-        def flaky(frame: list[np.ndarray]) -> list[np.ndarray]:
-            time.sleep(0.003)  # finished after its frame was due (1 ms)
-            if frame[0][0, 0, 0, 0] > 1e5:
-                raise ValueError("a frame this model fails on")
-            return run(frame)
-
-        model.run = flaky
+        slowed(dev, 0.003, fails=1e5)
         take = dev.frame_taker(0)
         assert take is not None
         await asyncio.wait_for(dev.submit(0, [take([good], 0)], streams=[0]), 10)
