@@ -20,7 +20,6 @@ from ._release import Pacer, Releases
 if TYPE_CHECKING:
     from .._exceptions import DeviceError
     from ..dfp import ModelInfo
-    from ._background import BackgroundCompute
 
 __all__ = ["LATE_WINDOW", "Frame", "Job", "ModelState", "Slots", "errors", "fail",
            "model_statistics", "percentiles"]
@@ -52,8 +51,6 @@ class ModelState:
     """Frames buffered on the way in and out (the device's ``queue_depth``, per model)."""
     cache: ReuseCache | None = None
     sampler: Sampler | None = None
-    background: BackgroundCompute[Job] | None = None
-    """Sampled mode on the real clock: the threads that compute (``jobs`` is their queue)."""
     jobs: deque[Job] = field(default_factory=deque)
     parked: deque[tuple[Job, Slots, float]] = field(default_factory=deque)
     """Sampled mode: jobs due before any frame of their stream was computed."""

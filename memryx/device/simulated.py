@@ -78,7 +78,6 @@ from .._core.aio import TaskSet
 from .._core.runner import run_sync
 from .._exceptions import ClosedError, DeviceError, DfpError, ModelIndexError, UsageError
 from ..clock import REAL_CLOCK, Clock
-from ._background import BackgroundCompute
 from ._compute import (
     DEFAULT_CACHE_SIZE,
     ReuseCache,
@@ -149,9 +148,6 @@ LATE_MIN = LATE_WINDOW
 LATE_SURE = 10
 #: Graphs the host computes faster than this per frame run on the loop thread itself.
 INLINE_COST_S = 30e-6
-#: Sampled mode: a finished background computation does not wake the loop when a release
-#: wake-up (which takes it in) is due within this long (see :mod:`._background`).
-HARVEST_SOON_S = 0.002
 #: The most frames of one model handed over in one ``submit`` in unpaced modes.
 FAST_BATCH = 64
 #: How long a close waits for the frame a worker thread is computing.
@@ -286,44 +282,9 @@ class SimulatedDevice:
                     self._waker = PreciseWaker(self._loop)
                 model.releases = Releases(self.clock, functools.partial(self._due, model),
                                           self._waker if precise else None)
-            if model.sampler is not None and not self.clock.virtual and run is not None:
-                model.background = self._background(model)
             self._models.append(model)
         log.debug("simulated device opened %d model(s) in %s mode (%s)", len(runners),
                   self.mode, self.backend or "nothing computed")
-
-    def _background(self, model: _Model) -> BackgroundCompute[_Job]:
-        """Mode ``"sampled"``: the model's computations on threads of its own, on the host's
-        spare CPU (see :mod:`._background`)."""
-        assert self._loop is not None
-        now = self.clock.now
-
-        def compute(job: _Job) -> list[Frame] | DeviceError:
-            try:
-                return self._compute(model, job.frames)
-            except BaseException as exc:  # (it returns its errors; anything else ends here)
-                return DeviceError(f"model {model.info.index} ({model.info.name!r}): "
-                                   f"computation failed: {exc!r}")
-
-        def looks_soon() -> bool:  # on the thread: single reads of the loop's state
-            releases = model.releases
-            if releases is None or model.parked:
-                return False
-            try:
-                return releases.due[0][0] - now() < HARVEST_SOON_S
-            except IndexError:
-                return False
-
-        return BackgroundCompute(self._loop, f"memryx-sim-sampled-{model.info.index}",
-                                 compute, functools.partial(self._harvest, model),
-                                 looks_soon, self.concurrency, jobs=model.jobs)
-
-    def _harvest(self, model: _Model) -> None:
-        """Sampled mode: take in the computations the background threads finished."""
-        background = model.background
-        if background is not None and background.finished:
-            for job, outputs in background.take():
-                self._computed(model, job, outputs)
 
     def _depth_of(self, fps: float) -> int:
         """The queue depth of a paced model modeled at ``fps`` (``queue_depth``)."""
@@ -397,7 +358,6 @@ class SimulatedDevice:
                                        for _ in frames])
             return fut
         if model.sampler is not None:
-            self._harvest(model)  # computations finished since: fresher outputs, free slots
             # every frame is answered when due; those given a slot are computed meanwhile
             # (per stream: a frame gets the outputs of its own stream's frames)
             tags = streams if streams is not None else [0] * len(frames)
@@ -425,7 +385,7 @@ class SimulatedDevice:
             return shapes_taker
         if model.cache is not None:
             return reuse_taker(model.cache)
-        if model.sampler is not None and model.background is not None:
+        if model.sampler is not None:
             return sampled_taker(model.sampler)
         return None  # every frame is computed: the core copies
 
@@ -434,8 +394,6 @@ class SimulatedDevice:
         if (model.frame_cost < INLINE_COST_S and not model.workers) or self.clock.virtual:
             # A graph this cheap costs less than a thread hop: run it here, on the loop.
             self._computed(model, job, self._compute(model, job.frames))
-        elif model.background is not None:
-            model.background.submit(job)
         else:
             model.jobs.append(job)
             if model.workers < self.concurrency:
@@ -539,7 +497,6 @@ class SimulatedDevice:
 
     def _due(self, model: _Model, item: tuple[_Job, Slots]) -> None:
         """A job's release time has come (the model's wake-up)."""
-        self._harvest(model)
         self._resolve(model, item[0], item[1], None)
 
     def _resolve(self, model: _Model, job: _Job, outputs: Slots,
@@ -654,8 +611,6 @@ class SimulatedDevice:
             m.parked.clear()
         for m in self._models:
             m.stopping = True
-            if m.background is not None:
-                m.background.close()
         if self._waker is not None:
             self._waker.close()
         if self._tasks is not None:

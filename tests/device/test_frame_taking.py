@@ -1,6 +1,6 @@
 """The simulated device takes its frames itself in the modes that compute little (copies
-only of the frames it may read later, memryx.device._taking), and computes mode
-"sampled"'s frames on background threads at a lower priority (memryx.device._background)."""
+only of the frames it may read later, memryx.device._taking), and mode "sampled"'s
+bookkeeping of what it computes (memryx.device._compute.Sampler)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 import memryx as mx
 from memryx import testing
 from memryx.device import SimulatedDevice
-from memryx.device._background import BackgroundCompute
 from memryx.device._compute import Sampler
 from memryx.device._taking import Answered, Borrowed, Keyed
 
@@ -392,7 +391,7 @@ def test_reuse_counts_match_the_frames_that_reached_the_device_after_a_stop(cnn)
 
 
 # -- sampled: the background threads ------------------------------------------------------
-def test_sampled_computes_on_threads_of_its_own(cnn):
+def test_sampled_computes_off_the_loop_on_the_runtimes_worker_threads(cnn):
     seen: set[str] = set()
     xs = contents(200, distinct=200)
 
@@ -408,115 +407,8 @@ def test_sampled_computes_on_threads_of_its_own(cnn):
         sampled = accl.statistics()["device"]["models"][0]["sampled"]
     finally:
         accl.close()
-    assert "memryx-sim-sampled-0-0" in seen
+    assert any(name.startswith("memryx-worker-") for name in seen)
     assert sampled["computed"] >= 1 and sampled["fresh"] + sampled["stale"] == 200
-
-
-@pytest.mark.asyncio
-async def test_a_wake_up_asked_for_a_result_taken_meanwhile_does_not_silence_the_next(cnn):
-    """The loop took a result between the thread's append and its wake-up request: the
-    wake-up still comes, and later results, finished after their frames were due, still
-    wake the loop (they used to wait for ever)."""
-    x = contents(1, 1)[0]
-    dev = SimulatedDevice(mode="sampled")
-    await dev.open(cnn, 0)
-    try:
-        model = dev._models[0]
-        bg = model.background
-        assert bg is not None
-        slowed(dev, 0.05)
-        gate = threading.Event()
-        asked = threading.Event()
-
-        def held_looks() -> bool:  # the thread appended its result; the loop takes it now
-            asked.set()
-            gate.wait(10)
-            return False  # so the thread asks for a wake-up
-
-        bg._looks_soon = held_looks
-        first = dev.submit(0, [[x.copy()]], streams=[1])
-        assert await asyncio.to_thread(asked.wait, 10)
-        dev._harvest(model)  # the loop takes the result (as a submit would)
-        await asyncio.wait_for(first, 10)
-        bg._looks_soon = lambda: False
-        gate.set()
-        await asyncio.sleep(0.05)  # the wake-up the thread asked for runs: nothing to take
-        second = dev.submit(0, [[x.copy()]], streams=[2])  # a stream of its own: it waits
-        await asyncio.wait_for(second, 10)
-    finally:
-        await dev.aclose()
-
-
-@pytest.mark.asyncio
-async def test_background_compute_errors_and_close():
-    loop = asyncio.get_running_loop()
-    woken = asyncio.Event()
-
-    def compute(job: int) -> object:
-        if job == 2:
-            raise SystemExit("raised on the thread")  # against the contract, all the same
-        return job * 10
-
-    bg: BackgroundCompute[int] = BackgroundCompute(
-        loop, "memryx-test-bg", compute, woken.set, lambda: False)
-    bg.submit(1)
-    bg.submit(2)
-    bg.submit(3)  # the thread lives on after a job that raised
-    await asyncio.wait_for(woken.wait(), 10)
-    done: list[tuple[int, object]] = []
-    for _ in range(1000):
-        done += bg.take()
-        if len(done) == 3:
-            break
-        await asyncio.sleep(0.01)
-    assert [job for job, _ in done] == [1, 2, 3]
-    assert done[0][1] == 10 and done[2][1] == 30
-    assert isinstance(done[1][1], SystemExit) and "raised on the thread" in str(done[1][1])
-    bg.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        bg.submit(4)
-
-
-@pytest.mark.asyncio
-async def test_a_finished_computation_waits_for_the_loop_only_while_it_looks_soon():
-    loop = asyncio.get_running_loop()
-    wakes = []
-    soon = [True]
-    bg: BackgroundCompute[int] = BackgroundCompute(
-        loop, "memryx-test-bg", lambda j: j, lambda: wakes.append(1), lambda: soon[0])
-    try:
-        bg.submit(1)
-        for _ in range(500):
-            if bg.finished:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        assert not wakes  # the loop looks soon anyway: no wake-up
-        assert bg.take() == [(1, 1)]
-        soon[0] = False
-        bg.submit(2)
-        for _ in range(500):
-            if wakes:
-                break
-            await asyncio.sleep(0.01)
-        assert wakes == [1] and bg.take() == [(2, 2)]
-    finally:
-        bg.close()
-
-
-def test_background_threads_end_with_their_loop():
-    before = set(threading.enumerate())
-
-    async def main() -> None:
-        bg: BackgroundCompute[int] = BackgroundCompute(
-            asyncio.get_running_loop(), "memryx-test-bg", lambda j: j, lambda: None,
-            lambda: True)
-        bg.submit(1)
-        await asyncio.sleep(0.05)  # never closed
-
-    asyncio.run(main())
-    from tests.conftest import threads_ended
-    assert threads_ended(before)
 
 
 @pytest.mark.asyncio
